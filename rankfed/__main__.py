@@ -1,0 +1,5 @@
+import sys
+
+from rankfed.cli import main
+
+sys.exit(main())

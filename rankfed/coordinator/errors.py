@@ -1,0 +1,58 @@
+"""The coordinator's exception tree.
+
+CoordinatorError
+├── AuthError              the caller is not who it claims (bad, forged, expired token)   -> UNAUTHENTICATED
+├── PermissionDeniedError  the caller may not do this (wrong enrollment secret)             -> PERMISSION_DENIED
+├── NotFoundError          unknown round, client or blob                                   -> NOT_FOUND
+├── PreconditionError      right request, wrong time (stale round, upload before download) -> FAILED_PRECONDITION
+├── InvalidUpdateError     the request or update itself is wrong (rank, shapes, digest)     -> INVALID_ARGUMENT
+├── TooLargeError          over a configured size cap                                      -> RESOURCE_EXHAUSTED
+├── DuplicateError         a second upload for the same round                              -> ALREADY_EXISTS
+├── StorageError           the disk refused (full, I/O error)                              -> UNAVAILABLE
+└── ConfigError            bad configuration (raised at start-up, never over the wire)
+
+The servicer maps these to gRPC status codes in one table (servicer_errors.py). Messages are
+written for a person: they say what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base of every error the coordinator core raises on purpose."""
+
+
+class AuthError(CoordinatorError):
+    pass
+
+
+class PermissionDeniedError(CoordinatorError):
+    pass
+
+
+class NotFoundError(CoordinatorError):
+    pass
+
+
+class PreconditionError(CoordinatorError):
+    pass
+
+
+class InvalidUpdateError(CoordinatorError):
+    pass
+
+
+class TooLargeError(CoordinatorError):
+    pass
+
+
+class DuplicateError(CoordinatorError):
+    pass
+
+
+class StorageError(CoordinatorError):
+    pass
+
+
+class ConfigError(CoordinatorError):
+    pass

@@ -1,0 +1,145 @@
+"""Plain dataclasses the coordinator core works with (no grpc, no protobuf).
+
+serde.py converts them to and from the rankfed.v1 messages; the state store persists them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class DeviceClass(enum.StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    MPS = "mps"
+    MOBILE = "mobile"
+
+
+class AlphaRule(enum.StrEnum):
+    CONSTANT_SCALING = "constant_scaling"
+    FIXED = "fixed"
+    RSLORA = "rslora"
+
+
+class ParticipantState(enum.StrEnum):
+    ASSIGNED = "assigned"
+    DOWNLOADING = "downloading"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    UPLOADED = "uploaded"
+    LATE = "late"
+    DROPPED = "dropped"
+
+
+class RoundPhase(enum.StrEnum):
+    WAITING_FOR_CLIENTS = "waiting_for_clients"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Capability:
+    device_class: DeviceClass = DeviceClass.CPU
+    memory_total_bytes: int = 0
+    memory_free_bytes: int = 0
+    cpu_cores: int = 0
+    compute_gflops: float = 0.0
+    upload_bytes_per_second: float = 0.0
+    download_bytes_per_second: float = 0.0
+    accelerator_name: str = ""
+    accelerator_memory_bytes: int = 0
+    platform: str = ""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What a client trains with; maps one-to-one onto peft's LoraConfig."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    alpha_rule: AlphaRule
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    lora: LoraSettings
+    tier: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    device_name: str
+    capability: Capability
+    num_examples: int
+    joined_at: float  # unix seconds
+    last_seen_at: float
+    rank: int
+    tier: str
+    online: bool = True
+    rounds_completed: int = 0
+    deadlines_missed: int = 0  # consecutive; reset by an accepted update
+    left: bool = False
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    loss_first: float = 0.0
+    loss_last: float = 0.0
+    steps: int = 0
+    train_seconds: float = 0.0
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One client's part in one round."""
+
+    round: int
+    client_id: str
+    rank: int
+    alpha: float
+    state: ParticipantState
+    bytes_down: int = 0
+    bytes_up: int = 0
+    num_examples: int = 0
+    metrics: TrainMetrics | None = None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """An accepted update: its blob is on disk (fsynced) before this is recorded."""
+
+    round: int
+    client_id: str
+    receipt_id: str
+    rank: int
+    num_examples: int
+    nbytes: int
+    sha256: str
+    blob_path: str  # relative to the blob root
+    accepted_at: float
+    metrics: TrainMetrics = field(default_factory=TrainMetrics)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    phase: RoundPhase
+    method: str
+    started_at: float
+    deadline: float
+    min_clients: int
+    global_rank: int
+    finished_at: float | None = None
+    global_sha256: str = ""  # of the global adapter this round produced
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure_reason: str = ""
