@@ -1,0 +1,172 @@
+"""The state-store contract: what the coordinator core may rely on, whatever holds the state.
+
+Why an interface: the core (rounds, receipts, recovery) is tested against the fast
+`MemoryStore` and runs on the durable `SqliteStore`; a server database can replace SQLite
+later without touching the core. One contract test class (tests/coordinator/test_store.py)
+runs against every implementation, so they cannot drift apart.
+
+Rules every implementation keeps:
+
+- Methods are synchronous and fast (a few indexed rows); they are called from the asyncio
+  event-loop thread. They are also safe to call from other threads (one lock).
+- Records go in and come out as the frozen dataclasses of `coordinator.models`. What comes
+  out is equal to what went in (floats and ints bit-for-bit, enums as enums) and is a fresh
+  object: mutating a returned record's `metrics` dict never changes the stored state.
+- Referential integrity: a participant or receipt names a round and a client that exist,
+  otherwise `NotFoundError` (put the round and the client first).
+- A second receipt for the same (round, client_id), or a reused receipt_id, raises
+  `DuplicateError` and changes nothing.
+- Every write outside `transaction()` is atomic and, for a durable store, durable when the
+  method returns. Inside `transaction()` nothing is visible to a later reopen until the
+  outermost block exits normally; an exception undoes every write of the block.
+- The disk refusing (full, I/O error, unreadable file) raises `StorageError`.
+- The meta key `schema_version` is the store's own; `set_meta` refuses it.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from contextlib import AbstractContextManager
+from types import TracebackType
+
+from rankfed.coordinator.errors import StorageError
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
+
+SCHEMA_VERSION = 1
+"""Bumped on every incompatible change of the persisted layout."""
+
+SCHEMA_VERSION_KEY = "schema_version"
+RESERVED_META_KEYS = frozenset({SCHEMA_VERSION_KEY})
+
+
+class SchemaVersionError(StorageError):
+    """The state on disk was written by a newer RankFed than this one."""
+
+
+class StateStore(abc.ABC):
+    """Clients, rounds, participants, receipts and a small key/value `meta` table."""
+
+    # --- meta --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """Value stored under `key` (federation id, token-signing secret, ...), or None."""
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: str) -> None:
+        """Insert or replace `key`. ValueError for a reserved key such as schema_version."""
+
+    # --- clients -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def upsert_client(self, rec: ClientRecord) -> None:
+        """Insert `rec`, or replace the record with the same client_id."""
+
+    @abc.abstractmethod
+    def get_client(self, client_id: str) -> ClientRecord | None: ...
+
+    @abc.abstractmethod
+    def find_client_by_name(self, device_name: str) -> ClientRecord | None:
+        """The client with this device name; the most recently joined one if several."""
+
+    @abc.abstractmethod
+    def list_clients(self) -> list[ClientRecord]:
+        """All clients ordered by joined_at (ties: first inserted first)."""
+
+    # --- rounds ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_round(self, rec: RoundRecord) -> None:
+        """Insert `rec`, or replace the record of the same round number."""
+
+    @abc.abstractmethod
+    def get_round(self, n: int) -> RoundRecord | None: ...
+
+    @abc.abstractmethod
+    def latest_round(self) -> RoundRecord | None:
+        """The round with the highest number, or None before the first round."""
+
+    @abc.abstractmethod
+    def list_rounds(self, limit: int = 0) -> list[RoundRecord]:
+        """Rounds oldest first; `limit` > 0 keeps only the newest `limit` of them."""
+
+    # --- participants ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_participant(self, p: Participant) -> None:
+        """Insert or replace by (round, client_id). NotFoundError for an unknown round/client."""
+
+    @abc.abstractmethod
+    def get_participant(self, round: int, client_id: str) -> Participant | None: ...
+
+    @abc.abstractmethod
+    def list_participants(self, round: int) -> list[Participant]:
+        """Participants of `round` in the order they were first put."""
+
+    # --- receipts ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_receipt(self, r: Receipt) -> None:
+        """Record an accepted update. DuplicateError if (round, client_id) already has one
+        or receipt_id is taken; NotFoundError for an unknown round or client."""
+
+    @abc.abstractmethod
+    def get_receipt(self, round: int, client_id: str) -> Receipt | None: ...
+
+    @abc.abstractmethod
+    def list_receipts(self, round: int) -> list[Receipt]:
+        """Receipts of `round` ordered by accepted_at (ties: first added first)."""
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractContextManager[None]:
+        """Everything inside commits atomically or not at all.
+
+        Re-entrant: a nested block is a savepoint. It commits nothing itself; an exception
+        escaping it undoes that block's writes only, and the outer block decides about the
+        rest (it rolls back everything if the exception escapes it too). Every write method
+        runs in such a block, so a write that fails changes nothing even inside a caller's
+        transaction.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release resources. Idempotent; any other call afterwards raises StorageError."""
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def check_meta_key(key: str) -> None:
+    """Refuse keys the store keeps for itself (both implementations call this)."""
+    if not key:
+        raise ValueError("meta key must be a non-empty string")
+    if key in RESERVED_META_KEYS:
+        raise ValueError(f"meta key {key!r} is reserved for the state store itself")
+
+
+def check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0 means all rounds), got {limit}")
+
+
+def check_finite(what: str, **values: float | None) -> None:
+    """Refuse NaN in plain float columns: SQLite would silently store NaN as NULL.
+
+    Nested metrics (JSON) keep NaN and infinities faithfully; only the scalar columns
+    (timestamps, deadlines, alpha) go through here, where NaN is always a bug upstream.
+    """
+    for name, v in values.items():
+        if v is not None and isinstance(v, float) and math.isnan(v):
+            raise ValueError(f"{what}.{name} is NaN; the state store refuses NaN in this field")
+
