@@ -1,0 +1,214 @@
+"""The model manifest: what the coordinator knows of the base model without loading torch.
+
+Format (docs/model-manifest.md), written by `rankfed edge manifest` through `write_manifest`:
+
+    {"format": "rankfed-model-manifest/1", "model_id": ..., "weights_sha256": ...,
+     "task": "sequence-classification", "num_labels": 5,
+     "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
+     "modules": {"bert.encoder.layer.0.attention.self.query": [384, 384], ...},  # [d_out, d_in]
+     "dense": {"classifier.weight": [5, 384], "classifier.bias": [5]}}
+
+Every problem raises ConfigError naming the field or module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import string
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rankfed.coordinator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rankfed.aggregation import AdapterSpec
+
+__all__ = ["MANIFEST_FORMAT", "TASKS", "ModelManifest", "load_manifest", "write_manifest"]
+
+MANIFEST_FORMAT = "rankfed-model-manifest/1"
+TASKS = ("sequence-classification", "causal-lm")
+_KEYS = (
+    "format",
+    "model_id",
+    "weights_sha256",
+    "task",
+    "num_labels",
+    "target_modules",
+    "modules_to_save",
+    "modules",
+    "dense",
+)
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    model_id: str
+    weights_sha256: str  # 64 lowercase hex digits
+    task: str  # one of TASKS
+    num_labels: int  # >= 1 for sequence-classification; 0 allowed for causal-lm
+    target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    modules: dict[str, tuple[int, int]]  # LoRA-wrapped module -> (d_out, d_in)
+    dense: dict[str, tuple[int, ...]] = field(default_factory=dict)  # federated non-LoRA
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def adapter_spec(self) -> AdapterSpec:
+        """The module shapes as the aggregation package's AdapterSpec."""
+        from rankfed.aggregation import AdapterSpec  # lazy: written in parallel, numpy-heavy
+
+        return AdapterSpec(modules=dict(self.modules), dense=dict(self.dense))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data, in the documented key order."""
+        return {
+            "format": MANIFEST_FORMAT,
+            "model_id": self.model_id,
+            "weights_sha256": self.weights_sha256,
+            "task": self.task,
+            "num_labels": self.num_labels,
+            "target_modules": list(self.target_modules),
+            "modules_to_save": list(self.modules_to_save),
+            "modules": {k: list(v) for k, v in self.modules.items()},
+            "dense": {k: list(v) for k, v in self.dense.items()},
+        }
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    """Read and validate a manifest; ConfigError names the file and the field or module."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"model manifest {str(path)!r} does not exist; write one on a machine that has "
+            "the model with `rankfed edge manifest --model DIR --out model-manifest.json` "
+            "and point model.manifest at it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read model manifest {str(path)!r}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model manifest {path}: not valid JSON: {exc}") from None
+    try:
+        return manifest_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"model manifest {path}: {exc}") from None
+
+
+def manifest_from_dict(data: Any) -> ModelManifest:
+    """Validate parsed manifest JSON and build the dataclass."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a JSON object, got {type(data).__name__}")
+    unknown = [k for k in data if k not in _KEYS]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], _KEYS, n=1)
+        raise ConfigError(
+            f"unknown field {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    fmt = data.get("format")
+    if fmt != MANIFEST_FORMAT:
+        raise ConfigError(
+            f"format = {fmt!r}: expected {MANIFEST_FORMAT!r}; rewrite the manifest with "
+            "this version's `rankfed edge manifest`"
+        )
+    for key in ("model_id", "weights_sha256", "task", "target_modules", "modules"):
+        if key not in data:
+            raise ConfigError(f"missing field {key!r}")
+    task = data["task"]
+    if task == "sequence-classification" and "num_labels" not in data:
+        raise ConfigError("missing field 'num_labels' (required for sequence-classification)")
+    num_labels = data.get("num_labels", 0)
+    return ModelManifest(
+        model_id=data["model_id"],
+        weights_sha256=data["weights_sha256"].lower()
+        if isinstance(data["weights_sha256"], str)
+        else data["weights_sha256"],
+        task=task,
+        num_labels=num_labels,
+        target_modules=_str_tuple(data["target_modules"], "target_modules"),
+        modules_to_save=_str_tuple(data.get("modules_to_save", []), "modules_to_save"),
+        modules=_shapes(data["modules"], "modules"),  # type: ignore[arg-type]
+        dense=_shapes(data.get("dense", {}), "dense"),
+    )
+
+
+def write_manifest(manifest: ModelManifest, path: Path) -> None:
+    """Write `manifest` as JSON, atomically (a temporary file renamed over `path`)."""
+    path = Path(path)
+    text = json.dumps(manifest.to_json_dict(), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _str_tuple(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name} = {value!r}: expected a list of non-empty strings")
+    return tuple(value)
+
+
+def _shapes(value: Any, name: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} = {value!r}: expected an object of name -> shape")
+    out: dict[str, tuple[int, ...]] = {}
+    for key, dims in value.items():
+        if not isinstance(dims, list | tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in dims
+        ):
+            raise ConfigError(f"{name}[{key!r}] = {dims!r}: expected a list of integers")
+        out[key] = tuple(dims)
+    return out
+
+
+def _validate(m: ModelManifest) -> None:
+    if not isinstance(m.model_id, str) or not m.model_id:
+        raise ConfigError(f"model_id = {m.model_id!r}: expected a non-empty string")
+    sha = m.weights_sha256
+    if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set(string.hexdigits.lower())):
+        raise ConfigError(
+            f"weights_sha256 = {sha!r}: expected 64 lowercase hex digits (sha256 of the "
+            "base model's weight files)"
+        )
+    if m.task not in TASKS:
+        raise ConfigError(f"task = {m.task!r}: expected one of {', '.join(TASKS)}")
+    low = 1 if m.task == "sequence-classification" else 0
+    if not isinstance(m.num_labels, int) or isinstance(m.num_labels, bool) or m.num_labels < low:
+        raise ConfigError(
+            f"num_labels = {m.num_labels!r}: expected an integer ≥ {low} for task {m.task}"
+        )
+    if not m.target_modules:
+        raise ConfigError("target_modules is empty: name at least one module LoRA wraps")
+    if not m.modules:
+        raise ConfigError(
+            "modules is empty: the manifest lists no LoRA-wrapped module; check "
+            f"target_modules {list(m.target_modules)} against the model's module names"
+        )
+    for name, dims in m.modules.items():
+        if len(dims) != 2:
+            raise ConfigError(f"modules[{name!r}] = {list(dims)}: expected [d_out, d_in]")
+        if any(d <= 0 for d in dims):
+            raise ConfigError(f"modules[{name!r}] = {list(dims)}: dimensions must be positive")
+        if not any(name == t or name.endswith("." + t) for t in m.target_modules):
+            raise ConfigError(
+                f"modules[{name!r}]: matches none of target_modules {list(m.target_modules)}"
+            )
+    for name, dims in m.dense.items():
+        if not dims or any(d <= 0 for d in dims):
+            raise ConfigError(
+                f"dense[{name!r}] = {list(dims)}: expected a non-empty shape of positive sizes"
+            )
