@@ -245,7 +245,9 @@ def load_config(
                 "deploy/coordinator.example.toml, or omit --config to use the defaults"
             ) from None
         except IsADirectoryError:
-            raise ConfigError(f"config path {str(path)!r} is a directory, not a TOML file") from None
+            raise ConfigError(
+                f"config path {str(path)!r} is a directory, not a TOML file"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:

@@ -1,7 +1,8 @@
 """Rank assignment: pure functions from a device's capability and the policy to a rank.
 
+    demotions = demotions_for(missed, cfg.federation.demote_after_missed_deadlines)
     rank, tier, reason = assign(capability, cfg.rank_policy, max_rank=cfg.lora.max_rank,
-                                demotions=demotions_for(missed, cfg.federation.demote_after_missed_deadlines))
+                                demotions=demotions)
     settings = lora_settings(rank, cfg.lora, target_modules=m.target_modules,
                              modules_to_save=m.modules_to_save)
     ranks = apply_budget(ranks, bytes_at_rank=lambda r: update_bytes(r, m),
@@ -125,9 +126,8 @@ def assign(
     """
     if max_rank < 1:
         raise ValueError(f"max_rank must be ≥ 1, got {max_rank}")
-    same_class = [
-        t for t in policy.tiers if t.device_class is None or t.device_class == capability.device_class
-    ]
+    cls = capability.device_class
+    same_class = [t for t in policy.tiers if t.device_class is None or t.device_class == cls]
     for index, tier in enumerate(same_class):
         ok, parts = tier_conditions(capability, tier)
         if ok:
@@ -135,7 +135,7 @@ def assign(
     else:
         rank = min(policy.default_rank, max_rank)
         reason = (
-            f"no tier matches {capability.device_class} ({_summary(capability)}) "
+            f"no tier matches {cls} ({_summary(capability)}) "
             f"→ default rank {rank}{_capped(policy.default_rank, max_rank)}"
         )
         return rank, "default", reason
@@ -145,7 +145,7 @@ def assign(
     if demotions > 0:
         low = min(index + demotions, len(same_class) - 1)
         if low == index:
-            head += f" (lowest {capability.device_class} tier; {demotions} demotion(s) have no effect)"
+            head += f" (lowest {cls} tier; {demotions} demotion(s) have no effect)"
         else:
             chosen = same_class[low]
             rank = min(chosen.rank, tier.rank)
@@ -203,7 +203,9 @@ def apply_budget(
     return result
 
 
-def lowered_ranks(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+def lowered_ranks(
+    before: Mapping[str, int], after: Mapping[str, int]
+) -> dict[str, tuple[int, int]]:
     """client id -> (rank before, rank after) for every client `apply_budget` lowered."""
     return {cid: (r, after[cid]) for cid, r in before.items() if after.get(cid, r) < r}
 

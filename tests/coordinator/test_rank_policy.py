@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,13 @@ def test_alpha_rules(rule: AlphaRule, rank: int, alpha: float, use_rslora: bool,
 def test_lora_settings_rejects_rank_zero() -> None:
     with pytest.raises(ValueError, match="rank"):
         lora_settings(0, LoraSection(), target_modules=["q"])
+
+
+def test_config_policy_and_manifest_import_no_grpc_protobuf_or_torch() -> None:
+    code = (
+        "import sys, rankfed.coordinator.config, rankfed.coordinator.rank_policy, "
+        "rankfed.coordinator.manifest; "
+        "print([m for m in ('grpc', 'google.protobuf', 'torch') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
