@@ -24,7 +24,7 @@ def dumps(obj: Any) -> str:
     """Dataclass or dict -> compact JSON; enums are StrEnums so they serialise as values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+    return json.dumps(obj, separators=(",", ":"))  # key order kept: dicts roundtrip as given
 
 
 def capability_from_json(text: str) -> Capability:

@@ -29,6 +29,7 @@ import abc
 import math
 from contextlib import AbstractContextManager
 from types import TracebackType
+from typing import Self
 
 from rankfed.coordinator.errors import StorageError
 from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
@@ -135,7 +136,7 @@ class StateStore(abc.ABC):
     def close(self) -> None:
         """Release resources. Idempotent; any other call afterwards raises StorageError."""
 
-    def __enter__(self) -> StateStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -169,4 +170,3 @@ def check_finite(what: str, **values: float | None) -> None:
     for name, v in values.items():
         if v is not None and isinstance(v, float) and math.isnan(v):
             raise ValueError(f"{what}.{name} is NaN; the state store refuses NaN in this field")
-

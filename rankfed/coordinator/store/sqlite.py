@@ -72,8 +72,7 @@ def _upsert_sql(table: str, cols: str, key: str) -> str:
     keys = {k.strip() for k in key.split(",")}
     updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in keys)
     return (
-        f"INSERT INTO {table} ({cols}) VALUES ({marks}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+        f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
     )
 
 
