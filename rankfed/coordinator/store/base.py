@@ -9,6 +9,11 @@ Rules every implementation keeps:
 
 - Methods are synchronous and fast (a few indexed rows); they are called from the asyncio
   event-loop thread. They are also safe to call from other threads (one lock).
+- Never `await` inside `transaction()`: the lock is re-entrant per thread, so another
+  coroutine on the event loop would silently join the open transaction. Keep the block
+  synchronous (compute first, then write).
+- A durable store pays one fsync per outermost commit; group related writes in one
+  `transaction()` to pay it once.
 - Records go in and come out as the frozen dataclasses of `coordinator.models`. What comes
   out is equal to what went in (floats and ints bit-for-bit, enums as enums) and is a fresh
   object: mutating a returned record's `metrics` dict never changes the stored state.
