@@ -1,0 +1,1 @@
+"""The aggregation rules as pure batch functions (float64 reference implementations)."""
