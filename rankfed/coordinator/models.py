@@ -143,3 +143,110 @@ class RoundRecord:
     global_sha256: str = ""  # of the global adapter this round produced
     metrics: dict[str, float] = field(default_factory=dict)
     failure_reason: str = ""
+
+
+# --- Requests and answers of the core API (the servicers convert these to protobuf) ---
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    device_name: str
+    capability: Capability
+    base_model_sha256: str
+    enrollment_secret: str = ""
+    client_version: str = ""
+    num_examples: int = 0
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    client_id: str
+    session_token: str
+    token_expires_at: float
+    assignment: Assignment
+    heartbeat_interval: float
+    federation_id: str
+    max_chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    round: int
+    assignment: Assignment
+    local_steps: int
+    learning_rate: float
+    batch_size: int
+    deadline: float
+    method: str
+    adapter_bytes: int
+    adapter_sha256: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class WaitTask:
+    retry_after: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class DoneTask:
+    final_round: int
+    reason: str
+    final_adapter_sha256: str
+
+
+Task = TrainTask | WaitTask | DoneTask
+
+
+@dataclass(frozen=True)
+class TransferManifest:
+    round: int
+    rank: int
+    total_bytes: int
+    sha256: str
+    chunk_bytes: int
+    lora: LoraSettings
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    round: int
+    rank: int
+    num_examples: int
+    total_bytes: int
+    sha256: str
+    metrics: TrainMetrics = field(default_factory=TrainMetrics)
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    next_in: float
+    round_open: bool
+
+
+@dataclass(frozen=True)
+class ParticipantView:
+    participant: Participant
+    device_name: str
+    device_class: DeviceClass
+
+
+@dataclass(frozen=True)
+class RoundView:
+    record: RoundRecord
+    participants: tuple[ParticipantView, ...]
+
+
+@dataclass(frozen=True)
+class FederationView:
+    federation_id: str
+    total_rounds: int
+    current: RoundView | None
+    history: tuple[RoundView, ...]
+    done: bool
+    clients_online: int
+    model_id: str
+    weights_sha256: str
+    task: str
+    num_labels: int

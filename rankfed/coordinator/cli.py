@@ -1,0 +1,60 @@
+"""`rankfed coordinator serve`: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from rankfed import logs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("coordinator", help="run the coordinator daemon")
+    commands = parser.add_subparsers(dest="coordinator_command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve the federation (embedded defaults when no --config is given)",
+        description="Serve the edge and operator gRPC services until SIGTERM. Flags override the config file.",
+    )
+    serve.add_argument("--config", type=Path, help="TOML config (see deploy/coordinator.example.toml)")
+    serve.add_argument("--address", help="host:port to listen on, e.g. 127.0.0.1:50051 (port 0: any free port)")
+    serve.add_argument("--data-dir", type=Path, help="state database and blob directory")
+    serve.add_argument("--manifest", type=Path, help="model manifest JSON (overrides model.manifest)")
+    serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.add_argument("--exit-when-done", action="store_true", help="exit after the last round instead of idling")
+    serve.add_argument("--log-format", choices=("json", "text"), default="json")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rankfed.coordinator.config import config_to_dict, load_config
+    from rankfed.coordinator.errors import ConfigError
+    from rankfed.coordinator.server import serve
+
+    overrides: dict[str, object] = {}
+    if args.address:
+        overrides["server.address"] = args.address
+    if args.data_dir:
+        overrides["server.data_dir"] = str(args.data_dir.resolve())
+    if args.manifest:
+        overrides["model.manifest"] = str(args.manifest.resolve())
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"rankfed: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config_to_dict(config), indent=2, default=str))
+        return 0
+    logs.configure(args.log_format, args.log_level)
+    try:
+        asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
+    except ConfigError as exc:
+        print(f"rankfed: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0

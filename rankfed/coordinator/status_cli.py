@@ -1,0 +1,145 @@
+"""`rankfed status`: what a running coordinator is doing, as a table, JSON, or a live view."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable
+
+_STATE = {1: "assigned", 2: "downloading", 3: "training", 4: "uploading", 5: "uploaded", 6: "late", 7: "dropped"}
+_PHASE = {1: "waiting for clients", 2: "training", 3: "aggregating", 4: "done", 5: "failed"}
+_DEVICE = {0: "?", 1: "cpu", 2: "cuda", 3: "mobile", 4: "mps"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("status", help="show the round status of a running coordinator")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--watch", action="store_true", help="follow status changes until the federation is done")
+    parser.add_argument("--history", type=int, default=0, help="past rounds to show (0: all)")
+    parser.add_argument("--clients", action="store_true", help="list the registered clients instead")
+    parser.add_argument("--admin-token", default="", help="operator token, if the coordinator requires one")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from rankfed.v1 import admin_pb2 as ProtoAdmin
+    from rankfed.v1 import admin_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {args.admin_token}"),) if args.admin_token else ()
+    with grpc.insecure_channel(args.address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            if args.clients:
+                reply = stub.ListClients(ProtoAdmin.ListClientsRequest(), metadata=metadata, timeout=args.timeout)
+                _emit(args, MessageToDict(reply, preserving_proto_field_name=True), lambda: format_clients(reply))
+                return 0
+            request = ProtoAdmin.GetRoundStatusRequest(history_limit=args.history)
+            if not args.watch:
+                status = stub.GetRoundStatus(request, metadata=metadata, timeout=args.timeout)
+                _emit(args, MessageToDict(status, preserving_proto_field_name=True), lambda: format_status(status))
+                return 0
+            stream = stub.WatchRounds(ProtoAdmin.WatchRoundsRequest(history_limit=args.history), metadata=metadata)
+            for status in stream:
+                if not args.json and sys.stdout.isatty():
+                    sys.stdout.write("\x1b[2J\x1b[H")
+                _emit(args, MessageToDict(status, preserving_proto_field_name=True), lambda: format_status(status))
+                sys.stdout.flush()
+            return 0
+        except grpc.RpcError as exc:
+            print(f"rankfed status: {exc.code().name}: {exc.details()} (coordinator {args.address})", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+
+def _emit(args: argparse.Namespace, as_dict: dict, as_text) -> None:
+    if args.json:
+        print(json.dumps(as_dict, sort_keys=True) if args.watch else json.dumps(as_dict, indent=2, sort_keys=True))
+    else:
+        print(as_text())
+
+
+def _table(headers: list[str], rows: Iterable[list[str]]) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(ts.seconds))
+
+
+def format_status(status) -> str:
+    out = [
+        f"federation {status.federation_id}  model {status.base_model.id}  "
+        f"clients online {status.clients_online}  rounds {status.total_rounds}"
+        + ("  DONE" if status.done else "")
+    ]
+    cur = status.current
+    if cur.round:
+        deadline = _when(cur.deadline)
+        remaining = cur.deadline.seconds - time.time() if cur.deadline.seconds else 0
+        if cur.phase == 2 and remaining > 0:
+            deadline += f" (in {remaining:.0f} s)"
+        out.append(
+            f"\nround {cur.round}/{status.total_rounds}  {_PHASE.get(cur.phase, '?')}  method {cur.method}  "
+            f"min_clients {cur.min_clients}  deadline {deadline}"
+        )
+        if cur.failure_reason:
+            out.append(f"failed: {cur.failure_reason}")
+        out.append(_table(
+            ["client", "device", "class", "state", "rank", "down", "up", "examples", "loss", "accuracy"],
+            [
+                [p.client_id, p.device_name, _DEVICE.get(p.device_class, "?"), _STATE.get(p.state, "?"), p.rank,
+                 _bytes(p.bytes_down), _bytes(p.bytes_up), p.num_examples or "-",
+                 f"{p.metrics.loss_last:.4f}" if p.metrics.steps else "-",
+                 f"{p.metrics.eval['accuracy']:.3f}" if "accuracy" in p.metrics.eval else "-"]
+                for p in cur.participants
+            ],
+        ))
+    if status.history:
+        out.append("\nhistory")
+        out.append(_table(
+            ["round", "phase", "method", "updates", "up", "down", "loss", "accuracy", "agg s", "finished"],
+            [
+                [r.round, _PHASE.get(r.phase, "?"), r.method, f"{r.metrics.get('updates', 0):.0f}/{len(r.participants)}",
+                 _bytes(int(r.metrics.get("bytes_up", 0))), _bytes(int(r.metrics.get("bytes_down", 0))),
+                 f"{r.metrics['loss_last']:.4f}" if "loss_last" in r.metrics else "-",
+                 f"{r.metrics['eval_accuracy']:.3f}" if "eval_accuracy" in r.metrics else "-",
+                 f"{r.metrics['aggregation_seconds']:.3f}" if "aggregation_seconds" in r.metrics else "-",
+                 _when(r.finished_at)]
+                for r in status.history
+            ],
+        ))
+    return "\n".join(out)
+
+
+def format_clients(reply) -> str:
+    return _table(
+        ["client", "device", "class", "online", "rank", "tier", "GFLOP/s", "memory", "rounds", "missed"],
+        [
+            [c.client_id, c.device_name, _DEVICE.get(c.capability.device_class, "?"), "yes" if c.online else "no",
+             c.rank, c.tier, f"{c.capability.compute_gflops:.0f}", _bytes(c.capability.memory_total_bytes),
+             c.rounds_completed, c.deadlines_missed]
+            for c in reply.clients
+        ],
+    )

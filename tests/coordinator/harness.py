@@ -1,0 +1,272 @@
+"""A real coordinator for tests: served by grpc.aio on 127.0.0.1:0 in a background thread
+(or as a real process for crash tests), and a small scripted gRPC client that speaks the
+protocol directly, so each test can send exactly the bytes it wants."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from rankfed.aggregation import Adapter, LoraModule, decode_adapter, encode_adapter
+from rankfed.coordinator.config import CoordinatorConfig, load_config
+from rankfed.coordinator.manifest import ModelManifest, load_manifest
+from rankfed.v1 import admin_pb2 as ProtoAdmin
+from rankfed.v1 import admin_pb2_grpc
+from rankfed.v1 import common_pb2 as ProtoCommon
+from rankfed.v1 import edge_pb2 as ProtoEdge
+from rankfed.v1 import edge_pb2_grpc
+
+MANIFEST = Path(__file__).parent / "data" / "tiny-manifest.json"
+CHUNK = 64 * 1024
+DEVICE = {"cpu": ProtoCommon.DEVICE_CLASS_CPU, "cuda": ProtoCommon.DEVICE_CLASS_CUDA, "mobile": ProtoCommon.DEVICE_CLASS_MOBILE}
+
+
+def make_config(data_dir: Path, **overrides) -> CoordinatorConfig:
+    values = {
+        "server.address": "127.0.0.1:0",
+        "server.data_dir": str(data_dir),
+        "server.max_chunk_bytes": CHUNK,
+        "server.long_poll_seconds": 2.0,
+        "model.manifest": str(MANIFEST),
+        "federation.rounds": 2,
+        "federation.min_clients": 3,
+        "federation.round_deadline_seconds": 30.0,
+        "federation.wait_for_clients_seconds": 30.0,
+        "federation.straggler_grace_seconds": 5.0,
+        "federation.heartbeat_interval_seconds": 1.0,
+        "federation.heartbeat_timeout_seconds": 10.0,
+    }
+    values.update(overrides)
+    return load_config(None, overrides=values)
+
+
+class CoordinatorThread:
+    """The real server, on its own event loop in a daemon thread."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        from rankfed.coordinator.server import start_coordinator
+
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.coordinator = asyncio.run_coroutine_threadsafe(start_coordinator(config), self.loop).result(30)
+        self.address = f"127.0.0.1:{self.coordinator.port}"
+
+    @property
+    def federation(self):
+        return self.coordinator.federation
+
+    def call(self, fn, *args):
+        """Run a plain function on the server's loop (core state is loop-owned)."""
+
+        async def run():
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.coordinator.stop(0.5), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class CoordinatorProcess:
+    """`python -m rankfed coordinator serve` as a real process (for kill -9 tests)."""
+
+    def __init__(self, config_path: Path, data_dir: Path, log_path: Path) -> None:
+        self.config_path, self.data_dir, self.log_path = config_path, data_dir, log_path
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 60.0) -> str:
+        port_file = self.data_dir.parent / "port"
+        port_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(self.config_path),
+             "--data-dir", str(self.data_dir), "--address", "127.0.0.1:0", "--port-file", str(port_file)],
+            stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"coordinator did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        return self.address
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(30)
+        return self.proc.returncode
+
+
+def random_adapter(manifest: ModelManifest, rank: int, alpha: float, seed: int) -> Adapter:
+    rng = np.random.default_rng(seed)
+    modules = {
+        name: LoraModule(
+            a=rng.standard_normal((rank, d_in)).astype(np.float32),
+            b=rng.standard_normal((d_out, rank)).astype(np.float32),
+            alpha=alpha,
+        )
+        for name, (d_out, d_in) in manifest.modules.items()
+    }
+    dense = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in manifest.dense.items()}
+    return Adapter(modules=modules, dense=dense)
+
+
+@dataclass
+class Download:
+    manifest: ProtoEdge.TransferManifest
+    data: bytes
+
+
+class EdgeTestClient:
+    """Speaks EdgeService directly; every step is explicit so tests can break any of them."""
+
+    def __init__(self, address: str, name: str, device: str = "cpu", *, gflops: float = 20.0, memory_gb: float = 8.0) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = edge_pb2_grpc.EdgeServiceStub(self.channel)
+        self.name, self.device, self.gflops, self.memory_gb = name, device, gflops, memory_gb
+        self.token = ""
+        self.client_id = ""
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @property
+    def metadata(self):
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def join(self, weights_sha256: str, **fields) -> ProtoEdge.JoinResponse:
+        capability = ProtoCommon.DeviceCapability(
+            device_class=DEVICE[self.device], memory_total_bytes=int(self.memory_gb * 1e9), cpu_cores=4,
+            compute_gflops=self.gflops, accelerator_memory_bytes=int(self.memory_gb * 1e9) if self.device == "cuda" else 0,
+        )
+        request = ProtoEdge.JoinRequest(
+            device_name=self.name, capability=capability, base_model_sha256=weights_sha256, num_examples=10
+        )
+        for key, value in fields.items():
+            setattr(request, key, value)
+        reply = self.stub.Join(request, timeout=10)
+        self.token, self.client_id = reply.session_token, reply.client_id
+        return reply
+
+    def get_task(self, max_wait: float = 5.0) -> ProtoEdge.Task:
+        request = ProtoEdge.GetTaskRequest()
+        request.max_wait.FromNanoseconds(int(max_wait * 1e9))
+        return self.stub.GetTask(request, metadata=self.metadata, timeout=max_wait + 10)
+
+    def wait_train(self, timeout: float = 30.0) -> ProtoEdge.TrainTask:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.get_task(2.0)
+            if task.WhichOneof("kind") == "train":
+                return task.train
+            if task.WhichOneof("kind") == "done":
+                raise AssertionError(f"{self.name}: federation done: {task.done.reason}")
+        raise TimeoutError(f"{self.name}: no TRAIN task within {timeout} s")
+
+    def download(self, round_no: int, offset: int = 0) -> Download:
+        messages = list(self.stub.DownloadAdapter(
+            ProtoEdge.DownloadRequest(round=round_no, offset=offset), metadata=self.metadata, timeout=30
+        ))
+        manifest = messages[0].manifest
+        data = b"".join(m.chunk.data for m in messages[1:])
+        return Download(manifest=manifest, data=data)
+
+    def upload_bytes(self, round_no: int, rank: int, data: bytes, *, sha256: str | None = None,
+                     total_bytes: int | None = None, num_examples: int = 10, chunk: int = CHUNK,
+                     chunks=None, loss: float = 1.0) -> ProtoEdge.UploadReceipt:
+        header = ProtoEdge.UploadHeader(
+            round=round_no, rank=rank, num_examples=num_examples,
+            total_bytes=len(data) if total_bytes is None else total_bytes,
+            sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
+            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3, eval={"accuracy": 0.5}),
+        )
+
+        def messages():
+            yield ProtoEdge.UploadMessage(header=header)
+            pieces = chunks if chunks is not None else [
+                (off, data[off:off + chunk]) for off in range(0, len(data), chunk)
+            ]
+            for off, piece in pieces:
+                yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=off, data=piece))
+
+        return self.stub.UploadUpdate(messages(), metadata=self.metadata, timeout=30)
+
+    def upload(self, round_no: int, adapter: Adapter, **kwargs) -> ProtoEdge.UploadReceipt:
+        return self.upload_bytes(round_no, adapter.max_rank, encode_adapter(adapter), **kwargs)
+
+    def heartbeat(self, round_no: int, state=ProtoCommon.PARTICIPANT_STATE_TRAINING) -> ProtoEdge.HeartbeatResponse:
+        return self.stub.Heartbeat(
+            ProtoEdge.HeartbeatRequest(round=round_no, state=state, progress=0.5), metadata=self.metadata, timeout=10
+        )
+
+    def leave(self) -> None:
+        self.stub.Leave(ProtoEdge.LeaveRequest(reason="test"), metadata=self.metadata, timeout=10)
+
+
+def admin_stub(address: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
+    channel = grpc.insecure_channel(address)
+    return channel, admin_pb2_grpc.AdminServiceStub(channel)
+
+
+def status(address: str) -> ProtoAdmin.FederationStatus:
+    channel, stub = admin_stub(address)
+    with channel:
+        return stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), timeout=10)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def manifest() -> ModelManifest:
+    return load_manifest(MANIFEST)
+
+
+def update_files(data_dir: Path) -> list[str]:
+    """Every file under the updates directory, temporaries included."""
+    root = data_dir / "blobs" / "updates"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def decode(data: bytes) -> Adapter:
+    return decode_adapter(data)
+
+
+def dump_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
