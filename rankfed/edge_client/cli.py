@@ -1,0 +1,299 @@
+"""`rankfed edge ...`: probe, run, export, infer, manifest.
+
+Heavy imports (torch, transformers, peft, grpc) happen inside the command functions, so
+`rankfed edge infer` works with only the `infer` extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, EdgeError
+
+DEVICE_CLASSES = ("cpu", "cuda", "mps", "mobile")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _offline(threads: int | None) -> None:
+    """Nothing is downloaded at run time; optionally pin torch's thread count."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class _Printer:
+    """Events as JSON lines on stdout (--json) or short lines on stderr."""
+
+    def __init__(self, as_json: bool, quiet: bool = False) -> None:
+        self.as_json = as_json
+        self.quiet = quiet
+
+    def __call__(self, name: str, fields: dict[str, Any]) -> None:
+        if name in ("download", "upload") and fields.get("bytes") != fields.get("total"):
+            return  # only the end of a transfer
+        if self.as_json:
+            print(json.dumps({"event": name, **fields}, default=str), flush=True)
+        elif not self.quiet:
+            text = " ".join(f"{k}={v}" for k, v in fields.items() if k != "capability")
+            print(f"[edge] {name} {text}", file=sys.stderr, flush=True)
+
+
+def _step_progress(as_json: bool, quiet: bool) -> Any:
+    """A per-step callback: a tqdm bar on a terminal, nothing otherwise."""
+    if as_json or quiet or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    state: dict[str, Any] = {}
+
+    def on_step(info: Any) -> None:
+        bar = state.get("bar")
+        if bar is None or info.step == 1:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=info.total, desc="train", unit="step", leave=False)
+        bar.update(1)
+        bar.set_postfix(loss=f"{info.loss:.4f}")
+        if info.step == info.total:
+            bar.close()
+            state.pop("bar")
+
+    return on_step
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import capability_dict, probe
+    from .protocol import DeviceClass
+
+    cap = probe(declared_class=DeviceClass(args.device_class) if args.device_class else None)
+    data = capability_dict(cap)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for key, value in data.items():
+            print(f"{key:28s} {value}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _offline(args.threads)
+    from .protocol import DeviceClass
+    from .runner import EdgeRunner, RunnerConfig
+    from .transport import EdgeTransport, RetryPolicy
+
+    if args.steps is not None and args.epochs is not None:
+        raise ConfigError("--steps and --epochs are exclusive")
+    config = RunnerConfig(
+        model_dir=Path(args.model),
+        data_path=Path(args.data),
+        device_name=args.device_name or socket.gethostname(),
+        enrollment_secret=args.secret or os.environ.get("RANKFED_ENROLLMENT_SECRET", ""),
+        declared_class=DeviceClass(args.device_class) if args.device_class else None,
+        label_names=args.labels,
+        max_length=args.max_length,
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        hetlora_lambda=args.hetlora_lambda,
+        hetlora_gamma=args.hetlora_gamma,
+        hetlora_min_rank=args.hetlora_min_rank,
+        max_wait_s=args.max_wait,
+        max_rounds=args.max_rounds,
+        out_dir=Path(args.out) if args.out else None,
+        upload_dtype=args.upload_dtype,
+    )
+    printer = _Printer(args.json, args.quiet)
+    retry = RetryPolicy(max_elapsed_s=args.retry_for)
+    with EdgeTransport(args.coordinator, retry=retry) as transport:
+        runner = EdgeRunner(transport, config, on_event=printer, on_step=_step_progress(args.json, args.quiet))
+        summary = runner.run()
+    printer("summary", {
+        "client_id": summary.client_id,
+        "rounds": len(summary.rounds),
+        "final_round": summary.final_round,
+        "final_adapter": summary.final_adapter_path,
+        "reason": summary.reason,
+    })
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _offline(args.threads)
+    from .export import export_onnx
+
+    report = export_onnx(
+        args.model,
+        args.adapter,
+        args.out,
+        task=args.task,
+        labels=list(args.labels) if args.labels else None,
+        max_length=args.max_length,
+        tolerance=args.tolerance,
+        quantize=args.quantize,
+        threads=args.threads or 1,
+    )
+    data = dict(report.__dict__)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"wrote {report.path} ({report.bytes} bytes, {report.export_seconds:.1f}s)")
+        print(f"parity: max |torch - onnxruntime| = {report.max_abs_diff:.3g} over {report.parity_batches} batches")
+        if report.quantized_path:
+            print(
+                f"int8: {report.quantized_path} ({report.quantized_bytes} bytes), max abs diff "
+                f"{report.quantized_max_abs_diff:.3g}, argmax agreement {report.quantized_argmax_agreement:.1%}"
+            )
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from .infer import OnnxModel
+
+    model = OnnxModel(args.onnx, tokenizer_dir=args.tokenizer, threads=args.threads or 1)
+    texts = list(args.text or [])
+    if not texts:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ConfigError("give --text (repeatable) or lines on stdin")
+    if model.task == "causal-lm":
+        for text in texts:
+            completion = model.generate(text, max_new_tokens=args.max_new_tokens)
+            if args.json:
+                print(json.dumps({"prompt": text, "completion": completion}))
+            else:
+                print(f"{text}{completion}")
+        return 0
+    for p in model.classify(texts):
+        if args.json:
+            print(json.dumps(p.__dict__))
+        else:
+            print(f"{p.label}\t{max(p.scores):.3f}\t{p.text}")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    _offline(None)
+    from .manifest import build_manifest, write_manifest
+
+    manifest = build_manifest(
+        args.model,
+        task=args.task,
+        num_labels=args.num_labels,
+        target_modules=args.target_modules,
+        modules_to_save=args.modules_to_save,
+        model_id=args.model_id,
+    )
+    if args.out == "-":
+        print(json.dumps(manifest, indent=2))
+    else:
+        write_manifest(manifest, args.out)
+        print(f"wrote {args.out}: {len(manifest['modules'])} LoRA modules, {len(manifest['dense'])} dense tensors, weights {manifest['weights_sha256'][:12]}…", file=sys.stderr)
+    return 0
+
+
+def _guarded(func: Any) -> Any:
+    """Edge errors become one line on stderr and exit status 1 (no traceback)."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args) or 0)
+        except EdgeError as err:
+            print(f"rankfed edge {args.edge_command}: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def add_parser(sub: Any) -> None:
+    edge = sub.add_parser("edge", help="edge-device commands", description=__doc__.split("\n\n")[0])
+    cmds = edge.add_subparsers(dest="edge_command", metavar="SUBCOMMAND", required=True)
+
+    p = cmds.add_parser("probe", help="measure and print this device's capability")
+    p.add_argument("--device-class", choices=DEVICE_CLASSES, help="report this class instead of the detected one")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_guarded(cmd_probe))
+
+    p = cmds.add_parser("run", help="take part in a federation until it is done")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL or CSV: text,label or prompt,response")
+    p.add_argument("--device-name", help="stable device name (default: host name)")
+    p.add_argument("--secret", help="enrollment secret (default: $RANKFED_ENROLLMENT_SECRET)")
+    p.add_argument("--device-class", choices=DEVICE_CLASSES, help="report this class instead of the detected one")
+    p.add_argument("--labels", type=_csv, help="label names in id order, for data with named labels")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    g = p.add_argument_group("local training (default: what the coordinator's task says)")
+    g.add_argument("--steps", type=int, help="local steps per round")
+    g.add_argument("--epochs", type=int, help="local epochs per round instead of steps")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--seed", type=int, help="base seed (the round number is added)")
+    g.add_argument("--hetlora-lambda", type=float, default=0.0, help="HetLoRA self-pruning penalty strength (0: off)")
+    g.add_argument("--hetlora-gamma", type=float, default=0.99, help="HetLoRA decay factor (default 0.99)")
+    g.add_argument("--hetlora-min-rank", type=int, default=1)
+    p.add_argument("--max-wait", type=float, default=30.0, help="long-poll wait per GetTask, seconds")
+    p.add_argument("--retry-for", type=float, default=300.0, help="give up after this long unreachable, seconds")
+    p.add_argument("--max-rounds", type=int, help="leave after this many trained rounds")
+    p.add_argument("--out", metavar="DIR", help="write the final global adapter here")
+    p.add_argument("--upload-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_guarded(cmd_run))
+
+    p = cmds.add_parser("export", help="merge an adapter and export to ONNX")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter safetensors (or a directory holding adapter_model.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx")
+    p.add_argument("--task", choices=("sequence-classification", "causal-lm"), help="default: from the adapter (a head means classification)")
+    p.add_argument("--labels", type=_csv, help="label names in id order (stored in the file)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |torch - onnxruntime| allowed (default 1e-4)")
+    p.add_argument("--quantize", action="store_true", help="also write an int8 dynamic-quantized FILE.int8.onnx")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_guarded(cmd_export))
+
+    p = cmds.add_parser("infer", help="run an exported model with onnxruntime (no torch needed)")
+    p.add_argument("--onnx", required=True, metavar="FILE")
+    p.add_argument("--text", action="append", help="input text (repeatable; default: lines on stdin)")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (default: the one in the file)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: tokens to generate")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_guarded(cmd_infer))
+
+    p = cmds.add_parser("manifest", help="write the model manifest a coordinator serves")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--task", required=True, choices=("sequence-classification", "causal-lm"))
+    p.add_argument("--num-labels", type=int, default=0)
+    p.add_argument("--target-modules", type=_csv, required=True, help="e.g. query,value")
+    p.add_argument("--modules-to-save", type=_csv, help="dense modules to federate (default: the classification head)")
+    p.add_argument("--model-id", help="default: the model directory's name")
+    p.add_argument("--out", required=True, metavar="FILE", help="'-' for stdout")
+    p.set_defaults(func=_guarded(cmd_manifest))

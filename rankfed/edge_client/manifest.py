@@ -1,0 +1,109 @@
+"""Write the model manifest (docs/model-manifest.md) the coordinator serves a federation from.
+
+The module shapes come from peft itself, applied to the model built on the `meta` device
+(no weights are read for that); the identity is `model.weights_sha256` over the real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ModelError
+from .model import (
+    PEFT_PREFIX,
+    TASKS,
+    build_peft_model,
+    default_modules_to_save,
+    resolve_model_dir,
+    weights_sha256,
+)
+from .protocol import LoraSettings
+
+MANIFEST_FORMAT = "rankfed-model-manifest/1"
+
+
+def _meta_model(model_dir: Path, task: str, num_labels: int) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the config in {model_dir}: {err}") from err
+    if task == "sequence-classification":
+        config.num_labels = num_labels
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def build_manifest(
+    model_dir: str | Path,
+    *,
+    task: str,
+    num_labels: int = 0,
+    target_modules: tuple[str, ...],
+    modules_to_save: tuple[str, ...] | None = None,
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """The manifest as a JSON-ready dict, keys in the documented order."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    if task == "sequence-classification" and num_labels < 2:
+        raise ConfigError("--num-labels must be >= 2 for sequence-classification")
+    if not target_modules:
+        raise ConfigError("--target-modules is empty: name at least one module to wrap")
+    model_dir = resolve_model_dir(model_dir)
+    model = _meta_model(model_dir, task, num_labels)
+    if modules_to_save is None:
+        modules_to_save = default_modules_to_save(model, task)
+    settings = LoraSettings(rank=1, alpha=1.0, target_modules=tuple(target_modules), modules_to_save=modules_to_save)
+    peft_model = build_peft_model(model, settings, task, copy_base=False)
+    from peft import get_peft_model_state_dict
+
+    modules: dict[str, list[int]] = {}
+    dense: dict[str, list[int]] = {}
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith(".lora_A.weight"):
+            mod = name.removesuffix(".lora_A.weight")
+            modules[mod] = [0, int(tensor.shape[1])]  # (r, d_in)
+        elif name.endswith(".lora_B.weight"):
+            mod = name.removesuffix(".lora_B.weight")
+            modules.setdefault(mod, [0, 0])[0] = int(tensor.shape[0])  # (d_out, r)
+        else:
+            dense[name] = [int(d) for d in tensor.shape]
+    if model_id is None:  # the directory name, or its parent's for a generic ".../model"
+        resolved = model_dir.resolve()
+        model_id = resolved.parent.name if resolved.name in ("model", "snapshot") else resolved.name
+    return {
+        "format": MANIFEST_FORMAT,
+        "model_id": model_id,
+        "weights_sha256": weights_sha256(model_dir),
+        "task": task,
+        "num_labels": num_labels if task == "sequence-classification" else 0,
+        "target_modules": list(target_modules),
+        "modules_to_save": list(modules_to_save),
+        "modules": dict(sorted(modules.items())),
+        "dense": dict(sorted(dense.items())),
+    }
+
+
+def write_manifest(manifest: dict[str, Any], out: str | Path) -> None:
+    """Write atomically (temporary file renamed over ``out``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,473 @@
+"""The client loop: probe -> join -> long-poll -> download -> train -> upload -> repeat.
+
+Plain Python over a transport object (`transport.EdgeTransport`, or a fake in tests): no
+grpc here. Every step reports an event through `on_event(name, fields)`; the CLI prints
+them for people or as JSON lines (`--json`).
+
+- Heartbeats go out from a background thread while a round is worked on; when the
+  coordinator says the round closed, training stops and the client returns to GetTask.
+- The rank (and alpha) of each round come with the task and the downloaded adapter; the
+  peft model is rebuilt from the pristine base whenever they change.
+- UNAVAILABLE is retried inside the transport; a stale round (FAILED_PRECONDITION) or a
+  duplicate that is not ours sends the client back to GetTask; an expired session
+  (UNAUTHENTICATED) re-joins once.
+- Upload bandwidth is measured on the real link by each upload; when it changes by more
+  than 2x, the client re-joins before the next task so the rank policy sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from rankfed import __version__
+from rankfed.aggregation import (
+    Adapter,
+    AdapterFormatError,
+    AdapterValidationError,
+    decode_adapter,
+    encode_adapter,
+    hetlora_prune_rank,
+    hetlora_tail_norm,
+    truncate,
+)
+
+from .data import TextDataset, load_dataset, model_label_names, read_records
+from .errors import (
+    AdapterError,
+    AuthError,
+    DuplicateError,
+    ModelMismatchError,
+    StaleRoundError,
+    TransportError,
+)
+from .model import adapter_from_peft, build_peft_model, load_adapter, load_base_model, load_tokenizer, weights_sha256
+from .probe import probe, with_bandwidth
+from .protocol import (
+    Capability,
+    DeviceClass,
+    DoneTask,
+    HeartbeatResult,
+    JoinRequest,
+    JoinResult,
+    LoraSettings,
+    ParticipantState,
+    Task,
+    TrainMetrics,
+    TrainTask,
+    TransferManifest,
+    UploadHeader,
+    UploadReceipt,
+    WaitTask,
+)
+from .train import StepInfo, TrainConfig, lora_pairs, train_local
+
+log = logging.getLogger(__name__)
+
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+class Transport(Protocol):
+    upload_bytes_per_second: float
+    download_bytes_per_second: float
+
+    def join(self, request: JoinRequest) -> JoinResult: ...
+    def get_task(self, max_wait_s: float) -> Task | None: ...
+    def download(
+        self, round: int, *, expected_sha256: str = "", progress: Callable[[int, int], None] | None = None
+    ) -> tuple[TransferManifest, bytes]: ...
+    def upload(
+        self, header: UploadHeader, blob: bytes, *, progress: Callable[[int, int], None] | None = None
+    ) -> UploadReceipt: ...
+    def heartbeat(self, round: int, state: ParticipantState, progress: float) -> HeartbeatResult: ...
+    def leave(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_dir: Path
+    data_path: Path
+    device_name: str
+    enrollment_secret: str = ""
+    declared_class: DeviceClass | None = None
+    label_names: tuple[str, ...] | None = None
+    max_length: int = 128
+    # Local training: the task's steps, lr and batch size unless overridden here.
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    seed: int | None = None
+    # HetLoRA rank self-pruning: tail penalty strength (0: off) and decay gamma.
+    hetlora_lambda: float = 0.0
+    hetlora_gamma: float = 0.99
+    hetlora_min_rank: int = 1
+    max_wait_s: float = 30.0
+    max_rounds: int | None = None  # leave after this many trained rounds (None: until done)
+    out_dir: Path | None = None  # where the final global adapter is written
+    upload_dtype: str = "float32"
+    rejoin_on_bandwidth_change: bool = True
+
+
+@dataclass
+class RunSummary:
+    client_id: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    final_round: int = 0
+    final_adapter_path: str = ""
+    reason: str = ""
+
+
+class Heartbeater:
+    """Sends heartbeats every ``interval_s`` from a daemon thread while a round is worked on."""
+
+    def __init__(self, transport: Transport, round: int, interval_s: float) -> None:
+        self._transport = transport
+        self._round = round
+        self._interval = max(0.05, interval_s)
+        self._stop = threading.Event()
+        self.round_closed = threading.Event()
+        self.state = ParticipantState.DOWNLOADING
+        self.progress = 0.0
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-r{round}", daemon=True)
+
+    def __enter__(self) -> Heartbeater:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self._interval
+            try:
+                result = self._transport.heartbeat(self._round, self.state, self.progress)
+                self.sent += 1
+            except StaleRoundError:
+                self.round_closed.set()
+                continue
+            except TransportError as err:  # the next beat is the retry
+                log.debug("heartbeat failed: %s", err)
+                continue
+            if not result.round_open:
+                self.round_closed.set()
+            if result.next_in_s > 0:
+                wait = result.next_in_s
+
+
+def _structure(adapter: Adapter) -> tuple[Any, ...]:
+    return (
+        tuple(sorted(adapter.ranks.items())),
+        tuple(sorted(adapter.alphas.items())),
+        adapter.use_rslora,
+        tuple(sorted(adapter.dense)),
+    )
+
+
+class EdgeRunner:
+    """One device taking part in one federation."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: RunnerConfig,
+        *,
+        on_event: EventFn | None = None,
+        on_step: Callable[[StepInfo], None] | None = None,
+        capability: Capability | None = None,
+    ) -> None:
+        self.transport = transport
+        self.config = config
+        self._emit = on_event or (lambda name, fields: None)
+        self._on_step = on_step
+        self._capability = capability
+        self.base_sha256 = ""
+        self.join_result: JoinResult | None = None
+        self._base: Any = None
+        self._peft: Any = None
+        self._peft_key: tuple[Any, ...] | None = None
+        self._dataset: TextDataset | None = None
+        self._num_records = 0
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _join(self) -> JoinResult:
+        if self._capability is None:
+            self._capability = probe(declared_class=self.config.declared_class)
+            self._emit("probe", {"capability": _capability_fields(self._capability)})
+        request = JoinRequest(
+            device_name=self.config.device_name,
+            capability=self._capability,
+            base_model_sha256=self.base_sha256,
+            num_examples=self._num_records,
+            enrollment_secret=self.config.enrollment_secret,
+            client_version=__version__,
+        )
+        result = self.transport.join(request)
+        want = result.base_model.weights_sha256
+        if want and want != self.base_sha256:
+            raise ModelMismatchError(
+                f"the coordinator trains base model {result.base_model.id!r} with weights sha256 "
+                f"{want}, but {self.config.model_dir} has {self.base_sha256}; point --model at "
+                "the same model the federation uses"
+            )
+        self.join_result = result
+        self._emit(
+            "joined",
+            {
+                "client_id": result.client_id,
+                "rank": result.assignment.lora.rank,
+                "alpha": result.assignment.lora.alpha,
+                "tier": result.assignment.tier,
+                "base_model": result.base_model.id,
+                "task": result.base_model.task,
+            },
+        )
+        return result
+
+    def _prepare(self, joined: JoinResult) -> None:
+        """Load base model, tokenizer and data once (after Join: it tells task and labels)."""
+        if self._base is not None:
+            return
+        info = joined.base_model
+        self._base = load_base_model(self.config.model_dir, info.task, num_labels=info.num_labels)
+        tokenizer = load_tokenizer(self.config.model_dir)
+        names = self.config.label_names or model_label_names(self._base.config)
+        self._dataset = load_dataset(
+            self.config.data_path,
+            tokenizer,
+            task=info.task,
+            num_labels=info.num_labels,
+            label_names=names,
+            max_length=self.config.max_length,
+        )
+        self._emit("data", {"examples": len(self._dataset), "path": str(self.config.data_path)})
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        self.base_sha256 = weights_sha256(self.config.model_dir)
+        self._num_records = len(read_records(self.config.data_path))
+        summary = RunSummary()
+        joined = self._join()
+        summary.client_id = joined.client_id
+        self._prepare(joined)
+        rejoined_for_auth = False
+        while True:
+            try:
+                task = self.transport.get_task(self.config.max_wait_s)
+                rejoined_for_auth = False
+            except AuthError:
+                if rejoined_for_auth:
+                    raise
+                self._emit("rejoin", {"reason": "session expired"})
+                joined = self._join()
+                rejoined_for_auth = True
+                continue
+            if task is None:
+                time.sleep(1.0)
+            elif isinstance(task, WaitTask):
+                self._emit("wait", {"retry_after_s": task.retry_after_s, "reason": task.reason})
+                time.sleep(min(max(task.retry_after_s, 0.0), self.config.max_wait_s))
+            elif isinstance(task, DoneTask):
+                summary.final_round = task.final_round
+                summary.reason = task.reason
+                summary.final_adapter_path = self._save_final(task)
+                self._emit("done", {"final_round": task.final_round, "reason": task.reason})
+                self._leave("federation done")
+                return summary
+            else:
+                record = self._round(task)
+                if record is not None:
+                    summary.rounds.append(record)
+                    if self.config.max_rounds is not None and len(summary.rounds) >= self.config.max_rounds:
+                        summary.reason = f"stopped after {len(summary.rounds)} rounds (--max-rounds)"
+                        self._leave("max rounds reached")
+                        return summary
+                    self._maybe_rejoin()
+
+    def _leave(self, reason: str) -> None:
+        try:
+            self.transport.leave(reason)
+        except TransportError as err:
+            log.info("Leave failed (ignored): %s", err)
+
+    def _maybe_rejoin(self) -> None:
+        """Re-join when the measured upload bandwidth differs from the reported one by >2x."""
+        if not self.config.rejoin_on_bandwidth_change or self._capability is None:
+            return
+        measured = self.transport.upload_bytes_per_second
+        reported = self._capability.upload_bytes_per_second
+        if measured <= 0 or (reported > 0 and 0.5 <= measured / reported <= 2.0):
+            return
+        self._capability = with_bandwidth(
+            self._capability, measured, self.transport.download_bytes_per_second
+        )
+        self._emit("rejoin", {"reason": "bandwidth measured", "upload_bytes_per_second": measured})
+        self._join()
+
+    def _model_for(self, adapter: Adapter, lora: LoraSettings) -> Any:
+        key = _structure(adapter) + (tuple(lora.target_modules),)
+        if self._peft is None or key != self._peft_key:
+            settings = replace(lora, use_rslora=adapter.use_rslora)
+            self._peft = build_peft_model(
+                self._base, settings, self.join_result.base_model.task if self.join_result else "",
+                ranks=adapter.ranks, alphas=adapter.alphas,
+            )
+            self._peft_key = key
+            self._emit("model", {"ranks": sorted(set(adapter.ranks.values())), "rebuilt": True})
+        load_adapter(self._peft, adapter)
+        return self._peft
+
+    def _round(self, task: TrainTask) -> dict[str, Any] | None:
+        assert self.join_result is not None and self._dataset is not None
+        lora = task.assignment.lora
+        self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha, "steps": task.local_steps})
+        interval = self.join_result.heartbeat_interval_s or 5.0
+        with Heartbeater(self.transport, task.round, interval) as beat:
+            try:
+                manifest, blob = self.transport.download(
+                    task.round,
+                    expected_sha256=task.adapter_sha256,
+                    progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
+                )
+            except StaleRoundError as err:
+                self._emit("stale", {"round": task.round, "detail": str(err)})
+                return None
+            try:
+                adapter = decode_adapter(blob)
+            except (AdapterFormatError, AdapterValidationError) as err:
+                raise AdapterError(f"the global adapter of round {task.round} is malformed: {err}") from err
+            if adapter.max_rank != lora.rank:
+                log.warning("task rank %d but the adapter has rank %d; training at the adapter's", lora.rank, adapter.max_rank)
+            model = self._model_for(adapter, lora)
+
+            beat.state = ParticipantState.TRAINING
+            deadline = task.deadline
+
+            def should_stop() -> bool:
+                return beat.round_closed.is_set() or (deadline > 0 and time.time() > deadline)
+
+            def on_step(info: StepInfo) -> None:
+                beat.progress = info.step / info.total
+                if self._on_step is not None:
+                    self._on_step(info)
+
+            tail_before = self._tail(model) if self.config.hetlora_lambda > 0 else 0.0
+            train_cfg = self._train_config(task)
+            result = train_local(model, self._dataset, train_cfg, on_step=on_step, should_stop=should_stop)
+            if result.stopped_early:
+                self._emit("abandoned", {"round": task.round, "steps": result.steps, "reason": "round closed or deadline passed"})
+                return None
+            update = adapter_from_peft(model)
+            rank = update.max_rank
+            if self.config.hetlora_lambda > 0:
+                rank = hetlora_prune_rank(
+                    rank,
+                    tail_before=tail_before,
+                    tail_after=self._tail(model),
+                    gamma=self.config.hetlora_gamma,
+                    min_rank=self.config.hetlora_min_rank,
+                )
+                if rank < update.max_rank:
+                    self._emit("pruned", {"round": task.round, "from_rank": update.max_rank, "to_rank": rank})
+                    update = truncate(update, rank)
+            blob = encode_adapter(
+                update,
+                dtype=self.config.upload_dtype,
+                metadata={
+                    "round": str(task.round),
+                    "base_model_sha256": self.base_sha256,
+                    "client_id": self.join_result.client_id,
+                },
+            )
+            digest = hashlib.sha256(blob).hexdigest()
+            header = UploadHeader(
+                round=task.round,
+                rank=rank,
+                num_examples=len(self._dataset),
+                total_bytes=len(blob),
+                sha256=digest,
+                metrics=TrainMetrics(
+                    loss_first=result.loss_first,
+                    loss_last=result.loss_last,
+                    steps=result.steps,
+                    train_seconds=result.seconds,
+                ),
+            )
+            beat.state = ParticipantState.UPLOADING
+            try:
+                receipt = self.transport.upload(
+                    header, blob,
+                    progress=lambda done, total: self._emit("upload", {"bytes": done, "total": total}),
+                )
+            except StaleRoundError as err:
+                self._emit("stale", {"round": task.round, "detail": str(err)})
+                return None
+            except DuplicateError as err:
+                self._emit("duplicate", {"round": task.round, "detail": str(err)})
+                return None
+        record = {
+            "round": task.round,
+            "rank": rank,
+            "assigned_rank": lora.rank,
+            "steps": result.steps,
+            "loss_first": result.loss_first,
+            "loss_last": result.loss_last,
+            "train_seconds": round(result.seconds, 3),
+            "upload_bytes": len(blob),
+            "sha256": digest,
+            "duplicate": receipt.duplicate,
+            "heartbeats": beat.sent,
+            "download_sha256": manifest.sha256,
+        }
+        self._emit("uploaded", record)
+        return record
+
+    def _tail(self, model: Any) -> float:
+        return float(
+            sum(float(hetlora_tail_norm(a.detach(), b.detach(), gamma=self.config.hetlora_gamma)) for a, b in lora_pairs(model))
+        )
+
+    def _train_config(self, task: TrainTask) -> TrainConfig:
+        c = self.config
+        steps = c.steps if c.steps is not None else (None if c.epochs is not None else max(1, task.local_steps))
+        return TrainConfig(
+            steps=steps,
+            epochs=c.epochs if steps is None else None,
+            learning_rate=c.learning_rate or task.learning_rate or 2e-3,
+            batch_size=c.batch_size or task.batch_size or 16,
+            seed=(c.seed if c.seed is not None else task.seed) + task.round,
+            hetlora_gamma=c.hetlora_gamma,
+            hetlora_lambda=c.hetlora_lambda,
+        )
+
+    def _save_final(self, task: DoneTask) -> str:
+        if self.config.out_dir is None:
+            return ""
+        try:
+            _, blob = self.transport.download(0, expected_sha256="")
+        except TransportError as err:
+            log.warning("could not fetch the final adapter: %s", err)
+            return ""
+        out = Path(self.config.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "adapter_model.safetensors"
+        path.write_bytes(blob)
+        return str(path)
+
+
+def _capability_fields(cap: Capability) -> dict[str, Any]:
+    from .probe import capability_dict
+
+    return capability_dict(cap)

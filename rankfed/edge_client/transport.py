@@ -1,0 +1,331 @@
+"""The stub layer: every RPC to the coordinator, with retries, backoff and streaming.
+
+The only module (with `serde.py`) that imports grpc. It takes and returns the dataclasses of
+`protocol.py` and raises the `errors.TransportError` family, mapped from gRPC status codes in
+one table (`STATUS_TO_ERROR`).
+
+Retries: calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped
+exponential backoff and full jitter until `RetryPolicy.max_elapsed_s` is spent. Uploads are
+re-sent whole (the coordinator is idempotent on the digest: ALREADY_EXISTS for our own
+digest counts as accepted); downloads resume from the last byte received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from rankfed.v1 import edge_pb2_grpc as ProtoEdgeGrpc
+
+from . import serde
+from .errors import (
+    AuthError,
+    DuplicateError,
+    IntegrityError,
+    RejectedError,
+    StaleRoundError,
+    TransportError,
+    UnavailableError,
+)
+from .protocol import (
+    HeartbeatResult,
+    JoinRequest,
+    JoinResult,
+    ParticipantState,
+    Task,
+    TransferManifest,
+    UploadHeader,
+    UploadReceipt,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 1 * MiB
+# Every channel argument in one place: misspelled names are silently ignored by grpc.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", 8 * MiB),
+    ("grpc.max_send_message_length", 8 * MiB),
+)
+# Refuse downloads larger than this before buffering them.
+MAX_DOWNLOAD_BYTES = 1 << 30
+
+STATUS_TO_ERROR: dict[grpc.StatusCode, type[TransportError]] = {
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+    grpc.StatusCode.FAILED_PRECONDITION: StaleRoundError,
+    grpc.StatusCode.ALREADY_EXISTS: DuplicateError,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
+    grpc.StatusCode.INVALID_ARGUMENT: RejectedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RejectedError,
+    grpc.StatusCode.NOT_FOUND: RejectedError,
+}
+RETRYABLE = (UnavailableError,)
+
+
+def map_rpc_error(err: grpc.RpcError, what: str) -> TransportError:
+    """The one place where a gRPC status becomes an edge exception."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
+    cls = STATUS_TO_ERROR.get(code, TransportError)
+    return cls(f"{what}: {code.name}: {details}", code=code.name)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 15.0
+    multiplier: float = 2.0
+    # Give up after this long of consecutive failures of one call.
+    max_elapsed_s: float = 300.0
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        """Full-jitter exponential backoff (AWS architecture blog, 'Exponential Backoff And Jitter')."""
+        cap = self.initial_backoff_s
+        while True:
+            yield rng.uniform(0.0, cap)
+            cap = min(cap * self.multiplier, self.max_backoff_s)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class EdgeTransport:
+    """A connection to one coordinator's EdgeService (sync API: fine for one device)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        call_timeout_s: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+    ) -> None:
+        self.address = address
+        self.retry = retry
+        self.call_timeout_s = call_timeout_s
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        self._stub = ProtoEdgeGrpc.EdgeServiceStub(self._channel)
+        self._token = ""
+        self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
+        # Measured on the real link by the last transfer, bytes per second (0: none yet).
+        self.upload_bytes_per_second = 0.0
+        self.download_bytes_per_second = 0.0
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EdgeTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
+
+    def _with_retries(self, what: str, call: Callable[[int], T]) -> T:
+        """Run ``call(attempt)``, retrying retryable failures with backoff."""
+        start = time.monotonic()
+        delays = self.retry.delays(self._rng)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return call(attempt)
+            except grpc.RpcError as err:
+                exc = map_rpc_error(err, what)
+            except RETRYABLE as err:
+                exc = err
+            if not isinstance(exc, RETRYABLE):
+                raise exc
+            delay = next(delays)
+            if time.monotonic() - start + delay > self.retry.max_elapsed_s:
+                raise exc
+            log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
+            self._sleep(delay)
+
+    # -- calls -------------------------------------------------------------------------
+
+    def join(self, request: JoinRequest) -> JoinResult:
+        proto = serde.join_request_to_proto(request)
+
+        def call(_: int) -> JoinResult:
+            response = self._stub.Join(proto, timeout=self.call_timeout_s)
+            return serde.join_result_from_proto(response)
+
+        result = self._with_retries("Join", call)
+        self._token = result.session_token
+        if result.max_chunk_bytes:
+            self.max_chunk_bytes = min(result.max_chunk_bytes, 4 * MiB)
+        return result
+
+    def get_task(self, max_wait_s: float) -> Task | None:
+        proto = serde.get_task_request_to_proto(max_wait_s)
+
+        def call(_: int) -> Task | None:
+            response = self._stub.GetTask(
+                proto, timeout=max_wait_s + self.call_timeout_s, metadata=self._metadata()
+            )
+            return serde.task_from_proto(response)
+
+        return self._with_retries("GetTask", call)
+
+    def heartbeat(self, round: int, state: ParticipantState, progress: float) -> HeartbeatResult:
+        """One attempt, no retries: the next heartbeat is the retry."""
+        proto = serde.heartbeat_request_to_proto(round, state, progress)
+        try:
+            response = self._stub.Heartbeat(proto, timeout=10.0, metadata=self._metadata())
+        except grpc.RpcError as err:
+            raise map_rpc_error(err, "Heartbeat") from None
+        return serde.heartbeat_result_from_proto(response)
+
+    def leave(self, reason: str) -> None:
+        try:
+            self._stub.Leave(
+                serde.leave_request_to_proto(reason), timeout=10.0, metadata=self._metadata()
+            )
+        except grpc.RpcError as err:
+            raise map_rpc_error(err, "Leave") from None
+
+    def download(
+        self,
+        round: int,
+        *,
+        expected_sha256: str = "",
+        progress: ProgressFn | None = None,
+    ) -> tuple[TransferManifest, bytes]:
+        """Fetch the global adapter for ``round``: resumes after a broken stream and checks
+        size and sha256 against the manifest (and ``expected_sha256`` when given)."""
+        buf = bytearray()
+        state: dict[str, TransferManifest] = {}
+        started = time.monotonic()
+
+        def call(attempt: int) -> TransferManifest:
+            stream = self._stub.DownloadAdapter(
+                serde.download_request_to_proto(round, len(buf)),
+                timeout=self.call_timeout_s * 10,
+                metadata=self._metadata(),
+            )
+            manifest: TransferManifest | None = None
+            for message in stream:
+                kind = message.WhichOneof("kind")
+                if kind == "manifest":
+                    manifest = serde.manifest_from_proto(message.manifest)
+                    previous = state.get("manifest")
+                    if previous is not None and previous.sha256 != manifest.sha256:
+                        log.warning("global adapter changed during a resumed download; restarting")
+                        buf.clear()
+                    if manifest.total_bytes > MAX_DOWNLOAD_BYTES:
+                        raise IntegrityError(
+                            f"download of {manifest.total_bytes} bytes exceeds the "
+                            f"{MAX_DOWNLOAD_BYTES}-byte cap"
+                        )
+                    state["manifest"] = manifest
+                elif kind == "chunk":
+                    if manifest is None:
+                        raise IntegrityError("DownloadAdapter: a chunk arrived before the manifest")
+                    chunk = message.chunk
+                    if chunk.offset != len(buf):
+                        raise IntegrityError(
+                            f"DownloadAdapter: chunk at offset {chunk.offset}, expected {len(buf)}"
+                        )
+                    if len(buf) + len(chunk.data) > manifest.total_bytes:
+                        raise IntegrityError("DownloadAdapter: more bytes than the manifest announced")
+                    buf.extend(chunk.data)
+                    if progress is not None:
+                        progress(len(buf), manifest.total_bytes)
+            if manifest is None:
+                raise IntegrityError("DownloadAdapter: the stream ended without a manifest")
+            if len(buf) != manifest.total_bytes:
+                # A stream cut short without an error status: resume like UNAVAILABLE.
+                raise UnavailableError(
+                    f"DownloadAdapter: stream ended at {len(buf)} of {manifest.total_bytes} bytes",
+                    code="UNAVAILABLE",
+                )
+            return manifest
+
+        manifest = self._with_retries("DownloadAdapter", call)
+        data = bytes(buf)
+        digest = sha256_hex(data)
+        if digest != manifest.sha256:
+            raise IntegrityError(
+                f"DownloadAdapter: sha256 {digest} does not match the manifest's {manifest.sha256}"
+            )
+        if expected_sha256 and digest != expected_sha256:
+            raise IntegrityError(
+                f"DownloadAdapter: got adapter {digest}, the task announced {expected_sha256}"
+            )
+        elapsed = time.monotonic() - started
+        if elapsed > 0 and data:
+            self.download_bytes_per_second = len(data) / elapsed
+        return manifest, data
+
+    def upload(
+        self,
+        header: UploadHeader,
+        blob: bytes,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> UploadReceipt:
+        """Stream ``blob`` (header first, then chunks with offsets). A broken stream is re-sent
+        whole; ALREADY_EXISTS for our own digest on a retry counts as accepted."""
+        if header.total_bytes != len(blob) or header.sha256 != sha256_hex(blob):
+            raise ValueError("upload header does not describe the blob (size or sha256)")
+        chunk_bytes = self.max_chunk_bytes
+
+        def messages() -> Iterator[object]:
+            yield serde.upload_header_to_proto(header)
+            for offset in range(0, len(blob), chunk_bytes):
+                yield serde.upload_chunk_to_proto(offset, blob[offset : offset + chunk_bytes])
+                if progress is not None:
+                    progress(min(offset + chunk_bytes, len(blob)), len(blob))
+
+        def call(attempt: int) -> UploadReceipt:
+            started = time.monotonic()
+            try:
+                response = self._stub.UploadUpdate(
+                    messages(), timeout=self.call_timeout_s * 10, metadata=self._metadata()
+                )
+            except grpc.RpcError as err:
+                exc = map_rpc_error(err, "UploadUpdate")
+                if isinstance(exc, DuplicateError) and (attempt > 1 or header.sha256 in str(exc)):
+                    log.info("update for round %d was already accepted", header.round)
+                    return UploadReceipt(
+                        round=header.round,
+                        bytes_received=len(blob),
+                        sha256=header.sha256,
+                        duplicate=True,
+                    )
+                raise exc from None
+            elapsed = time.monotonic() - started
+            if elapsed > 0:
+                self.upload_bytes_per_second = len(blob) / elapsed
+            receipt = serde.receipt_from_proto(response)
+            if receipt.sha256 and receipt.sha256 != header.sha256:
+                raise IntegrityError(
+                    f"UploadUpdate: the receipt names digest {receipt.sha256}, we sent {header.sha256}"
+                )
+            return receipt
+
+        return self._with_retries("UploadUpdate", call)
