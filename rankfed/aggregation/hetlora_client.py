@@ -47,7 +47,7 @@ def _frobenius(x: Any) -> Any:
     raise TypeError(f"unsupported array type {type(x).__name__}")
 
 
-def hetlora_tail_norm(a: Any, b: Any, *, gamma: float = 0.99) -> Any:
+def hetlora_tail_norm(a: Any, b: Any, gamma: float = 0.99) -> Any:
     """‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F for A (r, d_in), B (d_out, r): the tail score."""
     rank = a.shape[0]
     if b.shape[1] != rank:
@@ -56,7 +56,7 @@ def hetlora_tail_norm(a: Any, b: Any, *, gamma: float = 0.99) -> Any:
     return _frobenius(b[:, start:]) * _frobenius(a[start:, :])
 
 
-def hetlora_tail_penalty(a: Any, b: Any, *, gamma: float = 0.99, lam: float = 0.01) -> Any:
+def hetlora_tail_penalty(a: Any, b: Any, gamma: float = 0.99, lam: float = 0.01) -> Any:
     """λ · ‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F, to add to the local loss (differentiable)."""
     return lam * hetlora_tail_norm(a, b, gamma=gamma)
 
