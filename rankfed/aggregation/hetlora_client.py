@@ -49,6 +49,8 @@ def _frobenius(x: Any) -> Any:
 
 def hetlora_tail_norm(a: Any, b: Any, gamma: float = 0.99) -> Any:
     """‖B[:, ⌊γr⌋:]‖_F · ‖A[⌊γr⌋:, :]‖_F for A (r, d_in), B (d_out, r): the tail score."""
+    if not (hasattr(a, "shape") and hasattr(b, "shape")):
+        raise TypeError(f"unsupported array type {type(a).__name__}; pass numpy arrays or torch tensors")
     rank = a.shape[0]
     if b.shape[1] != rank:
         raise ValueError(f"lora_A has {rank} rows but lora_B has {b.shape[1]} columns")

@@ -199,6 +199,12 @@ class ComponentAccumulator(_Base):
                 if module.rank != seen:
                     raise AggregationError(f"fedit needs equal ranks; {name} has {module.rank}, earlier {seen}")
         lora_weights = self._lora_weights(adapter, weight)
+        with np.errstate(over="ignore", invalid="ignore"):  # result() refuses non-finite sums
+            self._fold_modules(adapter, lora_weights)
+            self._fold_dense(adapter, weight)
+        self._count += 1
+
+    def _fold_modules(self, adapter: Adapter, lora_weights: dict[str, float]) -> None:
         for name, module in adapter.modules.items():
             q = lora_weights[name]
             if q == 0:
@@ -213,8 +219,6 @@ class ComponentAccumulator(_Base):
             self._total[name] += q
             if self._top:
                 self._fold_top(name, module.a, module.b, qa, qb, q)
-        self._fold_dense(adapter, weight)
-        self._count += 1
 
     def _fold_top(self, name: str, a: np.ndarray, b: np.ndarray, qa: np.float32, qb: np.float32, q: float) -> None:
         """Running sums of the clients at the largest rank seen so far (reset when a larger
@@ -281,6 +285,12 @@ class _StackAccumulator(_Base):
 
     def fold(self, adapter: Adapter, weight: float) -> None:
         weight = self._check(adapter, weight, None)
+        with np.errstate(over="ignore", invalid="ignore"):  # result() refuses non-finite sums
+            self._fold_stacks(adapter, weight)
+            self._fold_dense(adapter, weight)
+        self._count += 1
+
+    def _fold_stacks(self, adapter: Adapter, weight: float) -> None:
         if weight > 0:
             for name, module in adapter.modules.items():
                 s_k = module.scaling(adapter.use_rslora)
@@ -293,8 +303,6 @@ class _StackAccumulator(_Base):
                     self._as[name].append(module.a.copy())
                 self._after_fold(name)
             self._weight += weight
-        self._fold_dense(adapter, weight)
-        self._count += 1
 
     def _after_fold(self, name: str) -> None:
         pass

@@ -38,6 +38,7 @@ def flexlora(
     global_rank: int,
     previous: Adapter | None = None,
     exact_global: bool = False,
+    compress_at: int | None = None,
 ) -> Adapter:
     """FlexLoRA (Bai et al., "Federated Fine-tuning of Large Language Models under
     Heterogeneous Tasks and Client Resources", NeurIPS 2024):
@@ -50,6 +51,8 @@ def flexlora(
     (Eckart–Young truncations nest). ``exact_global=True`` keeps every component instead,
     so that ``delta()`` is ΔW_g exactly (rank up to min(Σ r_k, d_out, d_in)).
     ``previous`` is unused: every component of ΔW_g comes from this round.
+    ``compress_at`` only tunes the streaming accumulator; accepted here so that the same
+    options work for both forms.
     """
     w = check_weights(weights, len(adapters))
     check_adapters(adapters)
