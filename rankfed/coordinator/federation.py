@@ -478,9 +478,10 @@ class Federation:
     # ------------------------------------------------------------------ uploads
 
     def begin_upload(self, client_id: str, header: UploadHeader) -> UploadSession:
+        # Checked first, even for a closed round: a client whose receipt was lost retries, and
+        # ALREADY_EXISTS (with the digest we hold) tells it the update counted.
+        self._reject_duplicate(client_id, header.round)
         part = self._training_participant(client_id, header.round, action="upload")
-        if self._store.get_receipt(header.round, client_id) is not None:
-            raise DuplicateError(f"an update for round {header.round} was already accepted from this client")
         if part.state not in _DOWNLOADED_STATES:
             raise PreconditionError(
                 f"upload before download: download the round {header.round} global adapter first (state {part.state.value})"
@@ -495,6 +496,14 @@ class Federation:
             self._notify()
         return UploadSession(header, part, writer, max_chunk_bytes=self.config.server.max_chunk_bytes)
 
+    def _reject_duplicate(self, client_id: str, round_no: int) -> None:
+        receipt = self._store.get_receipt(round_no, client_id)
+        if receipt is not None:
+            raise DuplicateError(
+                f"an update for round {round_no} was already accepted from this client "
+                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})"
+            )
+
     def abort_upload(self, session: UploadSession) -> None:
         session.abort()
         self._uploading.discard(session.client_id)
@@ -508,9 +517,8 @@ class Federation:
         async with self._decode_slots:
             adapter = await asyncio.to_thread(session.verify, self._spec)
         async with self._round_lock:
+            self._reject_duplicate(session.client_id, session.round)
             part = self._training_participant(session.client_id, session.round, action="upload")
-            if self._store.get_receipt(session.round, session.client_id) is not None:
-                raise DuplicateError(f"an update for round {session.round} was already accepted from this client")
             relpath = await asyncio.to_thread(session.commit)
             header = session.header
             receipt = Receipt(
