@@ -91,13 +91,13 @@ class CoordinatorProcess:
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
-    def start(self, timeout: float = 60.0) -> str:
+    def start(self, address: str = "127.0.0.1:0", timeout: float = 60.0) -> str:
         port_file = self.data_dir.parent / "port"
         port_file.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(self.config_path),
-             "--data-dir", str(self.data_dir), "--address", "127.0.0.1:0", "--port-file", str(port_file)],
+             "--data-dir", str(self.data_dir), "--address", address, "--port-file", str(port_file)],
             stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()

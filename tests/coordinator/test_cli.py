@@ -1,0 +1,78 @@
+"""The command line: `rankfed coordinator serve` with embedded defaults, graceful SIGTERM,
+structured logs, and `rankfed status` as a table, JSON and a watch stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from rankfed.cli import main
+from tests.coordinator.harness import MANIFEST, EdgeTestClient, random_adapter, wait_for
+
+
+def test_print_config_shows_embedded_defaults(capsys):
+    assert main(["coordinator", "serve", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["federation"]["method"] == "rbla"
+    assert config["server"]["address"] == "127.0.0.1:50051"
+    assert [t["name"] for t in config["rank_policy"]["tiers"]][:2] == ["cuda-large", "cuda"]
+
+
+def test_bad_config_exits_2_with_the_field_named(tmp_path, capsys):
+    bad = tmp_path / "c.toml"
+    bad.write_text("[federation]\nmin_clinets = 3\n")
+    assert main(["coordinator", "serve", "--config", str(bad)]) == 2
+    assert "min_clients" in capsys.readouterr().err
+
+
+def test_serve_status_and_sigterm(tmp_path, capsys, tiny_manifest):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rankfed", "coordinator", "serve", "--address", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "data"), "--manifest", str(MANIFEST), "--port-file", str(port_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_for(port_file.exists, timeout=60, what="coordinator to listen")
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        client = EdgeTestClient(address, "laptop", "cpu")
+        client.join(tiny_manifest.weights_sha256)
+        client2 = EdgeTestClient(address, "phone", "mobile")
+        client2.join(tiny_manifest.weights_sha256)
+        task = client.wait_train()
+        client.download(task.round)
+        client.upload(task.round, random_adapter(tiny_manifest, task.assignment.lora.rank, 8.0, 0))
+
+        assert main(["status", "--address", address]) == 0
+        table = capsys.readouterr().out
+        assert "round 1/5" in table and "laptop" in table and "uploaded" in table and "phone" in table
+
+        assert main(["status", "--address", address, "--json"]) == 0
+        as_json = json.loads(capsys.readouterr().out)
+        states = {p["device_name"]: p["state"] for p in as_json["current"]["participants"]}
+        assert states == {"laptop": "PARTICIPANT_STATE_UPLOADED", "phone": "PARTICIPANT_STATE_ASSIGNED"}
+
+        assert main(["status", "--address", address, "--clients"]) == 0
+        assert "phone" in capsys.readouterr().out
+        client.close()
+        client2.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    messages = [e["msg"] for e in events]
+    assert "coordinator serving" in messages and messages[-1] == "coordinator stopped"
+    accepted = next(e for e in events if e["msg"] == "update accepted")
+    assert accepted["round"] == 1 and accepted["client_id"]
+
+
+def test_status_reports_unreachable_coordinator(capsys):
+    start = time.monotonic()
+    assert main(["status", "--address", "127.0.0.1:1", "--timeout", "1"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert time.monotonic() - start < 10
