@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,11 @@ ONNX_FORMAT = "rankfed-onnx/1"
 DEFAULT_TOLERANCE = 1e-4
 # (batch, seq) of the parity batches; rows get random lengths (padding) where seq > 2.
 PARITY_SHAPES = ((1, 8), (3, 17), (2, 64), (4, 5))
+# Known harmless exporter warnings (engineering.md §3): silenced around the export only.
+_HARMLESS_EXPORT_WARNINGS = (
+    (r"# The axis name: .* will not be used", UserWarning),
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
+)
 
 
 @dataclass(frozen=True)
@@ -208,15 +214,18 @@ def export_onnx(
     )
     started = time.perf_counter()
     try:
-        program = torch.onnx.export(
-            LogitsOnly.wrap(model, task),
-            example,
-            dynamo=True,
-            verbose=False,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-        )
+        with warnings.catch_warnings():
+            for message, category in _HARMLESS_EXPORT_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            program = torch.onnx.export(
+                LogitsOnly.wrap(model, task),
+                example,
+                dynamo=True,
+                verbose=False,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            )
     except Exception as err:  # the exporter raises many types; name the step that failed
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     adapter_bytes = Path(adapter_path)
@@ -264,8 +273,19 @@ def _quantize(
     """int8 dynamic quantization next to ``out`` (``*.int8.onnx``); parity reported, not enforced."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import onnx
+
     qpath = out.with_name(out.stem + ".int8.onnx")
-    quantize_dynamic(str(out), str(qpath), weight_type=QuantType.QInt8)
+    # The dynamo exporter's value_info trips the quantizer's shape inference ("Inferred shape
+    # and existing shape differ"); the quantizer re-infers shapes, so quantize a copy without it.
+    plain = onnx.load(str(out))
+    del plain.graph.value_info[:]
+    tmp = out.with_name(f".{out.stem}.novalueinfo.onnx")
+    try:
+        onnx.save(plain, str(tmp))
+        quantize_dynamic(str(tmp), str(qpath), weight_type=QuantType.QInt8)
+    finally:
+        tmp.unlink(missing_ok=True)
     _copy_metadata(out, qpath)
     diff, agreement = compare(model, task, str(qpath), vocab_size=model.config.vocab_size, seed=seed, threads=threads)
     return ExportReport(
