@@ -76,3 +76,31 @@ def test_status_reports_unreachable_coordinator(capsys):
     assert main(["status", "--address", "127.0.0.1:1", "--timeout", "1"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert time.monotonic() - start < 10
+
+
+def test_status_watch_follows_until_done(tmp_path, tiny_manifest):
+    from tests.coordinator.harness import CoordinatorThread, make_config
+
+    server = CoordinatorThread(make_config(tmp_path / "data", **{
+        "federation.rounds": 1, "federation.min_clients": 1, "federation.straggler_grace_seconds": 0.0,
+    }))
+    try:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "rankfed", "status", "--address", server.address, "--watch", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        first = watcher.stdout.readline()  # the watch is established before anything happens
+        client = EdgeTestClient(server.address, "solo", "cpu")
+        client.join(tiny_manifest.weights_sha256)
+        task = client.wait_train()
+        client.download(task.round)
+        client.upload(task.round, random_adapter(tiny_manifest, task.assignment.lora.rank, 8.0, 0))
+        out, err = watcher.communicate(timeout=60)
+        client.close()
+    finally:
+        server.stop()
+    assert watcher.returncode == 0, err
+    snapshots = [json.loads(line) for line in [first, *out.splitlines()]]
+    assert len(snapshots) >= 3 and snapshots[-1]["done"] is True
+    phases = [s.get("current", {}).get("phase") for s in snapshots]
+    assert "ROUND_PHASE_TRAINING" in phases and phases[-1] == "ROUND_PHASE_DONE"
