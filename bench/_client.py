@@ -1,0 +1,489 @@
+"""Shared pieces of the benchmarks: a coordinator run as a real process, a minimal edge
+client speaking rankfed.v1 directly, a raw loopback TCP reference, stats and machine info.
+
+Not a test helper and not the production edge client: every step is explicit so the
+benchmarks time exactly the calls they name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from rankfed.aggregation import Adapter, LoraModule, encode_adapter
+from rankfed.v1 import admin_pb2 as ProtoAdmin
+from rankfed.v1 import admin_pb2_grpc
+from rankfed.v1 import common_pb2 as ProtoCommon
+from rankfed.v1 import edge_pb2 as ProtoEdge
+from rankfed.v1 import edge_pb2_grpc
+
+MiB = 1 << 20
+CHUNK = 1 * MiB  # server.max_chunk_bytes and the raw-TCP buffer size
+WEIGHTS_SHA256 = "5e" * 32  # any 64-hex string; clients send the same at Join
+# Each LoRA module is [D, D] at rank RANK in float32: RANK * 2D * 4 bytes = 1 MiB per module.
+D = 8192
+RANK = 16
+CHANNEL_OPTIONS = [  # a client raises nothing: 1 MiB chunks fit the default 4 MiB limit
+    ("grpc.max_receive_message_length", 4 * MiB),
+]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def write_manifest(path: Path, adapter_mib: int) -> Path:
+    """A causal-LM manifest whose rank-16 float32 adapter is `adapter_mib` MiB (+ header)."""
+    modules = {f"model.layers.{i}.self_attn.q_proj": [D, D] for i in range(adapter_mib)}
+    path.write_text(json.dumps({
+        "format": "rankfed-model-manifest/1",
+        "model_id": f"bench-{adapter_mib}mib",
+        "weights_sha256": WEIGHTS_SHA256,
+        "task": "causal-lm",
+        "target_modules": ["q_proj"],
+        "modules_to_save": [],
+        "modules": modules,
+        "dense": {},
+    }, indent=1))
+    return path
+
+
+def write_config(path: Path, manifest: Path, *, rounds: int, clients: int, method: str = "rbla",
+                 max_upload_bytes: int, deadline: float = 1800.0) -> Path:
+    """Every client gets rank 16 (no tiers), the round starts as soon as `clients` are online."""
+    path.write_text(f"""\
+[server]
+max_chunk_bytes = {CHUNK}
+max_upload_bytes = {max_upload_bytes}
+max_receive_message_bytes = {4 * MiB}
+long_poll_seconds = 30.0
+
+[model]
+manifest = "{manifest}"
+
+[lora]
+max_rank = {RANK}
+alpha_rule = "constant_scaling"
+scaling = 2.0
+
+[federation]
+rounds = {rounds}
+method = "{method}"
+min_clients = {clients}
+clients_per_round = {clients}
+wait_for_clients_seconds = 600.0
+round_deadline_seconds = {deadline}
+straggler_grace_seconds = 600.0
+heartbeat_interval_seconds = 60.0
+heartbeat_timeout_seconds = 1800.0
+
+[rank_policy]
+default_rank = {RANK}
+tiers = []
+""")
+    return path
+
+
+def random_update(adapter_mib: int, *, alpha: float, seed: int) -> bytes:
+    """Safetensors bytes of a rank-16 update for the manifest written by write_manifest."""
+    rng = np.random.default_rng(seed)
+    modules = {
+        f"model.layers.{i}.self_attn.q_proj": LoraModule(
+            a=rng.standard_normal((RANK, D), dtype=np.float32) * 0.01,
+            b=rng.standard_normal((D, RANK), dtype=np.float32) * 0.01,
+            alpha=alpha,
+        )
+        for i in range(adapter_mib)
+    }
+    return encode_adapter(Adapter(modules=modules, dense={}))
+
+
+class CoordinatorProcess:
+    """`python -m rankfed coordinator serve` as a separate process, as in production."""
+
+    def __init__(self, workdir: Path, config: Path) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.port_file = workdir / "port"
+        self.log_path = workdir / "coordinator.log"
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 120.0) -> str:
+        self.port_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(self.config),
+             "--data-dir", str(self.workdir / "data"), "--address", "127.0.0.1:0",
+             "--port-file", str(self.port_file), "--log-format", "text", "--log-level", "warning"],
+            stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"coordinator did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
+        return self.address
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss
+    except ImportError:
+        return _proc_status_kib(pid, "VmRSS") * 1024
+
+
+def hwm_bytes(pid: int) -> int:
+    """Peak RSS since the process started (VmHWM)."""
+    return _proc_status_kib(pid, "VmHWM") * 1024
+
+
+def _proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler:
+    """Samples a process's RSS every `interval` seconds in a thread; `mark()` starts a new window."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self.window_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def mark(self) -> int:
+        """Peak of the window that ends now; the next window starts."""
+        peak, self.window_peak = self.window_peak, 0
+        return peak
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = rss_bytes(self.pid)
+            except (OSError, ProcessLookupError, Exception):  # process gone
+                return
+            self.peak = max(self.peak, value)
+            self.window_peak = max(self.window_peak, value)
+            self._stop.wait(self.interval)
+
+
+# ----------------------------------------------------------------------------- edge client
+
+
+@dataclass
+class Train:
+    round: int
+    rank: int
+    alpha: float
+    adapter_bytes: int
+    adapter_sha256: str
+
+
+class EdgeClient:
+    """Join -> GetTask long-poll -> DownloadAdapter -> UploadUpdate (header + chunks)."""
+
+    def __init__(self, address: str, name: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = edge_pb2_grpc.EdgeServiceStub(self.channel)
+        self.name = name
+        self.metadata: tuple = ()
+        self.chunk = CHUNK
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def join(self) -> ProtoEdge.JoinResponse:
+        capability = ProtoCommon.DeviceCapability(
+            device_class=ProtoCommon.DEVICE_CLASS_CPU, memory_total_bytes=8 * 10**9, cpu_cores=2, compute_gflops=50.0,
+        )
+        reply = self.stub.Join(ProtoEdge.JoinRequest(
+            device_name=self.name, capability=capability, base_model_sha256=WEIGHTS_SHA256, num_examples=100,
+        ), timeout=60)
+        self.metadata = (("authorization", f"Bearer {reply.session_token}"),)
+        self.chunk = reply.max_chunk_bytes or CHUNK
+        return reply
+
+    def wait_train(self, timeout: float = 600.0) -> Train | None:
+        """The next TRAIN task, or None when the federation is done."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            request = ProtoEdge.GetTaskRequest()
+            request.max_wait.FromSeconds(20)
+            task = self.stub.GetTask(request, metadata=self.metadata, timeout=120)
+            kind = task.WhichOneof("kind")
+            if kind == "train":
+                t = task.train
+                return Train(t.round, t.assignment.lora.rank, t.assignment.lora.alpha, t.adapter_bytes, t.adapter_sha256)
+            if kind == "done":
+                return None
+            time.sleep(min(task.wait.retry_after.ToNanoseconds() / 1e9, 0.2))
+        raise TimeoutError(f"{self.name}: no TRAIN task within {timeout} s")
+
+    def download(self, round_no: int, into: bytearray) -> tuple[int, float]:
+        """Stream the round's adapter into `into`; returns (bytes, seconds from request to last chunk)."""
+        t0 = time.perf_counter()
+        n = 0
+        view = memoryview(into)
+        for message in self.stub.DownloadAdapter(
+            ProtoEdge.DownloadRequest(round=round_no), metadata=self.metadata, timeout=600
+        ):
+            if message.WhichOneof("kind") == "chunk":
+                data = message.chunk.data
+                view[n:n + len(data)] = data
+                n += len(data)
+        return n, time.perf_counter() - t0
+
+    def upload(self, round_no: int, rank: int, data: bytes, sha256: str) -> tuple[ProtoEdge.UploadReceipt, float]:
+        """Header then 1 MiB chunks; returns (receipt, seconds from the first message to the receipt)."""
+        header = ProtoEdge.UploadHeader(
+            round=round_no, rank=rank, num_examples=100, total_bytes=len(data), sha256=sha256,
+            metrics=ProtoCommon.TrainMetrics(loss_first=1.0, loss_last=0.9, steps=1),
+        )
+        chunk = self.chunk
+        started: list[float] = []
+
+        def messages():
+            started.append(time.perf_counter())
+            yield ProtoEdge.UploadMessage(header=header)
+            for off in range(0, len(data), chunk):
+                yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=off, data=data[off:off + chunk]))
+
+        t_call = time.perf_counter()
+        receipt = self.stub.UploadUpdate(messages(), metadata=self.metadata, timeout=600)
+        t1 = time.perf_counter()
+        return receipt, t1 - (started[0] if started else t_call)
+
+
+def round_status(address: str, history_limit: int = 0) -> ProtoAdmin.FederationStatus:
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        return stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(history_limit=history_limit), timeout=60)
+
+
+def finished_round(address: str, round_no: int, timeout: float = 600.0, interval: float = 0.02) -> ProtoAdmin.RoundStatus:
+    """Poll until round `round_no` is DONE or FAILED; returns its status."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        while time.monotonic() < deadline:
+            status = stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), timeout=60)
+            for r in [*status.history, status.current]:
+                if r.round == round_no and r.phase in (ProtoCommon.ROUND_PHASE_DONE, ProtoCommon.ROUND_PHASE_FAILED):
+                    return r
+            time.sleep(interval)
+    raise TimeoutError(f"round {round_no} did not finish within {timeout} s")
+
+
+def ts(timestamp) -> float:
+    return timestamp.seconds + timestamp.nanos / 1e9
+
+
+# ----------------------------------------------------------------------------- raw TCP reference
+
+# Protocol: the client sends op (b"D" download / b"U" upload) + uint64 length. D: the server
+# sendall()s that many bytes in 1 MiB slices. U: the server recv_into()s a 1 MiB buffer until
+# it has them all, then answers b"K" (the raw-TCP counterpart of the receipt).
+_REQ = struct.Struct("!cQ")
+
+
+def raw_server_main(port_queue, stop_event) -> None:
+    """A raw-TCP server process: one thread per connection (sendall/recv_into release the GIL)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+    listener.settimeout(0.2)
+    port_queue.put(listener.getsockname()[1])
+    payload = memoryview(np.random.default_rng(1).bytes(CHUNK))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while True:
+                head = _recv_exact(conn, _REQ.size)
+                if head is None:
+                    return
+                op, n = _REQ.unpack(head)
+                if op == b"D":
+                    left = n
+                    while left:
+                        k = min(left, CHUNK)
+                        conn.sendall(payload[:k])
+                        left -= k
+                else:
+                    left = n
+                    while left:
+                        got = conn.recv_into(view[:min(left, CHUNK)])
+                        if not got:
+                            return
+                        left -= got
+                    conn.sendall(b"K")
+
+    while not stop_event.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    listener.close()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        piece = conn.recv(n - len(data))
+        if not piece:
+            return None
+        data += piece
+    return data
+
+
+class RawClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def download(self, n: int, into: bytearray) -> float:
+        view = memoryview(into)
+        t0 = time.perf_counter()
+        self.sock.sendall(_REQ.pack(b"D", n))
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:min(n, got + CHUNK)])
+            if not k:
+                raise ConnectionError("raw server closed")
+            got += k
+        return time.perf_counter() - t0
+
+    def upload(self, data: bytes) -> float:
+        view = memoryview(data)
+        t0 = time.perf_counter()
+        self.sock.sendall(_REQ.pack(b"U", len(data)))
+        for off in range(0, len(data), CHUNK):
+            self.sock.sendall(view[off:off + CHUNK])
+        if _recv_exact(self.sock, 1) != b"K":
+            raise ConnectionError("raw server did not acknowledge")
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt_range(s: dict[str, float], digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
+
+
+def machine_info() -> dict[str, object]:
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory().total
+    except ImportError:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_bytes": memory,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,244 @@
+"""Upload and download throughput of one big adapter through the coordinator, against raw
+loopback TCP moving the same bytes in the same run.
+
+    python bench/transfer_bench.py                      # 128 MiB, 3 reps (+1 warm-up), ~1 min
+    python bench/transfer_bench.py --adapter-mib 256 --reps 5
+
+The coordinator runs as its own process (`python -m rankfed coordinator serve`) with
+server.max_receive_message_bytes = 4 MiB and 1 MiB chunks; one client in this process joins
+and does one round per repetition: DownloadAdapter (timed from the request to the last
+chunk), then UploadUpdate (timed from the first UploadMessage to the receipt). The raw-TCP
+reference is a separate process doing sendall / recv_into with 1 MiB buffers; its upload is
+timed to a 1-byte acknowledgement, like the receipt. Repetitions interleave raw and gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import _client as B  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "transfer.json"
+
+
+class LatencyProbe:
+    """Health.Check every 20 ms from a thread; the worst latency per window shows how long
+    the coordinator's event loop was unable to answer a trivial RPC."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = health_pb2_grpc.HealthStub(self._channel)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._worst = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LatencyProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._channel.close()
+
+    def mark(self) -> float:
+        with self._lock:
+            worst, self._worst = self._worst, 0.0
+        return worst
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                self._stub.Check(health_pb2.HealthCheckRequest(), timeout=60)
+            except grpc.RpcError:
+                pass
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self._worst = max(self._worst, dt)
+            self._stop.wait(0.02)
+
+
+def run(args: argparse.Namespace) -> dict:
+    started_at = B.now_iso()
+    load_before = B.loadavg()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rankfed-transfer-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest = B.write_manifest(workdir / "manifest.json", args.adapter_mib)
+    rounds = args.reps + args.warmup
+    config = B.write_config(
+        workdir / "coordinator.toml", manifest, rounds=rounds, clients=1, method=args.method,
+        max_upload_bytes=args.adapter_mib * B.MiB + 8 * B.MiB,
+    )
+
+    ctx = mp.get_context("spawn")
+    port_queue, stop_raw = ctx.Queue(), ctx.Event()
+    raw_proc = ctx.Process(target=B.raw_server_main, args=(port_queue, stop_raw), daemon=True)
+    raw_proc.start()
+    raw_port = port_queue.get(timeout=60)
+
+    coordinator = B.CoordinatorProcess(workdir, config)
+    address = coordinator.start()
+    print(f"coordinator pid {coordinator.pid} at {address}; raw TCP server pid {raw_proc.pid}; workdir {workdir}", flush=True)
+    reps: list[dict] = []
+    try:
+        client = B.EdgeClient(address, "bench-transfer")
+        joined = client.join()
+        alpha = joined.assignment.lora.alpha
+        t0 = time.perf_counter()
+        update = B.random_update(args.adapter_mib, alpha=alpha, seed=7)
+        update_sha = B.sha256_hex(update)
+        print(f"update: {len(update)} bytes, built in {time.perf_counter() - t0:.1f} s", flush=True)
+        raw = B.RawClient(raw_port)
+        buf = bytearray(len(update) + 16 * B.MiB)
+        with B.RssSampler(coordinator.pid) as rss, LatencyProbe(address) as probe:
+            last_receipt = time.perf_counter()
+            for i in range(rounds):
+                probe.mark()
+                train = client.wait_train()
+                if train is None:
+                    raise RuntimeError("federation finished early")
+                gap = time.perf_counter() - last_receipt
+                gap_probe = probe.mark()
+                nbytes = train.adapter_bytes
+                if len(buf) < nbytes:
+                    buf = bytearray(nbytes)
+
+                raw_down = raw.download(nbytes, buf)
+                raw_up = raw.upload(update)
+
+                rss.mark()
+                cpu0 = B.cpu_seconds(coordinator.pid)
+                got, grpc_down = client.download(train.round, buf)
+                cpu1 = B.cpu_seconds(coordinator.pid)
+                if got != nbytes or B.sha256_hex(memoryview(buf)[:got]) != train.adapter_sha256:
+                    raise RuntimeError(f"download of round {train.round} is corrupt ({got} of {nbytes} bytes)")
+                probe.mark()
+                cpu2 = B.cpu_seconds(coordinator.pid)
+                receipt, grpc_up = client.upload(train.round, train.rank, update, update_sha)
+                cpu3 = B.cpu_seconds(coordinator.pid)
+                last_receipt = time.perf_counter()
+                upload_probe = probe.mark()
+                if receipt.bytes_received != len(update):
+                    raise RuntimeError(f"receipt says {receipt.bytes_received} bytes, sent {len(update)}")
+                rep = {
+                    "round": train.round,
+                    "warmup": i < args.warmup,
+                    "download_bytes": nbytes,
+                    "upload_bytes": len(update),
+                    "raw_download_s": raw_down,
+                    "raw_upload_s": raw_up,
+                    "grpc_download_s": grpc_down,
+                    "grpc_upload_s": grpc_up,
+                    "raw_download_mib_s": nbytes / B.MiB / raw_down,
+                    "raw_upload_mib_s": len(update) / B.MiB / raw_up,
+                    "grpc_download_mib_s": nbytes / B.MiB / grpc_down,
+                    "grpc_upload_mib_s": len(update) / B.MiB / grpc_up,
+                    "coordinator_cpu_download_s": cpu1 - cpu0,
+                    "coordinator_cpu_upload_s": cpu3 - cpu2,
+                    "coordinator_rss_peak_transfer_bytes": rss.mark(),
+                    "gap_before_train_s": gap,
+                    "health_worst_latency_in_gap_s": gap_probe,
+                    "health_worst_latency_during_upload_s": upload_probe,
+                    "loadavg": B.loadavg(),
+                }
+                reps.append(rep)
+                tag = " (warm-up)" if rep["warmup"] else ""
+                print(
+                    f"round {train.round}{tag}: down raw {rep['raw_download_mib_s']:.0f} / gRPC "
+                    f"{rep['grpc_download_mib_s']:.0f} MiB/s; up raw {rep['raw_upload_mib_s']:.0f} / gRPC "
+                    f"{rep['grpc_upload_mib_s']:.0f} MiB/s; load {rep['loadavg'][0]}", flush=True,
+                )
+            final = B.finished_round(address, rounds)
+            rss_peak_sampled = rss.peak
+        hwm = B.hwm_bytes(coordinator.pid)
+        history = B.round_status(address).history
+        raw.close()
+        client.close()
+    finally:
+        coordinator.stop()
+        stop_raw.set()
+        raw_proc.join(10)
+
+    measured = [r for r in reps if not r["warmup"]]
+    result: dict = {}
+    for key in ("raw_download_mib_s", "grpc_download_mib_s", "raw_upload_mib_s", "grpc_upload_mib_s"):
+        result[key] = B.summary([r[key] for r in measured])
+    result["download_ratio"] = B.summary([r["grpc_download_mib_s"] / r["raw_download_mib_s"] for r in measured])
+    result["upload_ratio"] = B.summary([r["grpc_upload_mib_s"] / r["raw_upload_mib_s"] for r in measured])
+    result["download_ratio_of_medians"] = result["grpc_download_mib_s"]["median"] / result["raw_download_mib_s"]["median"]
+    result["upload_ratio_of_medians"] = result["grpc_upload_mib_s"]["median"] / result["raw_upload_mib_s"]["median"]
+    result["coordinator_cpu_ms_per_mib_download"] = B.summary(
+        [1000 * r["coordinator_cpu_download_s"] / (r["download_bytes"] / B.MiB) for r in measured])
+    result["coordinator_cpu_ms_per_mib_upload"] = B.summary(
+        [1000 * r["coordinator_cpu_upload_s"] / (r["upload_bytes"] / B.MiB) for r in measured])
+    result["gap_before_train_s"] = B.summary([r["gap_before_train_s"] for r in reps[1:]] or [0.0])
+    result["health_worst_latency_in_gap_s"] = B.summary([r["health_worst_latency_in_gap_s"] for r in reps[1:]] or [0.0])
+    result["aggregation_seconds"] = B.summary(
+        [h.metrics["aggregation_seconds"] for h in history if "aggregation_seconds" in h.metrics] or [0.0])
+    return {
+        "benchmark": "transfer",
+        "started_at": started_at,
+        "finished_at": B.now_iso(),
+        "machine": B.machine_info(),
+        "loadavg_before": load_before,
+        "loadavg_after": B.loadavg(),
+        "params": {
+            "adapter_mib": args.adapter_mib, "reps": args.reps, "warmup": args.warmup, "method": args.method,
+            "chunk_bytes": B.CHUNK, "server_max_receive_message_bytes": 4 * B.MiB,
+            "upload_bytes": len(update), "download_bytes": measured[0]["download_bytes"] if measured else 0,
+        },
+        "summary": result,
+        "coordinator_peak_rss_bytes": {"vm_hwm": hwm, "sampled": rss_peak_sampled},
+        "final_round_phase": final.phase,
+        "reps": reps,
+    }
+
+
+def print_table(report: dict) -> None:
+    s = report["summary"]
+    print()
+    print(f"{report['params']['adapter_mib']} MiB adapter, 1 MiB chunks, median [min..max] of {s['grpc_upload_mib_s']['n']} "
+          f"(load {report['loadavg_before'][0]} -> {report['loadavg_after'][0]}, {report['machine']['cores']} cores)")
+    print(f"{'direction':<10} {'raw TCP MiB/s':>22} {'gRPC MiB/s':>22} {'gRPC/raw':>20} {'coord CPU ms/MiB':>17}")
+    for d in ("download", "upload"):
+        ratio = s[f"{d}_ratio"]
+        print(f"{d:<10} {B.fmt_range(s[f'raw_{d}_mib_s']):>22} {B.fmt_range(s[f'grpc_{d}_mib_s']):>22} "
+              f"{ratio['median'] * 100:>5.0f}% [{ratio['min'] * 100:.0f}..{ratio['max'] * 100:.0f}%] "
+              f"{B.fmt_range(s[f'coordinator_cpu_ms_per_mib_{d}'], 2):>17}")
+    rss = report["coordinator_peak_rss_bytes"]
+    print(f"coordinator peak RSS {rss['vm_hwm'] / B.MiB:.0f} MiB (VmHWM); between rounds: "
+          f"gap {B.fmt_range(s['gap_before_train_s'], 2)} s, aggregation {B.fmt_range(s['aggregation_seconds'], 2)} s, "
+          f"worst Health.Check latency {B.fmt_range(s['health_worst_latency_in_gap_s'], 2)} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter-mib", type=int, default=128, help="adapter size in MiB (default 128)")
+    parser.add_argument("--reps", type=int, default=3, help="measured repetitions (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured first rounds (default 1)")
+    parser.add_argument("--method", default="rbla", help="aggregation method (default rbla)")
+    parser.add_argument("--workdir", help="where the coordinator's data goes (default: a new temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    args = parser.parse_args(argv)
+    report = run(args)
+    print_table(report)
+    B.write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
