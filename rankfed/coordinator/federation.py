@@ -185,6 +185,7 @@ class Federation:
         record = replace(latest, phase=RoundPhase.TRAINING, deadline=max(latest.deadline, now + grace))
         self._store.put_round(record)
         self._open, self._accumulator = record, accumulator
+        await self._prepare_rank_files(self._store.list_participants(record.round))
         log.info(
             "resumed round",
             extra={"round": record.round, "updates": len(receipts), "deadline_in": round(record.deadline - now, 1)},
@@ -455,7 +456,8 @@ class Federation:
         part = self._store.get_participant(round_no, client_id)
         if part is None or self._open is None or self._open.round != round_no:
             return
-        state = ParticipantState.TRAINING if part.state in (ParticipantState.ASSIGNED, ParticipantState.DOWNLOADING) else part.state
+        revived = (ParticipantState.ASSIGNED, ParticipantState.DOWNLOADING, ParticipantState.DROPPED)
+        state = ParticipantState.TRAINING if part.state in revived else part.state
         self._store.put_participant(replace(part, state=state, bytes_down=part.bytes_down + sent))
         self._notify()
 
@@ -482,7 +484,7 @@ class Federation:
         # ALREADY_EXISTS (with the digest we hold) tells it the update counted.
         self._reject_duplicate(client_id, header.round)
         part = self._training_participant(client_id, header.round, action="upload")
-        if part.state not in _DOWNLOADED_STATES:
+        if part.bytes_down == 0 or part.state not in _DOWNLOADED_STATES:
             raise PreconditionError(
                 f"upload before download: download the round {header.round} global adapter first (state {part.state.value})"
             )
@@ -617,10 +619,21 @@ class Federation:
                 self._store.put_participant(part)
             self._store.put_round(record)
         self._open, self._accumulator = record, self._new_accumulator()
+        await self._prepare_rank_files(participants)
         log.info("round started", extra={
             "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
         })
         self._notify()
+
+    async def _prepare_rank_files(self, participants: list[Participant]) -> None:
+        """Redistribute and encode the global adapter once per (rank, alpha), in a thread,
+        so that GetTask and DownloadAdapter never block the event loop on it."""
+        for rank, alpha in sorted({(p.rank, p.alpha) for p in participants}):
+            lora = self._lora_for_rank(rank, alpha=alpha)
+            await asyncio.to_thread(
+                self._globals.rank_file, self._global_round, self._current_global(),
+                rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
+            )
 
     def _assign(self, round_no: int, client_ids: list[str]) -> list[Participant]:
         cfg = self.config
