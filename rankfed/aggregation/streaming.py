@@ -164,6 +164,8 @@ class ComponentAccumulator(_Base):
         self._owner = {n: np.zeros(R) for n in spec.modules}  # float64 weight sums
         self._total = dict.fromkeys(spec.modules, 0.0)
         self._rank_seen: dict[str, int] = {}
+        largest = max((R * max(d_out, d_in) for d_out, d_in in spec.modules.values()), default=0)
+        self._scratch = np.empty(largest, np.float32)
         if self._top:
             self._top_a = {n: np.zeros_like(a) for n, a in self._a.items()}
             self._top_b = {n: np.zeros_like(b) for n, b in self._b.items()}
@@ -172,7 +174,7 @@ class ComponentAccumulator(_Base):
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values()]
+        arrays = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values(), self._scratch]
         if self._top:
             arrays += [*self._top_a.values(), *self._top_b.values()]
         return int(sum(x.nbytes for x in arrays))
@@ -183,7 +185,8 @@ class ComponentAccumulator(_Base):
         if weight == 0:
             return dict.fromkeys(adapter.modules, 0.0)
         norms = {
-            n: update_norm(m.a, m.effective_b(adapter.use_rslora)) for n, m in adapter.modules.items()
+            # ‖s B A‖ = s ‖B A‖: no scaled copy of B needed
+            n: update_norm(m.a, m.b) * m.scaling(adapter.use_rslora) for n, m in adapter.modules.items()
         }
         if self._norm == "module":
             return norms
@@ -213,12 +216,19 @@ class ComponentAccumulator(_Base):
             self._rank_seen[name] = r
             qa = np.float32(q)
             qb = np.float32(q * module.scaling(adapter.use_rslora))
-            self._a[name][:r] += qa * module.a  # (r, d_in)
-            self._b[name][:, :r] += qb * module.b  # (d_out, r)
+            self._axpy(self._a[name][:r], qa, module.a)  # (r, d_in)
+            self._axpy(self._b[name][:, :r], qb, module.b)  # (d_out, r)
             self._owner[name][:r] += q
             self._total[name] += q
             if self._top:
                 self._fold_top(name, module.a, module.b, qa, qb, q)
+
+    def _axpy(self, acc: np.ndarray, q: np.float32, x: np.ndarray) -> None:
+        """acc += q · x through a reused scratch buffer: a fresh temporary per fold would be
+        allocated (and, above glibc's mmap threshold, page-faulted) for every module."""
+        tmp = self._scratch[: x.size].reshape(x.shape)
+        np.multiply(x, q, out=tmp)
+        np.add(acc, tmp, out=acc)
 
     def _fold_top(self, name: str, a: np.ndarray, b: np.ndarray, qa: np.float32, qb: np.float32, q: float) -> None:
         """Running sums of the clients at the largest rank seen so far (reset when a larger
@@ -229,8 +239,8 @@ class ComponentAccumulator(_Base):
             self._top_b[name][:] = 0
             self._top_rank[name], self._top_w[name] = r, 0.0
         if r == self._top_rank[name]:
-            self._top_a[name][:r] += qa * a
-            self._top_b[name][:, :r] += qb * b
+            self._axpy(self._top_a[name][:r], qa, a)
+            self._axpy(self._top_b[name][:, :r], qb, b)
             self._top_w[name] += q
 
     def result(self) -> Adapter:
