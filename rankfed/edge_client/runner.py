@@ -213,7 +213,13 @@ class EdgeRunner:
             enrollment_secret=self.config.enrollment_secret,
             client_version=__version__,
         )
-        result = self.transport.join(request)
+        try:
+            result = self.transport.join(request)
+        except StaleRoundError as err:  # FAILED_PRECONDITION at Join: not the federation's model
+            raise ModelMismatchError(
+                f"the coordinator refused this device's base model: {err}; point --model at the "
+                "model the federation uses"
+            ) from err
         want = result.base_model.weights_sha256
         if want and want != self.base_sha256:
             raise ModelMismatchError(
