@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--address", help="host:port to listen on, e.g. 127.0.0.1:50051 (port 0: any free port)")
     serve.add_argument("--data-dir", type=Path, help="state database and blob directory")
     serve.add_argument("--manifest", type=Path, help="model manifest JSON (overrides model.manifest)")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="serve plaintext on a non-loopback address (server.insecure); prefer TLS")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate PEM (server.tls_cert_file)")
+    serve.add_argument("--tls-key", type=Path, help="server private key PEM (server.tls_key_file)")
+    serve.add_argument("--tls-client-ca", type=Path,
+                       help="CA PEM for client certificates: mutual TLS (server.tls_client_ca_file)")
+    serve.add_argument("--metrics-address", help="host:port for Prometheus /metrics (server.metrics_address)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     serve.add_argument("--exit-when-done", action="store_true", help="exit after the last round instead of idling")
     serve.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -37,6 +45,19 @@ def _serve(args: argparse.Namespace) -> int:
     from rankfed.coordinator.server import serve
 
     overrides: dict[str, object] = {}
+    # Secrets from the environment (systemd EnvironmentFile=, a Kubernetes Secret), so they
+    # need not sit in the config file.
+    for env, name in (("RANKFED_ENROLLMENT_SECRET", "server.enrollment_secret"), ("RANKFED_ADMIN_TOKEN", "server.admin_token")):
+        if os.environ.get(env):
+            overrides[name] = os.environ[env]
+    for flag, name in (("tls_cert", "server.tls_cert_file"), ("tls_key", "server.tls_key_file"),
+                       ("tls_client_ca", "server.tls_client_ca_file")):
+        if getattr(args, flag):
+            overrides[name] = str(getattr(args, flag).resolve())
+    if args.insecure:
+        overrides["server.insecure"] = True
+    if args.metrics_address:
+        overrides["server.metrics_address"] = args.metrics_address
     if args.address:
         overrides["server.address"] = args.address
     if args.data_dir:

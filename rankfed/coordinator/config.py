@@ -97,7 +97,34 @@ class ServerConfig:
         "", "Shared secret a device must present at Join; empty: any device may join.", secret=True
     )
     admin_token: str = _f(
-        "", "Bearer token the operator API requires; empty: no check.", secret=True
+        "",
+        "Bearer token the operator API requires; empty: only loopback callers and "
+        "operator certificates (mutual TLS, OU=operators) may use it.",
+        secret=True,
+    )
+    insecure: bool = _f(
+        False,
+        "Serve without TLS on a non-loopback address (--insecure). Without TLS and without "
+        "this, the coordinator refuses any address but loopback.",
+    )
+    tls_cert_file: str = _f(
+        "", "PEM certificate (chain) of the server; with tls_key_file it turns TLS on.", path=True
+    )
+    tls_key_file: str = _f("", "PEM private key of tls_cert_file.", path=True)
+    tls_client_ca_file: str = _f(
+        "",
+        "PEM CA that signs client certificates; set: mutual TLS, every caller must present a "
+        "certificate it signed (devices then enroll by certificate, CN = device name).",
+        path=True,
+    )
+    metrics_address: str = _f(
+        "", "host:port of the Prometheus endpoint (plain HTTP GET /metrics); empty: off."
+    )
+    upload_idle_timeout_seconds: float = _f(
+        30.0, "An upload stream silent this long (no header, no chunk) is aborted.", gt=0
+    )
+    upload_total_timeout_seconds: float = _f(
+        3600.0, "Longest an upload stream may last from its first message to its last.", gt=0
     )
 
 
@@ -373,9 +400,10 @@ def _build(
             converted = _convert(value, tp, name, errors, cli=cli)
         if len(errors) > n_before:
             continue
-        if isinstance(converted, Path):
+        if isinstance(converted, Path) or (fields[key].metadata.get("path") and converted):
             base = Path.cwd() if cli else base_dir
-            converted = Path(os.path.normpath(base / converted.expanduser()))
+            resolved = Path(os.path.normpath(base / Path(converted).expanduser()))
+            converted = resolved if isinstance(converted, Path) else str(resolved)
         _check_rules(fields[key], converted, name, errors)
         kwargs[key] = converted
     missing = False
@@ -506,6 +534,17 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
     server: ServerConfig = s["server"]
     fed: FederationConfig = s["federation"]
     _check_address(server.address, errors)
+    if server.metrics_address:
+        _check_address(server.metrics_address, errors, name="server.metrics_address")
+    if bool(server.tls_cert_file) != bool(server.tls_key_file):
+        errors.append(
+            "server.tls_cert_file and server.tls_key_file: set both (TLS) or neither (plaintext)"
+        )
+    if server.tls_client_ca_file and not server.tls_cert_file:
+        errors.append(
+            "server.tls_client_ca_file needs server.tls_cert_file and server.tls_key_file: "
+            "mutual TLS is TLS plus client certificates"
+        )
     need = server.max_chunk_bytes + CHUNK_OVERHEAD_BYTES
     if server.max_receive_message_bytes <= need:
         errors.append(
@@ -525,7 +564,7 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
         )
 
 
-def _check_address(address: str, errors: list[str]) -> None:
+def _check_address(address: str, errors: list[str], name: str = "server.address") -> None:
     host, sep, port = address.rpartition(":")
     problem = ""
     if not sep or not host:
@@ -537,7 +576,7 @@ def _check_address(address: str, errors: list[str]) -> None:
     elif any(c.isspace() for c in host):
         problem = "host must not contain spaces"
     if problem:
-        errors.append(f"server.address = {address!r}: {problem}")
+        errors.append(f"{name} = {address!r}: {problem}")
 
 
 def _plain(obj: Any, redact: bool) -> Any:

@@ -99,6 +99,8 @@ class Federation:
         self._done = False
         self.federation_id = ""
         self._signer: TokenSigner | None = None
+        # Called with each closed round's record (DONE or FAILED); the metrics use it.
+        self.on_round_closed: Callable[[RoundRecord], None] | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -236,9 +238,12 @@ class Federation:
         if not was_online:
             self._notify()
 
-    def join(self, info: JoinInfo) -> JoinResult:
+    def join(self, info: JoinInfo, *, enrolled_by_certificate: bool = False) -> JoinResult:
+        """Register (or re-register) a device. `enrolled_by_certificate`: the transport
+        verified the device's client certificate (mutual TLS), which replaces the secret."""
         cfg = self.config
-        if cfg.server.enrollment_secret and not secrets.compare_digest(info.enrollment_secret, cfg.server.enrollment_secret):
+        if (cfg.server.enrollment_secret and not enrolled_by_certificate
+                and not secrets.compare_digest(info.enrollment_secret, cfg.server.enrollment_secret)):
             raise PermissionDeniedError("enrollment secret is wrong; ask the operator for the federation's secret")
         name = info.device_name.strip()
         if not name or len(name) > 128:
@@ -311,6 +316,10 @@ class Federation:
 
     def list_clients(self) -> list[tuple[ClientRecord, bool]]:
         return [(c, c.client_id in self._last_seen) for c in self._store.list_clients()]
+
+    def client(self, client_id: str) -> ClientRecord:
+        """The registered device behind a client id (NotFoundError if unknown)."""
+        return self._require_client(client_id)
 
     def _require_client(self, client_id: str) -> ClientRecord:
         client = self._store.get_client(client_id)
@@ -743,6 +752,8 @@ class Federation:
             self._uploading.clear()
             self._done = record.round >= fed.rounds
             self._notify()
+        if self.on_round_closed is not None:
+            self.on_round_closed(record)
 
     # ------------------------------------------------------------------ status
 

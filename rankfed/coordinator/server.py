@@ -1,5 +1,6 @@
 """Build and run the coordinator's grpc.aio server: EdgeService, AdminService, health and
-reflection (so grpcurl and load balancers work out of the box)."""
+reflection (so grpcurl and load balancers work out of the box), over TLS or mutual TLS
+when configured, plus the Prometheus endpoint on its own HTTP port."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rankfed.coordinator.config import CoordinatorConfig
+from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.manifest import load_manifest
+from rankfed.coordinator.metrics import CoordinatorMetrics, start_metrics_server
 from rankfed.coordinator.servicer_admin import AdminServicer
 from rankfed.coordinator.servicer_edge import EdgeServicer
 from rankfed.coordinator.store import open_store
+from rankfed.tls import TlsError, is_loopback_address, server_credentials
 from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("rankfed.coordinator")
@@ -46,40 +50,80 @@ class Coordinator:
     health: health.aio.HealthServicer
     port: int
     _store: object
+    metrics: CoordinatorMetrics | None = None
+    metrics_port: int = 0
+    _metrics_server: asyncio.Server | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.federation.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
         self._store.close()
+
+
+def transport_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS) credentials from the config, or None for plaintext; refuses
+    plaintext on a non-loopback address unless server.insecure (--insecure) is set."""
+    server = config.server
+    if server.tls_cert_file:
+        try:
+            return server_credentials(server.tls_cert_file, server.tls_key_file, server.tls_client_ca_file or None)
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+    if not server.insecure and not is_loopback_address(server.address):
+        raise ConfigError(
+            f"server.address = {server.address!r} is not loopback and TLS is off: set server.tls_cert_file and "
+            "server.tls_key_file (deploy/make-certs.sh), or pass --insecure (server.insecure = true) to serve "
+            "plaintext anyway, e.g. behind a TLS-terminating proxy"
+        )
+    return None
 
 
 async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     """Open the data directory, resume the federation and serve; returns once listening."""
+    credentials = transport_credentials(config)  # before any state is touched
     manifest = load_manifest(Path(config.model.manifest))
     data_dir = Path(config.server.data_dir)
     store, blobs = open_store(data_dir)
     federation = Federation(config, store, blobs, manifest)
     await federation.start()
+    metrics = CoordinatorMetrics()
+    metrics.bind(federation)
     server = grpc.aio.server(options=server_options(config))
-    edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(federation), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(federation, config.server.admin_token), server)
+    edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(federation, metrics), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(federation, config.server.admin_token, metrics), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (EDGE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.server.address)
+    if credentials is None:
+        port = server.add_insecure_port(config.server.address)
+    else:
+        port = server.add_secure_port(config.server.address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.server.address}")
+    metrics_server, metrics_port = None, 0
+    if config.server.metrics_address:
+        metrics_server, metrics_port = await start_metrics_server(metrics, config.server.metrics_address)
     await server.start()
     for name in ("", EDGE_SERVICE, ADMIN_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator serving", extra={
         "address": config.server.address, "port": port, "data_dir": str(data_dir),
         "federation_id": federation.federation_id, "method": config.federation.method,
+        "transport": "plaintext" if credentials is None else "mtls" if config.server.tls_client_ca_file else "tls",
+        "metrics_port": metrics_port or None,
     })
-    return Coordinator(server=server, federation=federation, health=health_servicer, port=port, _store=store)
+    return Coordinator(
+        server=server, federation=federation, health=health_servicer, port=port, _store=store,
+        metrics=metrics, metrics_port=metrics_port, _metrics_server=metrics_server,
+    )
 
 
 async def serve(

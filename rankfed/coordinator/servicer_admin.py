@@ -1,4 +1,9 @@
-"""AdminService: round status, a stream of status changes, the client list."""
+"""AdminService: round status, a stream of status changes, the client list.
+
+Operators prove themselves with `server.admin_token` (a bearer token, never a device's
+session token) or an operator certificate (mutual TLS, OU=operators). With no admin token
+configured, only loopback callers and operator certificates get in.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,42 @@ import secrets
 
 from rankfed.coordinator import serde
 from rankfed.coordinator.auth import bearer_token
-from rankfed.coordinator.errors import AuthError
+from rankfed.coordinator.errors import AuthError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
+from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import streaming, unary
+from rankfed.tls import OPERATOR_OU, peer_identity, peer_is_loopback
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import admin_pb2_grpc
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, federation: Federation, admin_token: str) -> None:
+    def __init__(self, federation: Federation, admin_token: str, metrics: CoordinatorMetrics | None = None) -> None:
         self._fed = federation
         self._token = admin_token
+        self.metrics = metrics or CoordinatorMetrics()
 
     def _authorize(self, context) -> None:
-        if not self._token:
+        identity = peer_identity(context.auth_context())
+        if identity is not None and identity.is_operator:
             return
         token = bearer_token(dict(context.invocation_metadata() or ()))
-        if token is None or not secrets.compare_digest(token, self._token):
-            raise AuthError("the operator API needs 'authorization: Bearer <admin token>' (server.admin_token)")
+        if self._token:
+            if token is not None and secrets.compare_digest(token.encode(), self._token.encode()):
+                return
+            raise AuthError(
+                "the operator API needs 'authorization: Bearer <admin token>' (server.admin_token) "
+                f"or an operator certificate (OU={OPERATOR_OU}); device session tokens are not accepted"
+            )
+        if identity is not None:
+            raise PermissionDeniedError(
+                f"a device certificate cannot use the operator API; use one with OU={OPERATOR_OU} or an admin token"
+            )
+        if not peer_is_loopback(context.peer()):
+            raise PermissionDeniedError(
+                "server.admin_token is not set, so the operator API answers only loopback callers and "
+                f"operator certificates (OU={OPERATOR_OU}); set an admin token to manage it remotely"
+            )
 
     @unary
     async def GetRoundStatus(self, request: ProtoAdmin.GetRoundStatusRequest, context) -> ProtoAdmin.FederationStatus:

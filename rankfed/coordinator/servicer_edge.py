@@ -1,74 +1,142 @@
-"""EdgeService: thin handlers that convert, call the Federation, convert back."""
+"""EdgeService: thin handlers that convert, call the Federation, convert back.
+
+Credentials: Join needs the enrollment secret, or a verified client certificate (mutual
+TLS) whose CN or DNS SAN is the device name; every later call needs the session token
+from Join, and under mutual TLS that token must belong to the certificate's device.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
 
 import grpc
 
 from rankfed.coordinator import serde
 from rankfed.coordinator.auth import bearer_token
-from rankfed.coordinator.errors import InvalidUpdateError
+from rankfed.coordinator.errors import AuthError, InvalidUpdateError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.servicer_errors import streaming, unary
+from rankfed.coordinator.metrics import CoordinatorMetrics
+from rankfed.coordinator.servicer_errors import StreamTimeoutError, streaming, unary
+from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from rankfed.v1 import edge_pb2_grpc
 
 
-def _client_id(federation: Federation, context: grpc.aio.ServicerContext) -> str:
-    return federation.authenticate(bearer_token(dict(context.invocation_metadata() or ())))
+class TimedStream:
+    """A client stream whose every message must arrive within `idle` seconds, and the whole
+    stream within `total` seconds of its start (a slow-loris client holds nothing for long)."""
+
+    def __init__(self, iterator, *, idle: float, total: float) -> None:
+        self._it = aiter(iterator)
+        self._idle, self._total = idle, total
+        self._until = time.monotonic() + total
+
+    async def next(self):
+        """The next message, or None at the end of the stream."""
+        left = self._until - time.monotonic()
+        if left <= 0:
+            raise self._late()
+        try:
+            return await asyncio.wait_for(anext(self._it, None), min(self._idle, left))
+        except TimeoutError:
+            if time.monotonic() >= self._until:
+                raise self._late() from None
+            raise StreamTimeoutError(
+                f"upload stream sent nothing for {self._idle:g} s (server.upload_idle_timeout_seconds); "
+                "it was aborted, resend the whole update", reason="idle_timeout",
+            ) from None
+
+    def _late(self) -> StreamTimeoutError:
+        return StreamTimeoutError(
+            f"upload took longer than {self._total:g} s (server.upload_total_timeout_seconds); "
+            "it was aborted, resend it over a faster link or ask for a lower rank", reason="total_timeout",
+        )
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
-    def __init__(self, federation: Federation) -> None:
+    def __init__(self, federation: Federation, metrics: CoordinatorMetrics | None = None) -> None:
         self._fed = federation
+        self.metrics = metrics or CoordinatorMetrics()
+
+    def _client_id(self, context: grpc.aio.ServicerContext) -> str:
+        client_id = self._fed.authenticate(bearer_token(dict(context.invocation_metadata() or ())))
+        identity = peer_identity(context.auth_context())
+        if identity is not None:
+            name = self._fed.client(client_id).device_name
+            if name not in identity.names():
+                raise AuthError(
+                    f"this session token belongs to device {name!r}, not to the certificate's "
+                    f"{identity.common_name!r}; join with your own certificate"
+                )
+        return client_id
 
     @unary
     async def Join(self, request: ProtoEdge.JoinRequest, context) -> ProtoEdge.JoinResponse:
-        result = self._fed.join(serde.join_info_from_proto(request))
+        info = serde.join_info_from_proto(request)
+        identity = peer_identity(context.auth_context())
+        if identity is not None:
+            if identity.is_operator:
+                raise PermissionDeniedError("an operator certificate (OU=operators) cannot join as a device")
+            if not info.device_name.strip():
+                info = replace(info, device_name=identity.common_name)
+            elif info.device_name.strip() not in identity.names():
+                raise PermissionDeniedError(
+                    f"device_name {info.device_name.strip()!r} is not a name in this client certificate "
+                    f"({', '.join(identity.names())}); leave it empty to use the certificate's CN"
+                )
+        result = self._fed.join(info, enrolled_by_certificate=identity is not None)
         return serde.join_result_to_proto(result, serde.base_model_to_proto(self._fed.status(history_limit=1)))
 
     @unary
     async def GetTask(self, request: ProtoEdge.GetTaskRequest, context) -> ProtoEdge.Task:
-        client_id = _client_id(self._fed, context)
+        client_id = self._client_id(context)
         task = await self._fed.get_task(client_id, serde.duration_from_proto(request.max_wait))
         return serde.task_to_proto(task)
 
     @streaming
     async def DownloadAdapter(self, request: ProtoEdge.DownloadRequest, context):
-        client_id = _client_id(self._fed, context)
+        client_id = self._client_id(context)
         manifest, chunks = await self._fed.open_download(client_id, request.round, request.offset)
         yield serde.transfer_manifest_to_proto(manifest)
         offset = request.offset
         async for data in chunks:
             yield ProtoEdge.DownloadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data))
             offset += len(data)
+            self.metrics.bytes_out.inc(len(data))
 
     @unary
     async def UploadUpdate(self, request_iterator, context) -> ProtoEdge.UploadReceipt:
-        client_id = _client_id(self._fed, context)
-        first = await anext(aiter(request_iterator), None)
+        client_id = self._client_id(context)
+        server = self._fed.config.server
+        stream = TimedStream(
+            request_iterator, idle=server.upload_idle_timeout_seconds, total=server.upload_total_timeout_seconds
+        )
+        first = await stream.next()
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidUpdateError("an upload must start with an UploadHeader message")
         session = self._fed.begin_upload(client_id, serde.upload_header_from_proto(first.header))
         try:
-            async for message in request_iterator:
+            while (message := await stream.next()) is not None:
                 if message.WhichOneof("kind") != "chunk":
                     raise InvalidUpdateError("only chunks may follow the upload header")
+                self.metrics.bytes_in.inc(len(message.chunk.data))
                 session.add_chunk(message.chunk.offset, message.chunk.data)
             receipt = await self._fed.finish_upload(session)
         except BaseException:
-            # Broken stream, cancelled call or rejected content: leave no trace.
+            # Broken stream, cancelled call, timeout or rejected content: leave no trace.
             self._fed.abort_upload(session)
             raise
-        accepted = serde.timestamp(receipt.accepted_at)
         return ProtoEdge.UploadReceipt(
             round=receipt.round, bytes_received=receipt.nbytes, sha256=receipt.sha256,
-            accepted_at=accepted, receipt_id=receipt.receipt_id,
+            accepted_at=serde.timestamp(receipt.accepted_at), receipt_id=receipt.receipt_id,
         )
 
     @unary
     async def Heartbeat(self, request: ProtoEdge.HeartbeatRequest, context) -> ProtoEdge.HeartbeatResponse:
-        client_id = _client_id(self._fed, context)
+        client_id = self._client_id(context)
         result = self._fed.heartbeat(
             client_id, request.round, serde.participant_state_from_proto(request.state), request.progress
         )
@@ -76,6 +144,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     @unary
     async def Leave(self, request: ProtoEdge.LeaveRequest, context) -> ProtoEdge.LeaveResponse:
-        client_id = _client_id(self._fed, context)
+        client_id = self._client_id(context)
         self._fed.leave(client_id, request.reason)
         return ProtoEdge.LeaveResponse()

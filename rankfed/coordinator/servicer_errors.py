@@ -1,9 +1,12 @@
-"""One table from the coordinator's exceptions to gRPC status codes, applied at the edge."""
+"""One table from the coordinator's exceptions to gRPC status codes, applied at the edge;
+the same wrappers count every RPC by method and final code for the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -12,6 +15,18 @@ from rankfed.aggregation import AdapterError
 from rankfed.coordinator import errors
 
 log = logging.getLogger("rankfed.coordinator")
+
+
+class StreamTimeoutError(errors.CoordinatorError):
+    """A client stream went silent, or ran longer than allowed (server.upload_*_timeout_seconds).
+
+    Raised by the servicer, not the core: the core never sees a stream. -> DEADLINE_EXCEEDED
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.metrics_reason = reason
+
 
 STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.AuthError, grpc.StatusCode.UNAUTHENTICATED),
@@ -23,6 +38,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DuplicateError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
+    (StreamTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 
@@ -42,19 +58,36 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(code, str(exc))
 
 
+def _record(servicer, method: str, started: float, code: str, exc: BaseException | None) -> None:
+    metrics = getattr(servicer, "metrics", None)
+    if metrics is not None:
+        metrics.rpc_done(method, code, time.perf_counter() - started, exc)
+
+
+def _code(exc: BaseException) -> str:
+    code = status_of(exc) if isinstance(exc, Exception) else None
+    return (code or grpc.StatusCode.INTERNAL).name
+
+
 def unary(fn: Callable):
     """Map core exceptions of a unary (or stream-unary) handler to statuses."""
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        started, code, error = time.perf_counter(), "OK", None
         try:
             return await fn(self, request, context)
-        except (errors.CoordinatorError, AdapterError) as exc:
+        except asyncio.CancelledError as exc:  # the client went away or its deadline passed
+            code, error = "CANCELLED", exc
+            raise
+        except grpc.aio.AbortError:
+            code = "UNKNOWN"
+            raise
+        except Exception as exc:  # noqa: BLE001 - unknown ones are bugs: INTERNAL, logged with traceback
+            code, error = _code(exc), exc
             await _abort(context, exc, fn.__name__)
-        except Exception as exc:  # noqa: BLE001 - anything else is a bug: INTERNAL, logged with traceback
-            if isinstance(exc, (grpc.aio.AbortError,)):
-                raise
-            await _abort(context, exc, fn.__name__)
+        finally:
+            _record(self, fn.__name__, started, code, error)
 
     return wrapper
 
@@ -64,14 +97,20 @@ def streaming(fn: Callable[..., AsyncIterator]):
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        started, code, error = time.perf_counter(), "OK", None
         try:
             async for item in fn(self, request, context):
                 yield item
-        except (errors.CoordinatorError, AdapterError) as exc:
-            await _abort(context, exc, fn.__name__)
+        except asyncio.CancelledError as exc:
+            code, error = "CANCELLED", exc
+            raise
+        except grpc.aio.AbortError:
+            code = "UNKNOWN"
+            raise
         except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, (grpc.aio.AbortError,)):
-                raise
+            code, error = _code(exc), exc
             await _abort(context, exc, fn.__name__)
+        finally:
+            _record(self, fn.__name__, started, code, error)
 
     return wrapper

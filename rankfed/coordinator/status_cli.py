@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -20,8 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--watch", action="store_true", help="follow status changes until the federation is done")
     parser.add_argument("--history", type=int, default=0, help="past rounds to show (0: all)")
     parser.add_argument("--clients", action="store_true", help="list the registered clients instead")
-    parser.add_argument("--admin-token", default="", help="operator token, if the coordinator requires one")
+    parser.add_argument("--admin-token", default="",
+                        help="operator token, if the coordinator requires one (default: $RANKFED_ADMIN_TOKEN)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    parser.add_argument("--tls-ca", help="CA PEM that signed the coordinator's certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", help="operator certificate PEM, for mutual TLS")
+    parser.add_argument("--tls-key", help="private key PEM of --tls-cert")
+    parser.add_argument("--server-name", default="", help="name to verify in the coordinator's certificate")
     parser.set_defaults(func=_run)
 
 
@@ -32,8 +38,18 @@ def _run(args: argparse.Namespace) -> int:
     from rankfed.v1 import admin_pb2 as ProtoAdmin
     from rankfed.v1 import admin_pb2_grpc
 
-    metadata = (("authorization", f"Bearer {args.admin_token}"),) if args.admin_token else ()
-    with grpc.insecure_channel(args.address) as channel:
+    from rankfed.tls import TlsError, TlsOptions, channel_for
+
+    token = args.admin_token or os.environ.get("RANKFED_ADMIN_TOKEN", "")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.server_name) if (
+            args.tls_ca or args.tls_cert) else None
+        channel = channel_for(args.address, tls)
+    except TlsError as exc:
+        print(f"rankfed status: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             if args.clients:
