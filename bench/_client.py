@@ -289,25 +289,29 @@ class EdgeClient:
                 n += len(data)
         return n, time.perf_counter() - t0
 
-    def upload(self, round_no: int, rank: int, data: bytes, sha256: str) -> tuple[ProtoEdge.UploadReceipt, float]:
-        """Header then 1 MiB chunks; returns (receipt, seconds from the first message to the receipt)."""
+    def upload(self, round_no: int, rank: int, data: bytes, sha256: str) -> tuple[ProtoEdge.UploadReceipt, float, float]:
+        """Header then 1 MiB chunks; returns (receipt, seconds from the first message to the
+        receipt, seconds from the last chunk handed to gRPC to the receipt)."""
         header = ProtoEdge.UploadHeader(
             round=round_no, rank=rank, num_examples=100, total_bytes=len(data), sha256=sha256,
             metrics=ProtoCommon.TrainMetrics(loss_first=1.0, loss_last=0.9, steps=1),
         )
         chunk = self.chunk
-        started: list[float] = []
+        marks: dict[str, float] = {}
 
         def messages():
-            started.append(time.perf_counter())
+            marks["first"] = time.perf_counter()
             yield ProtoEdge.UploadMessage(header=header)
             for off in range(0, len(data), chunk):
                 yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=off, data=data[off:off + chunk]))
+            # gRPC asks for the next message once the last one is in its send buffer: from
+            # here on the client only waits for the coordinator to finish the upload.
+            marks["last"] = time.perf_counter()
 
         t_call = time.perf_counter()
         receipt = self.stub.UploadUpdate(messages(), metadata=self.metadata, timeout=600)
         t1 = time.perf_counter()
-        return receipt, t1 - (started[0] if started else t_call)
+        return receipt, t1 - marks.get("first", t_call), t1 - marks.get("last", t1)
 
 
 def round_status(address: str, history_limit: int = 0) -> ProtoAdmin.FederationStatus:

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
                     raise RuntimeError(f"download of round {train.round} is corrupt ({got} of {nbytes} bytes)")
                 probe.mark()
                 cpu2 = B.cpu_seconds(coordinator.pid)
-                receipt, grpc_up = client.upload(train.round, train.rank, update, update_sha)
+                receipt, grpc_up, grpc_up_tail = client.upload(train.round, train.rank, update, update_sha)
                 cpu3 = B.cpu_seconds(coordinator.pid)
                 last_receipt = time.perf_counter()
                 upload_probe = probe.mark()
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
                     "raw_upload_mib_s": len(update) / B.MiB / raw_up,
                     "grpc_download_mib_s": nbytes / B.MiB / grpc_down,
                     "grpc_upload_mib_s": len(update) / B.MiB / grpc_up,
+                    "grpc_upload_after_last_chunk_s": grpc_up_tail,
                     "coordinator_cpu_download_s": cpu1 - cpu0,
                     "coordinator_cpu_upload_s": cpu3 - cpu2,
                     "coordinator_rss_peak_transfer_bytes": rss.mark(),
@@ -180,6 +181,9 @@ def run(args: argparse.Namespace) -> dict:
     result["upload_ratio"] = B.summary([r["grpc_upload_mib_s"] / r["raw_upload_mib_s"] for r in measured])
     result["download_ratio_of_medians"] = result["grpc_download_mib_s"]["median"] / result["raw_download_mib_s"]["median"]
     result["upload_ratio_of_medians"] = result["grpc_upload_mib_s"]["median"] / result["raw_upload_mib_s"]["median"]
+    result["grpc_upload_after_last_chunk_s"] = B.summary([r["grpc_upload_after_last_chunk_s"] for r in measured])
+    result["grpc_upload_streaming_mib_s"] = B.summary(
+        [r["upload_bytes"] / B.MiB / (r["grpc_upload_s"] - r["grpc_upload_after_last_chunk_s"]) for r in measured])
     result["coordinator_cpu_ms_per_mib_download"] = B.summary(
         [1000 * r["coordinator_cpu_download_s"] / (r["download_bytes"] / B.MiB) for r in measured])
     result["coordinator_cpu_ms_per_mib_upload"] = B.summary(
@@ -218,6 +222,9 @@ def print_table(report: dict) -> None:
         print(f"{d:<10} {B.fmt_range(s[f'raw_{d}_mib_s']):>22} {B.fmt_range(s[f'grpc_{d}_mib_s']):>22} "
               f"{ratio['median'] * 100:>5.0f}% [{ratio['min'] * 100:.0f}..{ratio['max'] * 100:.0f}%] "
               f"{B.fmt_range(s[f'coordinator_cpu_ms_per_mib_{d}'], 2):>17}")
+    print(f"upload split: streaming {B.fmt_range(s['grpc_upload_streaming_mib_s'])} MiB/s until the last chunk is "
+          f"handed to gRPC, then {B.fmt_range(s['grpc_upload_after_last_chunk_s'], 2)} s until the receipt "
+          "(coordinator: rest of the stream, verify, fsync, fold)")
     rss = report["coordinator_peak_rss_bytes"]
     print(f"coordinator peak RSS {rss['vm_hwm'] / B.MiB:.0f} MiB (VmHWM); between rounds: "
           f"gap {B.fmt_range(s['gap_before_train_s'], 2)} s, aggregation {B.fmt_range(s['aggregation_seconds'], 2)} s, "
