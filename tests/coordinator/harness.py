@@ -21,6 +21,7 @@ import numpy as np
 from rankfed.aggregation import Adapter, LoraModule, decode_adapter, encode_adapter
 from rankfed.coordinator.config import CoordinatorConfig, load_config
 from rankfed.coordinator.manifest import ModelManifest, load_manifest
+from rankfed.tls import TlsOptions, channel_for
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import admin_pb2_grpc
 from rankfed.v1 import common_pb2 as ProtoCommon
@@ -30,6 +31,13 @@ from rankfed.v1 import edge_pb2_grpc
 MANIFEST = Path(__file__).parent / "data" / "tiny-manifest.json"
 CHUNK = 64 * 1024
 DEVICE = {"cpu": ProtoCommon.DEVICE_CLASS_CPU, "cuda": ProtoCommon.DEVICE_CLASS_CUDA, "mobile": ProtoCommon.DEVICE_CLASS_MOBILE}
+
+
+def make_certs(out: Path, *args: str) -> Path:
+    """A test PKI made by deploy/make-certs.sh (openssl): ca.pem, server.pem, edge-1..3, operator."""
+    script = Path(__file__).resolve().parents[2] / "deploy" / "make-certs.sh"
+    subprocess.run(["bash", str(script), str(out), *args], check=True, capture_output=True, timeout=60)
+    return out
 
 
 def make_config(data_dir: Path, **overrides) -> CoordinatorConfig:
@@ -147,8 +155,9 @@ class Download:
 class EdgeTestClient:
     """Speaks EdgeService directly; every step is explicit so tests can break any of them."""
 
-    def __init__(self, address: str, name: str, device: str = "cpu", *, gflops: float = 20.0, memory_gb: float = 8.0) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, name: str, device: str = "cpu", *, gflops: float = 20.0, memory_gb: float = 8.0,
+                 tls: TlsOptions | None = None) -> None:
+        self.channel = channel_for(address, tls)
         self.stub = edge_pb2_grpc.EdgeServiceStub(self.channel)
         self.name, self.device, self.gflops, self.memory_gb = name, device, gflops, memory_gb
         self.token = ""
@@ -230,15 +239,16 @@ class EdgeTestClient:
         self.stub.Leave(ProtoEdge.LeaveRequest(reason="test"), metadata=self.metadata, timeout=10)
 
 
-def admin_stub(address: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
-    channel = grpc.insecure_channel(address)
+def admin_stub(address: str, tls: TlsOptions | None = None) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
+    channel = channel_for(address, tls)
     return channel, admin_pb2_grpc.AdminServiceStub(channel)
 
 
-def status(address: str) -> ProtoAdmin.FederationStatus:
-    channel, stub = admin_stub(address)
+def status(address: str, tls: TlsOptions | None = None, token: str = "") -> ProtoAdmin.FederationStatus:
+    channel, stub = admin_stub(address, tls)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with channel:
-        return stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), timeout=10)
+        return stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), metadata=metadata, timeout=10)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
