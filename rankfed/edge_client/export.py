@@ -104,24 +104,22 @@ def merged_model(model_dir: str | Path, adapter: Adapter, task: str) -> torch.nn
     return peft_model.merge_and_unload().eval()
 
 
-class LogitsOnly:
-    """Factory for the export wrapper (keeps torch out of module import)."""
+def logits_only(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """``model`` behind a plain-tensor interface: (input_ids, attention_mask) -> logits, no
+    ModelOutput and no KV cache, in eval mode: what the exporter traces."""
+    import torch
 
-    @staticmethod
-    def wrap(model: torch.nn.Module, task: str) -> torch.nn.Module:
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
 
-        class _Wrapper(torch.nn.Module):
-            def __init__(self, inner: torch.nn.Module) -> None:
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            if task == "causal-lm":
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                if task == "causal-lm":
-                    return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        return _Wrapper(model).eval()
+    return LogitsOnly(model).eval()
 
 
 def _parity_inputs(vocab_size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -136,7 +134,7 @@ def _parity_inputs(vocab_size: int, seed: int) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def _ort_session(path: str, threads: int) -> Any:
+def ort_session(path: str, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -151,8 +149,8 @@ def compare(
     """(max abs difference, argmax agreement) of onnxruntime vs torch on the parity batches."""
     import torch
 
-    session = _ort_session(onnx_path, threads)
-    wrapper = LogitsOnly.wrap(model, task)
+    session = ort_session(onnx_path, threads)
+    wrapper = logits_only(model, task)
     worst, agree, total = 0.0, 0, 0
     for ids, mask in _parity_inputs(vocab_size, seed):
         with torch.no_grad():
@@ -218,7 +216,7 @@ def export_onnx(
             for message, category in _HARMLESS_EXPORT_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
             program = torch.onnx.export(
-                LogitsOnly.wrap(model, task),
+                logits_only(model, task),
                 example,
                 dynamo=True,
                 verbose=False,

@@ -325,10 +325,10 @@ class EdgeRunner:
     def _model_for(self, adapter: Adapter, lora: LoraSettings) -> Any:
         key = _structure(adapter) + (tuple(lora.target_modules),)
         if self._peft is None or key != self._peft_key:
+            assert self.join_result is not None
             settings = replace(lora, use_rslora=adapter.use_rslora)
             self._peft = build_peft_model(
-                self._base, settings, self.join_result.base_model.task if self.join_result else "",
-                ranks=adapter.ranks, alphas=adapter.alphas,
+                self._base, settings, self.join_result.base_model.task, ranks=adapter.ranks, alphas=adapter.alphas
             )
             self._peft_key = key
             self._emit("model", {"ranks": sorted(set(adapter.ranks.values())), "rebuilt": True})

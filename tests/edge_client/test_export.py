@@ -14,7 +14,7 @@ import torch
 from rankfed.aggregation import encode_adapter
 from rankfed.edge_client import export as export_mod
 from rankfed.edge_client.errors import ParityError
-from rankfed.edge_client.export import LogitsOnly, export_onnx, merged_model, read_adapter
+from rankfed.edge_client.export import export_onnx, logits_only, merged_model, read_adapter
 from rankfed.edge_client.model import adapter_from_peft, build_peft_model, load_base_model, load_tokenizer
 from rankfed.edge_client.protocol import LoraSettings
 
@@ -67,8 +67,8 @@ def test_merged_export_differs_from_the_base(bert_dir, bert_export):
     report, adapter_path = bert_export
     import onnxruntime as ort
 
-    base = LogitsOnly.wrap(load_base_model(bert_dir, "sequence-classification", num_labels=3), "sequence-classification")
-    merged = LogitsOnly.wrap(merged_model(bert_dir, read_adapter(adapter_path), "sequence-classification"), "sequence-classification")
+    base = logits_only(load_base_model(bert_dir, "sequence-classification", num_labels=3), "sequence-classification")
+    merged = logits_only(merged_model(bert_dir, read_adapter(adapter_path), "sequence-classification"), "sequence-classification")
     ids = torch.randint(5, 40, (2, 12))
     mask = torch.ones_like(ids)
     with torch.no_grad():
