@@ -155,12 +155,13 @@ class Federation:
             return
         if self._globals.exists(0):
             self._global = await asyncio.to_thread(self._globals.load, 0)
+            self._global_sha = (0, await asyncio.to_thread(self._globals.sha256, 0))
         else:
             lora = self._lora_for_rank(self.config.lora.max_rank)
             self._global = self._spec.init_adapter(
                 rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora, seed=self.config.federation.seed
             )
-            await asyncio.to_thread(self._globals.save, 0, self._global)
+            self._global_sha = (0, await asyncio.to_thread(self._globals.save, 0, self._global))
         self._global_round = 0
 
     async def _resume_open_round(self) -> None:
@@ -407,7 +408,9 @@ class Federation:
 
     def _global_sha256(self) -> str:
         if self._global_sha is None or self._global_sha[0] != self._global_round:
-            self._global_sha = (self._global_round, self._globals.sha256(self._global_round))
+            record = self._store.get_round(self._global_round)
+            sha = record.global_sha256 if record and record.global_sha256 else self._globals.sha256(self._global_round)
+            self._global_sha = (self._global_round, sha)
         return self._global_sha[1]
 
     def _current_global(self) -> Adapter:
@@ -527,6 +530,7 @@ class Federation:
 
     async def finish_upload(self, session: UploadSession) -> Receipt:
         """Verify, persist (fsync), record and fold one update; only then is it acknowledged."""
+        await session.drain()
         async with self._decode_slots:
             adapter = await asyncio.to_thread(session.verify, self._spec)
         async with self._round_lock:

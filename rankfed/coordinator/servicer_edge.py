@@ -123,7 +123,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 if message.WhichOneof("kind") != "chunk":
                     raise InvalidUpdateError("only chunks may follow the upload header")
                 self.metrics.bytes_in.inc(len(message.chunk.data))
-                session.add_chunk(message.chunk.offset, message.chunk.data)
+                await session.add_chunk(message.chunk.offset, message.chunk.data)
             receipt = await self._fed.finish_upload(session)
         except BaseException:
             # Broken stream, cancelled call, timeout or rejected content: leave no trace.

@@ -1,12 +1,20 @@
 """One client-streamed upload: header checks, ordered chunks to a temporary blob, digest
 and content validation. Nothing becomes visible (no receipt, no final file) until
 `Federation.finish_upload` commits it; an aborted session removes its temporary file.
+
+Writing and hashing a chunk happen on a thread of the session's own, a few chunks behind
+the network: both release the GIL on large buffers, so the event loop keeps serving other
+calls and the second core does the hashing. At most `WINDOW` chunks are in flight, which
+bounds the memory of a stream.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import collections
+import mmap
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from rankfed.aggregation import Adapter, AdapterError, AdapterSpec, decode_adapter
 from rankfed.coordinator.errors import InvalidUpdateError, TooLargeError
@@ -14,6 +22,7 @@ from rankfed.coordinator.models import Participant, UploadHeader
 from rankfed.coordinator.store import BlobWriter
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+WINDOW = 4  # chunks written behind the network, per stream
 
 
 def check_header(header: UploadHeader, participant: Participant, *, max_upload_bytes: int) -> None:
@@ -44,7 +53,8 @@ class UploadSession:
         self.participant = participant
         self._writer = writer
         self._max_chunk = max_chunk_bytes
-        self._hash = hashlib.sha256()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future[None]] = collections.deque()
         self.received = 0
 
     @property
@@ -55,7 +65,7 @@ class UploadSession:
     def round(self) -> int:
         return self.header.round
 
-    def add_chunk(self, offset: int, data: bytes) -> None:
+    async def add_chunk(self, offset: int, data: bytes) -> None:
         if offset != self.received:
             raise InvalidUpdateError(
                 f"chunk at offset {offset} does not follow the {self.received} bytes received so far; "
@@ -69,26 +79,37 @@ class UploadSession:
             raise InvalidUpdateError(
                 f"upload is longer than the {self.header.total_bytes} bytes declared in its header"
             )
-        self._writer.write(data)
-        self._hash.update(data)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankfed-upload")
+        self._pending.append(self._pool.submit(self._writer.write, data))  # one worker: in order
         self.received += len(data)
+        while len(self._pending) > WINDOW:
+            await asyncio.wrap_future(self._pending.popleft())
+
+    async def drain(self) -> None:
+        """Wait until every chunk is on the file (raises the writer's error, e.g. disk full)."""
+        while self._pending:
+            await asyncio.wrap_future(self._pending.popleft())
 
     def verify(self, spec: AdapterSpec) -> Adapter:
-        """Check completeness, digest and content; return the decoded adapter."""
+        """Check completeness, digest and content (after drain()); return the decoded adapter.
+
+        The adapter is decoded from a read-only mapping of the staged file: float32 tensors
+        are views of the page cache, not copies. The mapping lives as long as they do."""
         if self.received != self.header.total_bytes:
             raise InvalidUpdateError(
                 f"upload ended after {self.received} of {self.header.total_bytes} declared bytes (truncated)"
             )
-        digest = self._hash.hexdigest()
+        digest = self._writer.sha256_hex()
         if digest != self.header.sha256:
             raise InvalidUpdateError(
                 f"sha256 of the received bytes is {digest}, header declared {self.header.sha256}; "
                 "the file was corrupted in transit or the header is wrong"
             )
-        # Read back what was written: the stream itself kept only one chunk in memory.
-        data = self._writer.temp_path.read_bytes()
+        with open(self._writer.temp_path, "rb") as fh:
+            view = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            adapter = decode_adapter(data, spec=spec, max_rank=self.participant.rank)
+            adapter = decode_adapter(memoryview(view), spec=spec, max_rank=self.participant.rank)
         except AdapterError as exc:
             raise InvalidUpdateError(f"update rejected: {exc}") from exc
         ranks = set(adapter.ranks.values())
@@ -101,7 +122,17 @@ class UploadSession:
     def commit(self) -> str:
         """fsync and publish the blob; returns its path relative to the blob root."""
         self._writer.commit()
+        self._close_pool()
         return self._writer.relpath
 
     def abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._close_pool()  # waits for a write in progress, so the temp file can be removed
         self._writer.abort()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
