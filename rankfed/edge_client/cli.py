@@ -78,6 +78,19 @@ def _step_progress(as_json: bool, quiet: bool) -> Any:
     return on_step
 
 
+def _tls_options(args: argparse.Namespace) -> Any:
+    """TlsOptions from --tls/--tls-ca/--tls-cert/--tls-key/--tls-server-name; None: plaintext."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together (mutual TLS)")
+    from rankfed.tls import TlsOptions
+
+    return TlsOptions(
+        ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key, server_name=args.tls_server_name or ""
+    )
+
+
 # -- commands ---------------------------------------------------------------------------
 
 
@@ -106,7 +119,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = RunnerConfig(
         model_dir=Path(args.model),
         data_path=Path(args.data),
-        device_name=args.device_name or socket.gethostname(),
+        # Under mutual TLS an empty name lets the coordinator take the certificate's CN.
+        device_name=args.device_name or ("" if args.tls_cert else socket.gethostname()),
         enrollment_secret=args.secret or os.environ.get("RANKFED_ENROLLMENT_SECRET", ""),
         declared_class=DeviceClass(args.device_class) if args.device_class else None,
         label_names=args.labels,
@@ -126,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     printer = _Printer(args.json, args.quiet)
     retry = RetryPolicy(max_elapsed_s=args.retry_for)
-    with EdgeTransport(args.coordinator, retry=retry) as transport:
+    with EdgeTransport(args.coordinator, tls=_tls_options(args), retry=retry) as transport:
         runner = EdgeRunner(transport, config, on_event=printer, on_step=_step_progress(args.json, args.quiet))
         summary = runner.run()
     printer("summary", {
@@ -256,6 +270,12 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--hetlora-lambda", type=float, default=0.0, help="HetLoRA self-pruning penalty strength (0: off)")
     g.add_argument("--hetlora-gamma", type=float, default=0.99, help="HetLoRA decay factor (default 0.99)")
     g.add_argument("--hetlora-min-rank", type=int, default=1)
+    t = p.add_argument_group("transport security (default: plaintext, which coordinators allow on loopback only)")
+    t.add_argument("--tls", action="store_true", help="TLS, verifying the coordinator with the system roots")
+    t.add_argument("--tls-ca", metavar="PEM", help="CA that signed the coordinator's certificate (implies --tls)")
+    t.add_argument("--tls-cert", metavar="PEM", help="this device's certificate, for mutual TLS")
+    t.add_argument("--tls-key", metavar="PEM", help="its private key")
+    t.add_argument("--tls-server-name", metavar="NAME", help="expected name in the coordinator's certificate")
     p.add_argument("--max-wait", type=float, default=30.0, help="long-poll wait per GetTask, seconds")
     p.add_argument("--retry-for", type=float, default=300.0, help="give up after this long unreachable, seconds")
     p.add_argument("--max-rounds", type=int, help="leave after this many trained rounds")

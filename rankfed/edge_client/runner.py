@@ -268,6 +268,13 @@ class EdgeRunner:
         joined = self._join()
         summary.client_id = joined.client_id
         self._prepare(joined)
+        try:
+            return self._loop(summary)
+        except KeyboardInterrupt:
+            self._leave("interrupted")
+            raise
+
+    def _loop(self, summary: RunSummary) -> RunSummary:
         rejoined_for_auth = False
         while True:
             try:
@@ -277,7 +284,7 @@ class EdgeRunner:
                 if rejoined_for_auth:
                     raise
                 self._emit("rejoin", {"reason": "session expired"})
-                joined = self._join()
+                self._join()
                 rejoined_for_auth = True
                 continue
             if task is None:
@@ -359,10 +366,11 @@ class EdgeRunner:
             model = self._model_for(adapter, lora)
 
             beat.state = ParticipantState.TRAINING
-            deadline = task.deadline
 
             def should_stop() -> bool:
-                return beat.round_closed.is_set() or (deadline > 0 and time.time() > deadline)
+                # The coordinator's word (heartbeat round_open), not the task deadline compared
+                # with this device's clock, which may be skewed.
+                return beat.round_closed.is_set()
 
             def on_step(info: StepInfo) -> None:
                 beat.progress = info.step / info.total
@@ -373,7 +381,7 @@ class EdgeRunner:
             train_cfg = self._train_config(task)
             result = train_local(model, self._dataset, train_cfg, on_step=on_step, should_stop=should_stop)
             if result.stopped_early:
-                self._emit("abandoned", {"round": task.round, "steps": result.steps, "reason": "round closed or deadline passed"})
+                self._emit("abandoned", {"round": task.round, "steps": result.steps, "reason": "the coordinator closed the round"})
                 return None
             update = adapter_from_peft(model)
             rank = update.max_rank

@@ -22,11 +22,13 @@ from typing import TypeVar
 
 import grpc
 
+from rankfed.tls import TlsError, TlsOptions, channel_for
 from rankfed.v1 import edge_pb2_grpc as ProtoEdgeGrpc
 
 from . import serde
 from .errors import (
     AuthError,
+    ConfigError,
     DuplicateError,
     IntegrityError,
     RejectedError,
@@ -106,12 +108,19 @@ ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 class EdgeTransport:
-    """A connection to one coordinator's EdgeService (sync API: fine for one device)."""
+    """A connection to one coordinator's EdgeService (sync API: fine for one device).
+
+    ``tls``: None for plaintext (the coordinator allows it on loopback only, or with
+    --insecure), else TLS verifying the server with ``ca_file`` (None: system roots) and,
+    for mutual TLS, presenting ``cert_file``/``key_file`` (the certificate's CN enrolls the
+    device).
+    """
 
     def __init__(
         self,
         address: str,
         *,
+        tls: TlsOptions | None = None,
         retry: RetryPolicy = RetryPolicy(),
         call_timeout_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -122,7 +131,10 @@ class EdgeTransport:
         self.call_timeout_s = call_timeout_s
         self._sleep = sleep
         self._rng = random.Random(seed)
-        self._channel = grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        try:
+            self._channel = channel_for(address, tls, CHANNEL_OPTIONS)
+        except (TlsError, OSError) as err:
+            raise ConfigError(f"TLS settings: {err}") from err
         self._stub = ProtoEdgeGrpc.EdgeServiceStub(self._channel)
         self._token = ""
         self.max_chunk_bytes = DEFAULT_CHUNK_BYTES

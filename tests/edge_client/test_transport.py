@@ -220,3 +220,44 @@ def test_heartbeat_reports_round_state(server, transport):
     assert fake.heartbeats[0].state == ProtoCommon.PARTICIPANT_STATE_TRAINING
     assert fake.heartbeats[0].progress == 0.5
     transport.leave("bye")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    out = tmp_path_factory.mktemp("pki")
+    script = Path(__file__).resolve().parents[2] / "deploy" / "make-certs.sh"
+    subprocess.run(["bash", str(script), str(out), "--device", "edge-1"], check=True, capture_output=True, timeout=60)
+    return out
+
+
+def test_mutual_tls(pki):
+    from rankfed.tls import TlsOptions, server_credentials
+
+    fake = FakeEdge()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ProtoEdgeGrpc.add_EdgeServiceServicer_to_server(fake, srv)
+    port = srv.add_secure_port("127.0.0.1:0", server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem"))
+    srv.start()
+    try:
+        tls = TlsOptions(ca_file=pki / "ca.pem", cert_file=pki / "edge-1.pem", key_file=pki / "edge-1.key")
+        with EdgeTransport(f"localhost:{port}", tls=tls) as t:
+            assert _join(t).client_id == "c-1"
+        fast = RetryPolicy(initial_backoff_s=0.01, max_elapsed_s=0.5)
+        with EdgeTransport(f"localhost:{port}", retry=fast) as plain, pytest.raises(UnavailableError):
+            _join(plain)
+    finally:
+        srv.stop(None)
+
+
+def test_unreadable_tls_file_is_a_config_error(tmp_path):
+    from rankfed.edge_client.errors import ConfigError
+    from rankfed.tls import TlsOptions
+
+    with pytest.raises(ConfigError, match="TLS settings"):
+        EdgeTransport("localhost:1", tls=TlsOptions(ca_file=tmp_path / "missing.pem"))
