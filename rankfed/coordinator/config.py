@@ -120,6 +120,11 @@ class ServerConfig:
     metrics_address: str = _f(
         "", "host:port of the Prometheus endpoint (plain HTTP GET /metrics); empty: off."
     )
+    health_address: str = _f(
+        "",
+        "host:port of a plaintext listener serving only grpc.health.v1, for Kubernetes gRPC "
+        "probes (they cannot speak TLS); empty: off (health is always on the main port too).",
+    )
     upload_idle_timeout_seconds: float = _f(
         30.0, "An upload stream silent this long (no header, no chunk) is aborted.", gt=0
     )
@@ -534,8 +539,9 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
     server: ServerConfig = s["server"]
     fed: FederationConfig = s["federation"]
     _check_address(server.address, errors)
-    if server.metrics_address:
-        _check_address(server.metrics_address, errors, name="server.metrics_address")
+    for name in ("metrics_address", "health_address"):
+        if getattr(server, name):
+            _check_address(getattr(server, name), errors, name=f"server.{name}")
     if bool(server.tls_cert_file) != bool(server.tls_key_file):
         errors.append(
             "server.tls_cert_file and server.tls_key_file: set both (TLS) or neither (plaintext)"

@@ -53,9 +53,13 @@ class Coordinator:
     metrics: CoordinatorMetrics | None = None
     metrics_port: int = 0
     _metrics_server: asyncio.Server | None = None
+    health_port: int = 0
+    _health_server: grpc.aio.Server | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.server.stop(grace)
         await self.federation.stop()
         if self._metrics_server is not None:
@@ -111,6 +115,15 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     metrics_server, metrics_port = None, 0
     if config.server.metrics_address:
         metrics_server, metrics_port = await start_metrics_server(metrics, config.server.metrics_address)
+    health_server, health_port = None, 0
+    if config.server.health_address:
+        # Only the health service, in plaintext, for probes that cannot do TLS (Kubernetes).
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(config.server.health_address)
+        if health_port == 0:
+            raise OSError(f"could not bind {config.server.health_address} (server.health_address)")
+        await health_server.start()
     await server.start()
     for name in ("", EDGE_SERVICE, ADMIN_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -118,11 +131,12 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         "address": config.server.address, "port": port, "data_dir": str(data_dir),
         "federation_id": federation.federation_id, "method": config.federation.method,
         "transport": "plaintext" if credentials is None else "mtls" if config.server.tls_client_ca_file else "tls",
-        "metrics_port": metrics_port or None,
+        "metrics_port": metrics_port or None, "health_port": health_port or None,
     })
     return Coordinator(
         server=server, federation=federation, health=health_servicer, port=port, _store=store,
         metrics=metrics, metrics_port=metrics_port, _metrics_server=metrics_server,
+        health_port=health_port, _health_server=health_server,
     )
 
 

@@ -60,6 +60,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     def __init__(self, federation: Federation, metrics: CoordinatorMetrics | None = None) -> None:
         self._fed = federation
         self.metrics = metrics or CoordinatorMetrics()
+        self._base_model: ProtoCommon.BaseModel | None = None  # from the manifest: fixed while serving
 
     def _client_id(self, context: grpc.aio.ServicerContext) -> str:
         client_id = self._fed.authenticate(bearer_token(dict(context.invocation_metadata() or ())))
@@ -88,7 +89,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     f"({', '.join(identity.names())}); leave it empty to use the certificate's CN"
                 )
         result = self._fed.join(info, enrolled_by_certificate=identity is not None)
-        return serde.join_result_to_proto(result, serde.base_model_to_proto(self._fed.status(history_limit=1)))
+        if self._base_model is None:
+            self._base_model = serde.base_model_to_proto(self._fed.status(history_limit=1))
+        return serde.join_result_to_proto(result, self._base_model)
 
     @unary
     async def GetTask(self, request: ProtoEdge.GetTaskRequest, context) -> ProtoEdge.Task:

@@ -238,3 +238,16 @@ def _capability():
 
     return ProtoCommon.DeviceCapability(device_class=ProtoCommon.DEVICE_CLASS_CPU, memory_total_bytes=8 * 10**9,
                                         cpu_cores=4, compute_gflops=10.0)
+
+
+def test_plaintext_health_listener_for_probes_serves_health_only(start, pki, tiny_manifest):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = start(**_server_tls(pki, mutual=True), **{"server.health_address": "127.0.0.1:0"})
+    port = server.coordinator.health_port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        plain = EdgeTestClient(f"127.0.0.1:{port}", "edge-1")
+        assert _code(lambda: plain.join(tiny_manifest.weights_sha256))[0] == grpc.StatusCode.UNIMPLEMENTED
+        plain.close()
