@@ -215,7 +215,7 @@ def main() -> int:
         report = check_state(data_dir, devices, args.rounds)
 
     report.update({
-        "benchmark": "soak_kill9", "kills": kills, "rounds": args.rounds, "devices": args.devices,
+        "benchmark": "soak_kill9", "kills": kills, "rounds_planned": args.rounds, "devices": args.devices,
         "federation_finished": finished, "coordinator_exit_after_sigterm": exit_code,
         "seconds": round(time.monotonic() - started, 1), "kill_log": kill_log,
         "refusals_seen_by_clients": {d.name: d.refused for d in devices if d.refused},
