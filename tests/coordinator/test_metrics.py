@@ -60,7 +60,9 @@ def test_a_round_shows_up_in_the_metrics(start, clients, tiny_manifest):
     for i, (c, t) in enumerate(zip((a, b), tasks)):
         c.upload(t.round, random_adapter(tiny_manifest, t.assignment.lora.rank, t.assignment.lora.alpha, i))
     wait_for(lambda: status(server.address).done, what="federation done")
-
+    # Counters are updated just after the status is sent: wait until the last one is in.
+    wait_for(lambda: scrape(port).get('rankfed_rpcs_total{method="UploadUpdate",code="OK"}') == 2,
+             what="uploads counted", timeout=5)
     after = scrape(port)
     assert after['rankfed_rpcs_total{method="Join",code="OK"}'] == 2
     assert after['rankfed_rpcs_total{method="UploadUpdate",code="OK"}'] == 2
