@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-ca", help="CA PEM that signed the coordinator's certificate (turns TLS on)")
     parser.add_argument("--tls-cert", help="operator certificate PEM, for mutual TLS")
     parser.add_argument("--tls-key", help="private key PEM of --tls-cert")
-    parser.add_argument("--server-name", default="", help="name to verify in the coordinator's certificate")
+    parser.add_argument("--tls-server-name", default="", help="name to verify in the coordinator's certificate")
     parser.set_defaults(func=_run)
 
 
@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     token = args.admin_token or os.environ.get("RANKFED_ADMIN_TOKEN", "")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     try:
-        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.server_name) if (
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
             args.tls_ca or args.tls_cert) else None
         channel = channel_for(args.address, tls)
     except TlsError as exc:
