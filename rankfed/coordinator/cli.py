@@ -73,9 +73,28 @@ def _serve(args: argparse.Namespace) -> int:
         print(json.dumps(config_to_dict(config), indent=2, default=str))
         return 0
     logs.configure(args.log_format, args.log_level)
+    limit_malloc_arenas()
     try:
         asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
     except ConfigError as exc:
         print(f"rankfed: config error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas before any thread starts. Upload and aggregation
+    threads otherwise each grow an arena of freed megabyte buffers: measured with 128 MiB
+    adapters, peak RSS 1540 MiB climbing every round, against 1022 MiB and flat with 2
+    arenas (docs/benchmarks.md). Same effect as MALLOC_ARENA_MAX=2; no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass

@@ -9,6 +9,7 @@ CoordinatorError
 ├── TooLargeError          over a configured size cap                                      -> RESOURCE_EXHAUSTED
 ├── DuplicateError         a second upload for the same round                              -> ALREADY_EXISTS
 ├── StorageError           the disk refused (full, I/O error)                              -> UNAVAILABLE
+├── StreamTimeoutError     a client stream went idle or ran too long                      -> DEADLINE_EXCEEDED
 └── ConfigError            bad configuration (raised at start-up, never over the wire)
 
 The servicer maps these to gRPC status codes in one table (servicer_errors.py). Messages are
@@ -56,3 +57,14 @@ class StorageError(CoordinatorError):
 
 class ConfigError(CoordinatorError):
     pass
+
+
+class StreamTimeoutError(CoordinatorError):
+    """A client stream went silent, or ran longer than allowed (server.upload_*_timeout_seconds).
+
+    Raised by the servicer, not the core: the core never sees a stream. -> DEADLINE_EXCEEDED
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.metrics_reason = reason

@@ -18,7 +18,8 @@ from rankfed.coordinator.auth import bearer_token
 from rankfed.coordinator.errors import AuthError, InvalidUpdateError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
-from rankfed.coordinator.servicer_errors import StreamTimeoutError, streaming, unary
+from rankfed.coordinator.errors import StreamTimeoutError
+from rankfed.coordinator.servicer_errors import streaming, unary
 from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge

@@ -17,17 +17,6 @@ from rankfed.coordinator import errors
 log = logging.getLogger("rankfed.coordinator")
 
 
-class StreamTimeoutError(errors.CoordinatorError):
-    """A client stream went silent, or ran longer than allowed (server.upload_*_timeout_seconds).
-
-    Raised by the servicer, not the core: the core never sees a stream. -> DEADLINE_EXCEEDED
-    """
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.metrics_reason = reason
-
-
 STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
@@ -38,7 +27,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DuplicateError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
-    (StreamTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.StreamTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 
