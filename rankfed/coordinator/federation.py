@@ -737,8 +737,11 @@ class Federation:
                 log.warning("round failed", extra={"round": record.round, "reason": reason})
             else:
                 started = time.perf_counter()
-                assert self._accumulator is not None
-                result = await asyncio.to_thread(self._accumulator.result)
+                accumulator, self._accumulator = self._accumulator, None
+                if accumulator is None:
+                    raise RuntimeError(f"round {record.round} has no accumulator")
+                result = await asyncio.to_thread(accumulator.result)
+                del accumulator  # its sums are as large as the global adapter: free them before encoding
                 bad = _first_non_finite(result)
                 if bad is not None:
                     reason = f"aggregate has non-finite values in {bad}; kept the previous global adapter"
