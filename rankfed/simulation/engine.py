@@ -1,0 +1,341 @@
+"""Simulate a federation of many devices in one process, with the real code on both sides.
+
+- The coordinator side is `Federation` itself (rank policy, rounds, quorum, streamed
+  uploads folded into the rule's accumulator, global adapters on disk), on its own event
+  loop (`host.FederationHost`), configured like `rankfed coordinator serve`.
+- Each device is an `EdgeRunner` (probe-free: its capability comes from a device profile)
+  in its own thread, over an `InProcessTransport` that converts every call exactly as gRPC
+  would. Training is the edge client's `train_local` on a peft model of the real base model.
+- `parallel` compute slots bound how many devices train at once (1: one after the other);
+  torch runs with `threads` threads. Devices share one copy of the frozen base model and
+  drop their peft model between rounds, so 100 devices fit in memory.
+
+With every device taking part in every round (`clients_per_round = 0`), a run is a
+function of the seeds: the same data, config and seed give the same global adapters as the
+gRPC path up to float summation order (tested in tests/simulation/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rankfed.edge_client.data import load_dataset, model_label_names
+from rankfed.edge_client.model import load_base_model, load_tokenizer
+from rankfed.edge_client.protocol import Capability, DeviceClass
+from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
+
+from .host import FederationHost
+from .transport import InProcessTransport
+
+log = logging.getLogger("rankfed.simulation")
+
+GB = 1_000_000_000
+
+# Device profiles: capabilities that the coordinator's default rank tiers
+# (deploy/coordinator.example.toml) map to ranks 16, 8, 8, 4 and 2.
+PROFILES: dict[str, Capability] = {
+    "cuda-large": Capability(DeviceClass.CUDA, 64 * GB, 48 * GB, 16, 20_000.0, 12.5e6, 50e6, "simulated A100", 40 * GB),
+    "cuda": Capability(DeviceClass.CUDA, 32 * GB, 24 * GB, 8, 8_000.0, 12.5e6, 50e6, "simulated laptop GPU", 8 * GB),
+    "cpu-fast": Capability(DeviceClass.CPU, 16 * GB, 8 * GB, 8, 120.0, 5e6, 25e6),
+    "cpu": Capability(DeviceClass.CPU, 8 * GB, 4 * GB, 4, 30.0, 2.5e6, 12.5e6),
+    "mobile": Capability(DeviceClass.MOBILE, 6 * GB, 2 * GB, 8, 15.0, 1e6, 5e6),
+}
+# The rank each profile gets under the default tiers with lora.max_rank = 16.
+PROFILE_RANK = {"cuda-large": 16, "cuda": 8, "cpu-fast": 8, "cpu": 4, "mobile": 2}
+RANK_PROFILE = {16: "cuda-large", 8: "cuda", 4: "cpu", 2: "mobile"}
+
+
+@dataclass(frozen=True)
+class SimClient:
+    name: str
+    profile: str  # a key of PROFILES
+    data_path: Path
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    method: str = "rbla"
+    rounds: int = 5
+    local_steps: int = 20
+    learning_rate: float = 2e-3
+    batch_size: int = 16
+    max_rank: int = 16
+    max_length: int = 64
+    seed: int = 0
+    clients_per_round: int = 0  # 0: every client every round (reproducible)
+    parallel: int = 1  # devices training at once
+    target_modules: tuple[str, ...] = ("query", "value")
+    hetlora_lambda: float = 0.0
+    hetlora_gamma: float = 0.99
+    round_deadline_seconds: float = 24 * 3600.0
+    # Extra coordinator settings by dotted name, e.g. {"lora.alpha_rule": "fixed"}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReport:
+    round: int
+    phase: str
+    method: str
+    clients: list[dict[str, Any]]
+    bytes_up: int
+    bytes_down: int
+    loss_first: float | None
+    loss_last: float | None
+    global_path: str
+    seconds: float
+    accuracy: float | None = None
+    eval_loss: float | None = None
+    predicted_histogram: list[int] | None = None
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(c["rank"] for c in self.clients)
+
+
+@dataclass
+class SimResult:
+    rounds: list[RoundReport]
+    final_global_path: str
+    seconds: float
+    data_dir: str
+
+
+class _SharedModel:
+    """One frozen base model and one tokenizer for every simulated device."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self._lock = threading.Lock()
+        self._base: dict[tuple[str, int], Any] = {}
+        self._tokenizer: Any = None
+
+    def base(self, task: str, num_labels: int) -> Any:
+        with self._lock:
+            key = (task, num_labels)
+            if key not in self._base:
+                self._base[key] = load_base_model(self.model_dir, task, num_labels=num_labels)
+            return self._base[key]
+
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.model_dir)
+            return self._tokenizer
+
+
+class SimRunner(EdgeRunner):
+    """`EdgeRunner` with the base model and tokenizer shared between devices, and the peft
+    model dropped after each round (rebuilt from the shared base on the next). Everything
+    else, from Join to upload, is the edge client's own code."""
+
+    def __init__(self, transport: InProcessTransport, config: RunnerConfig, shared: _SharedModel, **kwargs: Any) -> None:
+        super().__init__(transport, config, **kwargs)
+        self._shared = shared
+
+    def _prepare(self, joined: Any) -> None:  # mirrors EdgeRunner._prepare, minus the reload
+        if self._base is not None:
+            return
+        info = joined.base_model
+        self._base = self._shared.base(info.task, info.num_labels)
+        names = self.config.label_names or model_label_names(self._base.config)
+        self._dataset = load_dataset(
+            self.config.data_path,
+            self._shared.tokenizer(),
+            task=info.task,
+            num_labels=info.num_labels,
+            label_names=names,
+            max_length=self.config.max_length,
+        )
+        self._emit("data", {"examples": len(self._dataset), "path": str(self.config.data_path)})
+
+    def _round(self, task: Any) -> dict[str, Any] | None:
+        try:
+            return super()._round(task)
+        finally:
+            self._peft, self._peft_key = None, None
+
+
+def coordinator_overrides(cfg: SimConfig, *, data_dir: Path, manifest: Path, num_clients: int) -> dict[str, Any]:
+    """The coordinator settings of a simulation (dotted names, as `load_config` takes)."""
+    participants = cfg.clients_per_round or num_clients
+    values: dict[str, Any] = {
+        "server.address": "127.0.0.1:0",
+        "server.data_dir": str(data_dir),
+        "server.long_poll_seconds": 5.0,
+        "model.manifest": str(manifest),
+        "lora.max_rank": cfg.max_rank,
+        "federation.method": cfg.method,
+        "federation.rounds": cfg.rounds,
+        "federation.min_clients": participants,
+        "federation.clients_per_round": cfg.clients_per_round,
+        "federation.wait_for_clients_seconds": cfg.round_deadline_seconds,
+        "federation.round_deadline_seconds": cfg.round_deadline_seconds,
+        "federation.straggler_grace_seconds": cfg.round_deadline_seconds,
+        "federation.local_steps": cfg.local_steps,
+        "federation.learning_rate": cfg.learning_rate,
+        "federation.batch_size": cfg.batch_size,
+        "federation.seed": cfg.seed,
+        # Devices waiting for a compute slot still heartbeat; the timeout is for crashes.
+        "federation.heartbeat_interval_seconds": 5.0,
+        "federation.heartbeat_timeout_seconds": 600.0,
+    }
+    values.update(cfg.overrides)
+    return values
+
+
+def write_manifest(model_dir: Path, path: Path, *, num_labels: int, target_modules: Sequence[str]) -> Path:
+    from rankfed.edge_client.manifest import build_manifest, write_manifest as write
+
+    manifest = build_manifest(
+        model_dir, task="sequence-classification", num_labels=num_labels, target_modules=tuple(target_modules)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(manifest, path)
+    return path
+
+
+def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> list[RoundReport]:
+    """Finished rounds of a `FederationView`, as plain reports."""
+    out = []
+    for view in status.history:
+        rec = view.record
+        clients = []
+        for pv in view.participants:
+            p = pv.participant
+            clients.append({
+                "name": pv.device_name,
+                "device_class": str(pv.device_class) if pv.device_class else "",
+                "rank": p.rank,
+                "state": str(p.state),
+                "bytes_up": p.bytes_up,
+                "bytes_down": p.bytes_down,
+                "num_examples": p.num_examples,
+                "loss_first": p.metrics.loss_first if p.metrics else None,
+                "loss_last": p.metrics.loss_last if p.metrics else None,
+            })
+        clients.sort(key=lambda c: c["name"])
+        m = rec.metrics
+        out.append(RoundReport(
+            round=rec.round,
+            phase=str(rec.phase),
+            method=rec.method,
+            clients=clients,
+            bytes_up=int(m.get("bytes_up", 0)),
+            bytes_down=int(m.get("bytes_down", 0)),
+            loss_first=m.get("loss_first"),
+            loss_last=m.get("loss_last"),
+            global_path=str(data_dir / "blobs" / "global" / f"round-{rec.round:06d}" / "adapter_model.safetensors"),
+            seconds=(rec.finished_at or time.time()) - started.get(rec.round, rec.started_at),
+        ))
+    return out
+
+
+def run_simulation(
+    model_dir: Path,
+    clients: Sequence[SimClient],
+    cfg: SimConfig,
+    *,
+    work_dir: Path,
+    label_names: Sequence[str],
+    evaluate: Callable[[Path], Any] | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+    threads: int | None = None,
+) -> SimResult:
+    """Run one federation to the end. ``evaluate(path)`` (optional) scores each round's
+    global adapter; it must return an object with ``accuracy`` and ``loss``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    unknown = sorted({c.profile for c in clients} - set(PROFILES))
+    if unknown:
+        raise ValueError(f"unknown device profile(s) {unknown}; choose from {sorted(PROFILES)}")
+    work_dir = Path(work_dir)
+    data_dir = work_dir / "coordinator"
+    manifest = write_manifest(
+        Path(model_dir), work_dir / "model-manifest.json", num_labels=len(label_names), target_modules=cfg.target_modules
+    )
+    from rankfed.coordinator.config import load_config
+
+    config = load_config(None, overrides=coordinator_overrides(cfg, data_dir=data_dir, manifest=manifest,
+                                                               num_clients=len(clients)))
+    shared = _SharedModel(Path(model_dir))
+    compute = threading.Semaphore(max(1, cfg.parallel))
+    errors: list[BaseException] = []
+    start = time.time()
+    reports: list[RoundReport] = []
+    with FederationHost(config) as host:
+        threads_: list[threading.Thread] = []
+        for client in clients:
+            runner = SimRunner(
+                InProcessTransport(host, compute=compute),
+                RunnerConfig(
+                    model_dir=Path(model_dir),
+                    data_path=client.data_path,
+                    device_name=client.name,
+                    label_names=tuple(label_names),
+                    max_length=cfg.max_length,
+                    hetlora_lambda=cfg.hetlora_lambda if cfg.method == "hetlora" else 0.0,
+                    hetlora_gamma=cfg.hetlora_gamma,
+                    max_wait_s=5.0,
+                    rejoin_on_bandwidth_change=False,
+                ),
+                shared,
+                capability=PROFILES[client.profile],
+            )
+            t = threading.Thread(target=_run_device, args=(runner, errors), name=f"device-{client.name}", daemon=True)
+            threads_.append(t)
+            t.start()
+        seen = 0
+        while True:
+            done = host.call(lambda: host.fed().done)
+            status = host.call(lambda: host.fed().status(0))
+            finished = round_reports(status, data_dir, {})
+            for report in finished[seen:]:
+                if report.phase == "done" and evaluate is not None:
+                    result = evaluate(Path(report.global_path))
+                    report.accuracy, report.eval_loss = result.accuracy, result.loss
+                    report.predicted_histogram = list(getattr(result, "predicted_histogram", []) or []) or None
+                reports.append(report)
+                if on_round is not None:
+                    on_round(report)
+            seen = len(finished)
+            if errors:
+                raise RuntimeError(f"a simulated device failed: {errors[0]!r}") from errors[0]
+            if done and seen >= cfg.rounds:
+                break
+            time.sleep(0.2)
+        for t in threads_:
+            t.join(timeout=120)
+        if errors:
+            raise RuntimeError(f"a simulated device failed: {errors[0]!r}") from errors[0]
+    final = next((r.global_path for r in reversed(reports) if r.phase == "done"), "")
+    return SimResult(rounds=reports, final_global_path=final, seconds=time.time() - start, data_dir=str(data_dir))
+
+
+def _run_device(runner: EdgeRunner, errors: list[BaseException]) -> None:
+    try:
+        runner.run()
+    except BaseException as exc:  # reported by the main thread
+        log.exception("simulated device %s failed", runner.config.device_name)
+        errors.append(exc)
+
+
+def result_to_json(result: SimResult) -> dict[str, Any]:
+    return {
+        "seconds": round(result.seconds, 2),
+        "final_global_path": result.final_global_path,
+        "rounds": [{**r.__dict__, "ranks": r.ranks} for r in result.rounds],
+    }
+
+
+def dump(result: SimResult, path: Path) -> None:
+    path.write_text(json.dumps(result_to_json(result), indent=2))
