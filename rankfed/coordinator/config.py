@@ -40,6 +40,7 @@ __all__ = [
     "CHUNK_OVERHEAD_BYTES",
     "CoordinatorConfig",
     "DEFAULT_TIERS",
+    "FEDERATION_MODES",
     "FederationConfig",
     "LoraSection",
     "ModelConfig",
@@ -52,6 +53,7 @@ __all__ = [
     "load_config",
 ]
 
+FEDERATION_MODES = ("rank_heterogeneous", "personalized")
 AGGREGATION_METHODS = ("fedit", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora")
 # Room a chunk message needs beyond its payload (offsets, ids, digest): the gRPC receive
 # limit must exceed max_chunk_bytes by at least this much.
@@ -157,6 +159,14 @@ class LoraSection:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    mode: str = _f(
+        "rank_heterogeneous",
+        "rank_heterogeneous: one global adapter over one base model, a rank per device. "
+        "personalized (pFedLoRA): each device keeps a private adapter and head on its own "
+        "base model (the manifest may list several) and shares one small adapter at "
+        "lora.max_rank, averaged with method fedit (docs/personalized.md).",
+        choices=FEDERATION_MODES,
+    )
     rounds: int = _f(5, "Number of rounds before the federation is done.", ge=1)
     method: str = _f("rbla", "Aggregation rule.", choices=AGGREGATION_METHODS)
     min_clients: int = _f(
@@ -562,6 +572,11 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
             f"federation.clients_per_round = {fed.clients_per_round}: must be 0 (every online "
             f"client) or ≥ federation.min_clients = {fed.min_clients}, or no round can "
             "reach its quorum"
+        )
+    if fed.mode == "personalized" and fed.method != "fedit":
+        errors.append(
+            f"federation.method = {fed.method!r}: federation.mode = 'personalized' averages one "
+            "homogeneous shared adapter (FedAvg); set federation.method = \"fedit\""
         )
     if fed.heartbeat_timeout_seconds <= fed.heartbeat_interval_seconds:
         errors.append(

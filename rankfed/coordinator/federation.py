@@ -25,6 +25,7 @@ from rankfed.coordinator.auth import EDGE_AUDIENCE, TokenSigner
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import (
     AuthError,
+    ConfigError,
     DuplicateError,
     InvalidUpdateError,
     NotFoundError,
@@ -80,6 +81,8 @@ class Federation:
         self._store = store
         self._blobs = blobs
         self._clock = clock
+        _check_manifest_for_mode(manifest, config)
+        self._personalized = config.federation.mode == "personalized"
         self._spec = manifest.adapter_spec()
         self._method = get_method(config.federation.method)
         self._globals = GlobalAdapters(blobs, manifest, self._method)
@@ -250,10 +253,12 @@ class Federation:
         if not name or len(name) > 128:
             raise InvalidUpdateError("device_name must be 1 to 128 characters; use a stable name per device")
         _check_capability(info)
-        if info.base_model_sha256 != self.manifest.weights_sha256:
+        model = self.manifest.model_for(info.base_model_sha256)
+        if model is None:
+            allowed = ", ".join(f"{m.model_id} with sha256 {m.weights_sha256[:16]}…" for m in self.manifest.allowed_models())
             raise PreconditionError(
                 f"this device's base model has weights sha256 {info.base_model_sha256[:16] or '(none)'}…, the federation "
-                f"trains {self.manifest.model_id} with sha256 {self.manifest.weights_sha256[:16]}…; install that model"
+                f"trains {allowed}; install {'one of those models' if len(self.manifest.allowed_models()) > 1 else 'that model'}"
             )
         now = self._clock()
         existing = self._store.find_client_by_name(name)
@@ -263,6 +268,8 @@ class Federation:
         rank, tier, reason = rank_policy.assign(
             info.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions
         )
+        if self._personalized:
+            rank, reason = cfg.lora.max_rank, _SHARED_REASON.format(rank=cfg.lora.max_rank)
         if existing is None:
             client = ClientRecord(
                 client_id="c-" + secrets.token_hex(6),
@@ -295,6 +302,9 @@ class Federation:
             heartbeat_interval=cfg.federation.heartbeat_interval_seconds,
             federation_id=self.federation_id,
             max_chunk_bytes=cfg.server.max_chunk_bytes,
+            mode=cfg.federation.mode,
+            base_model_id=model.model_id,
+            base_model_sha256=model.weights_sha256,
         )
 
     def leave(self, client_id: str, reason: str) -> None:
@@ -665,7 +675,11 @@ class Federation:
             ranks = dict.fromkeys(ranks, cfg.lora.max_rank)
             tiers = {cid: (tier, f"fedit is homogeneous: every client trains at lora.max_rank {cfg.lora.max_rank}")
                      for cid, (tier, _) in tiers.items()}
-        if cfg.rank_policy.round_budget_bytes:
+        if self._personalized:
+            # pFedLoRA averages one homogeneous shared adapter: no rank policy, no budget.
+            ranks = dict.fromkeys(ranks, cfg.lora.max_rank)
+            tiers = {cid: (tier, _SHARED_REASON.format(rank=cfg.lora.max_rank)) for cid, (tier, _) in tiers.items()}
+        elif cfg.rank_policy.round_budget_bytes:
             budgeted = rank_policy.apply_budget(
                 ranks,
                 bytes_at_rank=lambda r: rank_policy.update_bytes(r, self.manifest),
@@ -730,6 +744,8 @@ class Federation:
                             self._store.upsert_client(replace(client, deadlines_missed=client.deadlines_missed + 1))
             receipts = self._store.list_receipts(record.round)
             metrics = _round_metrics(receipts, self._store.list_participants(record.round))
+            if self._personalized:
+                metrics.update(_personal_metrics(receipts))
             now = self._clock()
             if len(receipts) < fed.min_clients:
                 reason = f"quorum not reached: {len(receipts)} of {fed.min_clients} required updates by the deadline"
@@ -783,6 +799,8 @@ class Federation:
             weights_sha256=self.manifest.weights_sha256,
             task=self.manifest.task,
             num_labels=self.manifest.num_labels,
+            mode=self.config.federation.mode,
+            models=tuple((m.model_id, m.weights_sha256) for m in self.manifest.allowed_models()),
         )
 
     def _round_view(self, record: RoundRecord) -> RoundView:
@@ -806,6 +824,41 @@ class Federation:
                 return
             if version == self._version:
                 await event.wait()
+
+
+_SHARED_REASON = "personalized: every client shares one adapter at lora.max_rank {rank}"
+
+
+def _check_manifest_for_mode(manifest: ModelManifest, config: CoordinatorConfig) -> None:
+    """A manifest that cannot serve the configured mode is a configuration error."""
+    if config.federation.mode == "personalized":
+        if manifest.dense or manifest.modules_to_save:
+            raise ConfigError(
+                f"model manifest: federation.mode = 'personalized' shares only a LoRA adapter (the head is "
+                f"private to each device), but the manifest federates dense tensors {sorted(manifest.dense)} / "
+                f"modules_to_save {list(manifest.modules_to_save)}; write it with "
+                "`rankfed edge manifest --shared-layers ...` (docs/personalized.md)"
+            )
+    elif len(manifest.allowed_models()) > 1:
+        raise ConfigError(
+            f"model manifest lists {len(manifest.allowed_models())} base models; several models can only "
+            "federate with federation.mode = 'personalized' (their LoRA modules differ)"
+        )
+
+
+def _personal_metrics(receipts: list[Receipt]) -> dict[str, float]:
+    """Unweighted mean, spread, min and max across clients of each eval metric: pFedLoRA
+    reports each client's accuracy on its own held-out data, every client counting once."""
+    out: dict[str, float] = {}
+    keys = sorted(set().union(*(r.metrics.eval.keys() for r in receipts))) if receipts else []
+    for key in keys:
+        values = np.array([r.metrics.eval[key] for r in receipts if key in r.metrics.eval], dtype=np.float64)
+        out[f"personal_{key}_mean"] = float(values.mean())
+        out[f"personal_{key}_std"] = float(values.std())
+        out[f"personal_{key}_min"] = float(values.min())
+        out[f"personal_{key}_max"] = float(values.max())
+        out[f"personal_{key}_clients"] = float(len(values))
+    return out
 
 
 def _check_capability(info: JoinInfo) -> None:

@@ -8,6 +8,16 @@ Format (docs/model-manifest.md), written by `rankfed edge manifest` through `wri
      "modules": {"bert.encoder.layer.0.attention.self.query": [384, 384], ...},  # [d_out, d_in]
      "dense": {"classifier.weight": [5, 384], "classifier.bias": [5]}}
 
+A personalized federation (docs/personalized.md) may admit several base models; its modules
+are then the shared adapter's, named model-independently (a negative layer index counts from
+the end of each client's model), and model_id / weights_sha256 default to the first entry:
+
+    {"format": ..., "model_id": "shared-last-layer-qv",
+     "models": [{"model_id": "all-MiniLM-L6-v2", "weights_sha256": ...},
+                {"model_id": "paraphrase-MiniLM-L3-v2", "weights_sha256": ...}],
+     "task": "sequence-classification", "num_labels": 5, "target_modules": ["query", "value"],
+     "modules": {"encoder.layer.-1.attention.self.query": [384, 384], ...}}
+
 Every problem raises ConfigError naming the field or module.
 """
 
@@ -28,7 +38,7 @@ from rankfed.coordinator.errors import ConfigError
 if TYPE_CHECKING:
     from rankfed.aggregation import AdapterSpec
 
-__all__ = ["MANIFEST_FORMAT", "TASKS", "ModelManifest", "load_manifest", "write_manifest"]
+__all__ = ["MANIFEST_FORMAT", "TASKS", "BaseModelEntry", "ModelManifest", "load_manifest", "write_manifest"]
 
 MANIFEST_FORMAT = "rankfed-model-manifest/1"
 TASKS = ("sequence-classification", "causal-lm")
@@ -42,7 +52,16 @@ _KEYS = (
     "modules_to_save",
     "modules",
     "dense",
+    "models",
 )
+
+
+@dataclass(frozen=True)
+class BaseModelEntry:
+    """A base model a device may join with."""
+
+    model_id: str
+    weights_sha256: str
 
 
 @dataclass(frozen=True)
@@ -55,9 +74,20 @@ class ModelManifest:
     modules_to_save: tuple[str, ...]
     modules: dict[str, tuple[int, int]]  # LoRA-wrapped module -> (d_out, d_in)
     dense: dict[str, tuple[int, ...]] = field(default_factory=dict)  # federated non-LoRA
+    # Every admitted base model; empty: only (model_id, weights_sha256).
+    models: tuple[BaseModelEntry, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def allowed_models(self) -> tuple[BaseModelEntry, ...]:
+        """The base models a device may join with, the manifest's own first."""
+        own = BaseModelEntry(self.model_id, self.weights_sha256)
+        return self.models or (own,)
+
+    def model_for(self, weights_sha256: str) -> BaseModelEntry | None:
+        """The admitted base model with these weights, or None."""
+        return next((m for m in self.allowed_models() if m.weights_sha256 == weights_sha256), None)
 
     def adapter_spec(self) -> AdapterSpec:
         """The module shapes as the aggregation package's AdapterSpec."""
@@ -77,6 +107,8 @@ class ModelManifest:
             "modules_to_save": list(self.modules_to_save),
             "modules": {k: list(v) for k, v in self.modules.items()},
             "dense": {k: list(v) for k, v in self.dense.items()},
+            **({"models": [{"model_id": m.model_id, "weights_sha256": m.weights_sha256} for m in self.models]}
+               if self.models else {}),
         }
 
 
@@ -119,6 +151,11 @@ def manifest_from_dict(data: Any) -> ModelManifest:
             f"format = {fmt!r}: expected {MANIFEST_FORMAT!r}; rewrite the manifest with "
             "this version's `rankfed edge manifest`"
         )
+    models = _models(data["models"]) if "models" in data else ()
+    data = dict(data)
+    if models:  # the top-level identity defaults to the first admitted model
+        data.setdefault("weights_sha256", models[0].weights_sha256)
+        data.setdefault("model_id", models[0].model_id)
     for key in ("model_id", "weights_sha256", "task", "target_modules", "modules"):
         if key not in data:
             raise ConfigError(f"missing field {key!r}")
@@ -137,6 +174,7 @@ def manifest_from_dict(data: Any) -> ModelManifest:
         modules_to_save=_str_tuple(data.get("modules_to_save", []), "modules_to_save"),
         modules=_shapes(data["modules"], "modules"),  # type: ignore[arg-type]
         dense=_shapes(data.get("dense", {}), "dense"),
+        models=models,
     )
 
 
@@ -162,6 +200,18 @@ def _str_tuple(value: Any, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _models(value: Any) -> tuple[BaseModelEntry, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"models = {value!r}: expected a non-empty list of {{model_id, weights_sha256}} objects")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or set(item) != {"model_id", "weights_sha256"}:
+            raise ConfigError(f"models[{i}] = {item!r}: expected an object with model_id and weights_sha256")
+        sha = item["weights_sha256"]
+        out.append(BaseModelEntry(item["model_id"], sha.lower() if isinstance(sha, str) else sha))
+    return tuple(out)
+
+
 def _shapes(value: Any, name: str) -> dict[str, tuple[int, ...]]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{name} = {value!r}: expected an object of name -> shape")
@@ -175,14 +225,31 @@ def _shapes(value: Any, name: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _is_sha(sha: Any) -> bool:
+    return isinstance(sha, str) and len(sha) == 64 and set(sha) <= set(string.hexdigits.lower())
+
+
 def _validate(m: ModelManifest) -> None:
     if not isinstance(m.model_id, str) or not m.model_id:
         raise ConfigError(f"model_id = {m.model_id!r}: expected a non-empty string")
+    seen: set[str] = set()
+    for i, entry in enumerate(m.models):
+        if not isinstance(entry.model_id, str) or not entry.model_id:
+            raise ConfigError(f"models[{i}].model_id = {entry.model_id!r}: expected a non-empty string")
+        if not _is_sha(entry.weights_sha256):
+            raise ConfigError(f"models[{i}].weights_sha256 = {entry.weights_sha256!r}: expected 64 lowercase hex digits")
+        if entry.weights_sha256 in seen:
+            raise ConfigError(f"models[{i}].weights_sha256: listed twice; list each base model once")
+        seen.add(entry.weights_sha256)
     sha = m.weights_sha256
-    if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set(string.hexdigits.lower())):
+    if not _is_sha(sha):
         raise ConfigError(
             f"weights_sha256 = {sha!r}: expected 64 lowercase hex digits (sha256 of the "
             "base model's weight files)"
+        )
+    if m.models and sha not in seen:
+        raise ConfigError(
+            "weights_sha256 is not one of models[].weights_sha256; omit it (it defaults to the first) or list it"
         )
     if m.task not in TASKS:
         raise ConfigError(f"task = {m.task!r}: expected one of {', '.join(TASKS)}")

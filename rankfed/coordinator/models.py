@@ -167,6 +167,10 @@ class JoinResult:
     heartbeat_interval: float
     federation_id: str
     max_chunk_bytes: int
+    mode: str = "rank_heterogeneous"
+    # The admitted base model this device joined with ("": the manifest's own).
+    base_model_id: str = ""
+    base_model_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -250,3 +254,5 @@ class FederationView:
     weights_sha256: str
     task: str
     num_labels: int
+    mode: str = "rank_heterogeneous"
+    models: tuple[tuple[str, str], ...] = ()  # (model_id, weights_sha256) of each admitted model

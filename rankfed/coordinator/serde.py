@@ -157,12 +157,25 @@ def base_model_to_proto(view: FederationView) -> ProtoCommon.BaseModel:
     )
 
 
+_MODE_TO = {
+    "rank_heterogeneous": ProtoCommon.FEDERATION_MODE_RANK_HETEROGENEOUS,
+    "personalized": ProtoCommon.FEDERATION_MODE_PERSONALIZED,
+}
+
+
 def join_result_to_proto(r: JoinResult, base_model: ProtoCommon.BaseModel) -> ProtoEdge.JoinResponse:
+    """`base_model` is the federation's; the model the device joined with (one of several in a
+    personalized federation) replaces its id and digest."""
+    if r.base_model_sha256 and r.base_model_sha256 != base_model.weights_sha256:
+        base_model = ProtoCommon.BaseModel(
+            id=r.base_model_id, weights_sha256=r.base_model_sha256, task=base_model.task,
+            num_labels=base_model.num_labels,
+        )
     return ProtoEdge.JoinResponse(
         client_id=r.client_id, session_token=r.session_token, token_expires_at=timestamp(r.token_expires_at),
         assignment=assignment_to_proto(r.assignment), base_model=base_model,
         heartbeat_interval=duration(r.heartbeat_interval), federation_id=r.federation_id,
-        max_chunk_bytes=r.max_chunk_bytes,
+        max_chunk_bytes=r.max_chunk_bytes, mode=_MODE_TO[r.mode],
     )
 
 
@@ -224,7 +237,11 @@ def federation_to_proto(view: FederationView) -> ProtoAdmin.FederationStatus:
         federation_id=view.federation_id, total_rounds=view.total_rounds,
         current=round_to_proto(view.current) if view.current else None,
         history=[round_to_proto(r) for r in view.history], done=view.done,
-        clients_online=view.clients_online, base_model=base_model_to_proto(view),
+        clients_online=view.clients_online, base_model=base_model_to_proto(view), mode=_MODE_TO[view.mode],
+        models=[
+            ProtoCommon.BaseModel(id=model_id, weights_sha256=sha, task=view.task, num_labels=view.num_labels)
+            for model_id, sha in view.models
+        ],
     )
 
 

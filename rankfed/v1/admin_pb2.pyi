@@ -195,10 +195,13 @@ class FederationStatus(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     CLIENTS_ONLINE_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     total_rounds: _builtins.int
     done: _builtins.bool
     clients_online: _builtins.int
+    mode: _common_pb2.FederationMode.ValueType
     @_builtins.property
     def current(self) -> Global___RoundStatus:
         """The open round, or the last one when the federation is done."""
@@ -209,6 +212,12 @@ class FederationStatus(_message.Message):
 
     @_builtins.property
     def base_model(self) -> _common_pb2.BaseModel: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BaseModel]:
+        """Every base model a device may join with (personalized mode allows several); the first
+        is base_model.
+        """
+
     def __init__(
         self,
         *,
@@ -219,10 +228,12 @@ class FederationStatus(_message.Message):
         done: _builtins.bool = ...,
         clients_online: _builtins.int = ...,
         base_model: _common_pb2.BaseModel | None = ...,
+        mode: _common_pb2.FederationMode.ValueType = ...,
+        models: _abc.Iterable[_common_pb2.BaseModel] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "current", b"current"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "clients_online", b"clients_online", "current", b"current", "done", b"done", "federation_id", b"federation_id", "history", b"history", "total_rounds", b"total_rounds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "clients_online", b"clients_online", "current", b"current", "done", b"done", "federation_id", b"federation_id", "history", b"history", "mode", b"mode", "models", b"models", "total_rounds", b"total_rounds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

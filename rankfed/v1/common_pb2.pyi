@@ -68,6 +68,32 @@ ALPHA_RULE_RSLORA: AlphaRule.ValueType  # 3
 """rsLoRA: scaling = alpha / sqrt(r) with a fixed alpha."""
 Global___AlphaRule: _TypeAlias = AlphaRule  # noqa: Y015
 
+class _FederationMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FederationModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FederationMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEDERATION_MODE_UNSPECIFIED: _FederationMode.ValueType  # 0
+    FEDERATION_MODE_RANK_HETEROGENEOUS: _FederationMode.ValueType  # 1
+    """One global adapter over one base model, trained at a rank per device (the default)."""
+    FEDERATION_MODE_PERSONALIZED: _FederationMode.ValueType  # 2
+    """pFedLoRA: every client keeps a private adapter and head on its own base model (several
+    models may take part) and shares one small homogeneous adapter that is averaged.
+    """
+
+class FederationMode(_FederationMode, metaclass=_FederationModeEnumTypeWrapper):
+    """How a federation treats its clients' models."""
+
+FEDERATION_MODE_UNSPECIFIED: FederationMode.ValueType  # 0
+FEDERATION_MODE_RANK_HETEROGENEOUS: FederationMode.ValueType  # 1
+"""One global adapter over one base model, trained at a rank per device (the default)."""
+FEDERATION_MODE_PERSONALIZED: FederationMode.ValueType  # 2
+"""pFedLoRA: every client keeps a private adapter and head on its own base model (several
+models may take part) and shares one small homogeneous adapter that is averaged.
+"""
+Global___FederationMode: _TypeAlias = FederationMode  # noqa: Y015
+
 class _ParticipantState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015

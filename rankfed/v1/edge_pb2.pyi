@@ -102,11 +102,16 @@ class JoinResponse(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     session_token: _builtins.str
     federation_id: _builtins.str
     max_chunk_bytes: _builtins.int
     """The largest chunk the coordinator accepts, in bytes."""
+    mode: _common_pb2.FederationMode.ValueType
+    """PERSONALIZED: the adapter exchanged is only the shared one (model-independent module
+    names, see docs/personalized.md); the client keeps its private part on the device.
+    """
     @_builtins.property
     def token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -126,10 +131,11 @@ class JoinResponse(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         federation_id: _builtins.str = ...,
         max_chunk_bytes: _builtins.int = ...,
+        mode: _common_pb2.FederationMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "base_model", b"base_model", "heartbeat_interval", b"heartbeat_interval", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "base_model", b"base_model", "client_id", b"client_id", "federation_id", b"federation_id", "heartbeat_interval", b"heartbeat_interval", "max_chunk_bytes", b"max_chunk_bytes", "session_token", b"session_token", "token_expires_at", b"token_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "base_model", b"base_model", "client_id", b"client_id", "federation_id", b"federation_id", "heartbeat_interval", b"heartbeat_interval", "max_chunk_bytes", b"max_chunk_bytes", "mode", b"mode", "session_token", b"session_token", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

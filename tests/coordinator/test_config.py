@@ -238,6 +238,8 @@ def test_tiers_not_a_list(tmp_path: Path) -> None:
         ("[federation]\nlearning_rate = 'fast'\n", "federation.learning_rate = 'fast' (str): expected a number"),
         ("[federation]\nclients_per_round = 1\nmin_clients = 2\n", "federation.clients_per_round = 1: must be 0"),
         ("[federation]\nheartbeat_timeout_seconds = 5\n", "federation.heartbeat_timeout_seconds = 5.0: must exceed"),
+        ("[federation]\nmode = 'personal'\n", "federation.mode = 'personal': expected one of rank_heterogeneous, personalized"),
+        ("[federation]\nmode = 'personalized'\n", "federation.method = 'rbla': federation.mode = 'personalized' averages"),
         ("[lora]\nmax_rank = 0\n", "lora.max_rank = 0: must be ≥ 1"),
         ("[lora]\nalpha_rule = 'const'\n", "lora.alpha_rule = 'const' (str): expected one of constant_scaling, fixed, rslora"),
         ("[lora]\ndropout = 1.0\n", "lora.dropout = 1.0: must be ≥ 0 and < 1"),
@@ -322,3 +324,11 @@ def test_config_to_dict_round_trips_and_redacts(tmp_path: Path) -> None:
     assert plain["server"]["admin_token"] == "s3cret"
     assert config_from_mapping(plain) == cfg
     json.dumps(data)  # loggable as is
+
+
+def test_personalized_mode_with_fedit(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\nmode = 'personalized'\nmethod = 'fedit'\n")
+    cfg = load_config(path)
+    assert cfg.federation.mode == "personalized"
+    assert load_config(None).federation.mode == "rank_heterogeneous"
