@@ -12,6 +12,7 @@ gives it back when it uploads, or at its next GetTask/Leave if it abandoned the 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import threading
 from collections.abc import Callable
 
@@ -164,7 +165,9 @@ class InProcessTransport:
             session = fed.begin_upload(self._client_id(), coordinator_serde.upload_header_from_proto(message.header))
             try:
                 for offset in range(0, len(blob), chunk):
-                    session.add_chunk(offset, blob[offset : offset + chunk])
+                    pending = session.add_chunk(offset, blob[offset : offset + chunk])
+                    if inspect.isawaitable(pending):  # async since the coordinator writes on a thread
+                        await pending
                 receipt = await fed.finish_upload(session)
             except BaseException:
                 fed.abort_upload(session)
