@@ -22,7 +22,7 @@ from rankfed.coordinator.models import Participant, UploadHeader
 from rankfed.coordinator.store import BlobWriter
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-WINDOW = 4  # chunks written behind the network, per stream
+WINDOW = 2  # chunks written behind the network, per stream
 
 
 def check_header(header: UploadHeader, participant: Participant, *, max_upload_bytes: int) -> None:
