@@ -26,6 +26,13 @@ def _csv(value: str) -> tuple[str, ...]:
     return items
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, e.g. -1 or -2,-1") from None
+
+
 def _offline(threads: int | None) -> None:
     """Nothing is downloaded at run time; optionally pin torch's thread count."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,6 +118,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _offline(args.threads)
     from .protocol import DeviceClass
+    from .personal import PrivateSettings
     from .runner import EdgeRunner, RunnerConfig
     from .transport import EdgeTransport, RetryPolicy
 
@@ -137,6 +145,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds,
         out_dir=Path(args.out) if args.out else None,
         upload_dtype=args.upload_dtype,
+        eval_path=Path(args.eval_data) if args.eval_data else None,
+        holdout_fraction=args.holdout,
+        personal_dir=Path(args.personal_dir) if args.personal_dir else None,
+        private_steps=args.private_steps,
+        shared_steps=args.shared_steps,
+        private=PrivateSettings(rank=args.private_rank, alpha=args.private_alpha),
     )
     printer = _Printer(args.json, args.quiet)
     retry = RetryPolicy(max_elapsed_s=args.retry_for)
@@ -209,16 +223,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_manifest(args: argparse.Namespace) -> int:
     _offline(None)
-    from .manifest import build_manifest, write_manifest
+    from .manifest import build_manifest, build_personalized_manifest, write_manifest
 
-    manifest = build_manifest(
-        args.model,
-        task=args.task,
-        num_labels=args.num_labels,
-        target_modules=args.target_modules,
-        modules_to_save=args.modules_to_save,
-        model_id=args.model_id,
-    )
+    if args.shared_layers is not None:
+        manifest = build_personalized_manifest(
+            args.model, task=args.task, num_labels=args.num_labels, target_modules=args.target_modules,
+            shared_layers=args.shared_layers, model_id=args.model_id,
+        )
+    elif len(args.model) > 1:
+        raise ConfigError("several --model need --shared-layers (a personalized federation's manifest)")
+    else:
+        manifest = build_manifest(
+            args.model[0],
+            task=args.task,
+            num_labels=args.num_labels,
+            target_modules=args.target_modules,
+            modules_to_save=args.modules_to_save,
+            model_id=args.model_id,
+        )
     if args.out == "-":
         print(json.dumps(manifest, indent=2))
     else:
@@ -270,6 +292,19 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--hetlora-lambda", type=float, default=0.0, help="HetLoRA self-pruning penalty strength (0: off)")
     g.add_argument("--hetlora-gamma", type=float, default=0.99, help="HetLoRA decay factor (default 0.99)")
     g.add_argument("--hetlora-min-rank", type=int, default=1)
+    e = p.add_argument_group("evaluation on held-out local data (reported in the update's metrics.eval)")
+    e.add_argument("--eval-data", metavar="FILE", help="held-out examples (default: a --holdout fraction of --data)")
+    e.add_argument("--holdout", type=float, metavar="FRACTION",
+                   help="hold out this fraction of --data (default 0.2 in a personalized federation, else none)")
+    g2 = p.add_argument_group("personalized federations (pFedLoRA, docs/personalized.md)")
+    g2.add_argument("--personal-dir", metavar="DIR",
+                    help="keep the private adapter and head here between rounds and restarts (never uploaded)")
+    g2.add_argument("--private-steps", type=int, help="steps training the private part, shared adapter frozen "
+                    "(default: half the task's local steps)")
+    g2.add_argument("--shared-steps", type=int, help="steps training the shared adapter, private part frozen "
+                    "(default: the other half)")
+    g2.add_argument("--private-rank", type=int, default=8, help="rank of the private LoRA (default 8)")
+    g2.add_argument("--private-alpha", type=float, help="alpha of the private LoRA (default 2 x rank)")
     t = p.add_argument_group("transport security (default: plaintext, which coordinators allow on loopback only)")
     t.add_argument("--tls", action="store_true", help="TLS, verifying the coordinator with the system roots")
     t.add_argument("--tls-ca", metavar="PEM", help="CA that signed the coordinator's certificate (implies --tls)")
@@ -309,7 +344,11 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_guarded(cmd_infer))
 
     p = cmds.add_parser("manifest", help="write the model manifest a coordinator serves")
-    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--model", required=True, metavar="DIR", action="append",
+                   help="model directory; repeat it with --shared-layers to admit several models")
+    p.add_argument("--shared-layers", type=_ints, metavar="I,J",
+                   help="personalized federation: the shared adapter sits on the target modules of these layers "
+                        "(negative: from the end, e.g. -1), named model-independently (docs/personalized.md)")
     p.add_argument("--task", required=True, choices=("sequence-classification", "causal-lm"))
     p.add_argument("--num-labels", type=int, default=0)
     p.add_argument("--target-modules", type=_csv, required=True, help="e.g. query,value")

@@ -204,3 +204,22 @@ def load_dataset(
         raise DataError(f"unknown task {task!r}")
     pad = tokenizer.pad_token_id
     return TextDataset(examples, task=task, pad_id=int(pad if pad is not None else 0))
+
+
+def split_holdout(dataset: TextDataset, fraction: float, *, seed: int = 0) -> tuple[TextDataset, TextDataset]:
+    """(train, held-out): a deterministic ``fraction`` of the examples held out for evaluation
+    (at least one, and at least one left to train on). The same file and seed give the same
+    split on every run, so a restarted client evaluates on the same examples."""
+    if not 0 < fraction < 1:
+        raise DataError(f"held-out fraction must be in (0, 1), got {fraction}")
+    n = len(dataset)
+    if n < 2:
+        raise DataError(f"{n} example(s): too few to hold any out for evaluation")
+    k = min(n - 1, max(1, round(n * fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    held = [dataset.examples[i] for i in sorted(order[:k])]
+    train = [dataset.examples[i] for i in sorted(order[k:])]
+    return (
+        TextDataset(train, task=dataset.task, pad_id=dataset.pad_id),
+        TextDataset(held, task=dataset.task, pad_id=dataset.pad_id),
+    )

@@ -107,3 +107,57 @@ def write_manifest(manifest: dict[str, Any], out: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def build_personalized_manifest(
+    model_dirs: list[str | Path],
+    *,
+    task: str,
+    num_labels: int = 0,
+    target_modules: tuple[str, ...],
+    shared_layers: tuple[int, ...] = (-1,),
+    model_id: str | None = None,
+    model_ids: list[str] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a personalized federation (docs/personalized.md): the shared adapter's
+    modules on ``shared_layers`` (negative: from the end) under model-independent names, and
+    every model in ``model_dirs`` admitted; each must have those modules with the same shapes."""
+    from .personal import shared_module_names
+
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    if task == "sequence-classification" and num_labels < 2:
+        raise ConfigError("--num-labels must be >= 2 for sequence-classification")
+    if not model_dirs:
+        raise ConfigError("give at least one --model")
+    if model_ids is not None and len(model_ids) != len(model_dirs):
+        raise ConfigError(f"{len(model_ids)} model ids for {len(model_dirs)} models")
+    modules: dict[str, tuple[int, int]] | None = None
+    models = []
+    for i, path in enumerate(model_dirs):
+        model_dir = resolve_model_dir(path)
+        found = shared_module_names(_meta_model(model_dir, task, num_labels), target_modules, shared_layers)
+        if modules is not None and found != modules:
+            raise ConfigError(
+                f"{model_dir}: shared modules {found} differ from the first model's {modules}; the shared "
+                "adapter needs the same module names and shapes in every model"
+            )
+        modules = found
+        resolved = model_dir.resolve()
+        default_id = resolved.parent.name if resolved.name in ("model", "snapshot") else resolved.name
+        models.append({"model_id": model_ids[i] if model_ids else default_id,
+                       "weights_sha256": weights_sha256(model_dir)})
+    assert modules is not None
+    layers = ",".join(str(x) for x in shared_layers)
+    return {
+        "format": MANIFEST_FORMAT,
+        "model_id": model_id or f"shared-layers-{layers}-{'-'.join(target_modules)}",
+        "weights_sha256": models[0]["weights_sha256"],
+        "task": task,
+        "num_labels": num_labels if task == "sequence-classification" else 0,
+        "target_modules": list(target_modules),
+        "modules_to_save": [],
+        "modules": {k: list(v) for k, v in sorted(modules.items())},
+        "dense": {},
+        "models": models,
+    }

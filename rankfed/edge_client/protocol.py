@@ -95,6 +95,8 @@ class JoinResult:
     federation_id: str
     max_chunk_bytes: int
     token_expires_at: float = 0.0  # unix seconds, 0: unknown
+    # "rank_heterogeneous" or "personalized" (pFedLoRA: only the shared adapter is exchanged).
+    mode: str = "rank_heterogeneous"
 
 
 @dataclass(frozen=True)

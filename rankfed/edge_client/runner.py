@@ -38,10 +38,11 @@ from rankfed.aggregation import (
     truncate,
 )
 
-from .data import TextDataset, load_dataset, model_label_names, read_records
+from .data import TextDataset, load_dataset, model_label_names, read_records, split_holdout
 from .errors import (
     AdapterError,
     AuthError,
+    ConfigError,
     DuplicateError,
     ModelMismatchError,
     StaleRoundError,
@@ -66,7 +67,8 @@ from .protocol import (
     UploadReceipt,
     WaitTask,
 )
-from .train import StepInfo, TrainConfig, lora_pairs, train_local
+from .personal import PersonalModel, PersonalStore, PrivateSettings
+from .train import StepInfo, TrainConfig, TrainResult, evaluate, lora_pairs, train_local
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,17 @@ class RunnerConfig:
     out_dir: Path | None = None  # where the final global adapter is written
     upload_dtype: str = "float32"
     rejoin_on_bandwidth_change: bool = True
+    # Held-out evaluation, reported in the update's metrics.eval: a separate file, or a
+    # deterministic fraction of the data (personalized mode: 0.2 unless set; else none).
+    eval_path: Path | None = None
+    holdout_fraction: float | None = None
+    # Personalized mode (pFedLoRA, docs/personalized.md): where the private part lives
+    # between rounds (None: in memory only, lost when the client stops), the steps of each
+    # phase (None: the task's local_steps split in half, private first), the private LoRA.
+    personal_dir: Path | None = None
+    private_steps: int | None = None
+    shared_steps: int | None = None
+    private: PrivateSettings = field(default_factory=PrivateSettings)
 
 
 @dataclass
@@ -197,7 +210,12 @@ class EdgeRunner:
         self._peft: Any = None
         self._peft_key: tuple[Any, ...] | None = None
         self._dataset: TextDataset | None = None
+        self._eval_dataset: TextDataset | None = None
+        self._split_done = False
         self._num_records = 0
+        self._personal: PersonalModel | None = None
+        self._private: Adapter | None = None
+        self._personal_info: dict[str, Any] = {}
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -258,6 +276,29 @@ class EdgeRunner:
             max_length=self.config.max_length,
         )
         self._emit("data", {"examples": len(self._dataset), "path": str(self.config.data_path)})
+        if self.config.eval_path is not None:
+            self._eval_dataset = load_dataset(
+                self.config.eval_path, tokenizer, task=info.task, num_labels=info.num_labels,
+                label_names=names, max_length=self.config.max_length,
+            )
+
+    def _ensure_eval_split(self) -> None:
+        """Hold out part of the data for evaluation once, unless an eval file was given."""
+        if self._split_done:
+            return
+        self._split_done = True
+        assert self._dataset is not None and self.join_result is not None
+        fraction = self.config.holdout_fraction
+        if fraction is None and self.join_result.mode == "personalized":
+            fraction = 0.2
+        if self._eval_dataset is None and fraction:
+            self._dataset, self._eval_dataset = split_holdout(self._dataset, fraction, seed=0)
+            self._emit("holdout", {"train": len(self._dataset), "eval": len(self._eval_dataset)})
+
+    def _evaluate(self, model: Any) -> dict[str, float]:
+        if self._eval_dataset is None:
+            return {}
+        return evaluate(model, self._eval_dataset, batch_size=max(self.config.batch_size or 16, 16))
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -344,6 +385,9 @@ class EdgeRunner:
 
     def _round(self, task: TrainTask) -> dict[str, Any] | None:
         assert self.join_result is not None and self._dataset is not None
+        self._ensure_eval_split()
+        if self.join_result.mode == "personalized":
+            return self._personal_round(task)
         lora = task.assignment.lora
         self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha, "steps": task.local_steps})
         interval = self.join_result.heartbeat_interval_s or 5.0
@@ -396,6 +440,7 @@ class EdgeRunner:
                 if rank < update.max_rank:
                     self._emit("pruned", {"round": task.round, "from_rank": update.max_rank, "to_rank": rank})
                     update = truncate(update, rank)
+            scores = self._evaluate(model)
             blob = encode_adapter(
                 update,
                 dtype=self.config.upload_dtype,
@@ -417,6 +462,7 @@ class EdgeRunner:
                     loss_last=result.loss_last,
                     steps=result.steps,
                     train_seconds=result.seconds,
+                    eval=scores,
                 ),
             )
             beat.state = ParticipantState.UPLOADING
@@ -444,6 +490,147 @@ class EdgeRunner:
             "duplicate": receipt.duplicate,
             "heartbeats": beat.sent,
             "download_sha256": manifest.sha256,
+        }
+        self._emit("uploaded", record)
+        return record
+
+    # -- personalized mode (pFedLoRA) ------------------------------------------------------
+
+    def _phase_steps(self, task: TrainTask) -> tuple[int, int]:
+        """(private steps, shared steps): the flags, else the task's local_steps halved."""
+        c = self.config
+        total = max(2, task.local_steps)
+        private = c.private_steps if c.private_steps is not None else (total + 1) // 2
+        shared = c.shared_steps if c.shared_steps is not None else total - (total + 1) // 2
+        if private < 0 or shared < 0 or private + shared == 0:
+            raise ConfigError(f"--private-steps {private} and --shared-steps {shared}: need >= 0 each, > 0 together")
+        return private, shared
+
+    def _personal_model_for(self, shared: Adapter, lora: LoraSettings) -> PersonalModel:
+        """The personal model (built once per shared-adapter shape) holding ``shared`` and the
+        private part: from memory, else from --personal-dir, else freshly initialised."""
+        assert self.join_result is not None
+        rebuild = self._personal is None or self._personal.key[:3] != (
+            tuple(sorted(shared.ranks.items())), tuple(sorted(shared.alphas.items())), shared.use_rslora
+        )
+        if rebuild:
+            self._personal = PersonalModel(self._base, self.join_result.base_model.task, lora, shared, self.config.private)
+            self._emit("model", {
+                "mode": "personalized", "shared": dict(self._personal.shared_map),
+                "private_modules": len(self._personal.private_names), "rebuilt": True,
+            })
+        assert self._personal is not None
+        if self._private is None and self.config.personal_dir is not None:
+            loaded = PersonalStore(self.config.personal_dir).load(self.base_sha256)
+            if loaded is not None:
+                self._private, self._personal_info = loaded
+                self._emit("personal_state", {
+                    "loaded": str(self.config.personal_dir), "rounds": self._personal_info.get("rounds", 0),
+                })
+        if self._private is None:
+            _, self._private = self._personal.split()  # peft's initialisation: B = 0, a fresh head
+            self._personal_info = {"rounds": 0, "history": []}
+        self._personal.load(shared, self._private)
+        return self._personal
+
+    def _save_private(self, task: TrainTask, scores: dict[str, float]) -> None:
+        assert self._personal is not None and self.join_result is not None
+        _, self._private = self._personal.split()
+        history = list(self._personal_info.get("history", []))[-99:]
+        history.append({"round": task.round, **scores})
+        self._personal_info = {
+            "base_model_sha256": self.base_sha256,
+            "federation_id": self.join_result.federation_id,
+            "client_id": self.join_result.client_id,
+            "rounds": int(self._personal_info.get("rounds", 0)) + 1,
+            "last_round": task.round,
+            "shared_modules": dict(self._personal.shared_map),
+            "history": history,
+        }
+        if self.config.personal_dir is not None:
+            PersonalStore(self.config.personal_dir).save(self._private, self._personal_info)
+
+    def _personal_round(self, task: TrainTask) -> dict[str, Any] | None:
+        """Download the shared adapter, train the private part (shared frozen), then the
+        shared adapter (private frozen), evaluate on the held-out data, keep the private
+        part, upload the shared adapter only."""
+        assert self.join_result is not None and self._dataset is not None
+        lora = task.assignment.lora
+        private_steps, shared_steps = self._phase_steps(task)
+        self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha,
+                            "private_steps": private_steps, "shared_steps": shared_steps})
+        interval = self.join_result.heartbeat_interval_s or 5.0
+        with Heartbeater(self.transport, task.round, interval) as beat:
+            try:
+                manifest, blob = self.transport.download(
+                    task.round, expected_sha256=task.adapter_sha256,
+                    progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
+                )
+            except StaleRoundError as err:
+                self._emit("stale", {"round": task.round, "detail": str(err)})
+                return None
+            try:
+                shared = decode_adapter(blob)
+            except (AdapterFormatError, AdapterValidationError) as err:
+                raise AdapterError(f"the shared adapter of round {task.round} is malformed: {err}") from err
+            personal = self._personal_model_for(shared, lora)
+            beat.state = ParticipantState.TRAINING
+            total = private_steps + shared_steps
+            results: list[TrainResult] = []
+            base_cfg = self._train_config(task)
+            for phase, steps, offset in (("private", private_steps, 0), ("shared", shared_steps, private_steps)):
+                if steps == 0:
+                    continue
+
+                def on_step(info: StepInfo, offset: int = offset) -> None:
+                    beat.progress = (offset + info.step) / total
+                    if self._on_step is not None:
+                        self._on_step(info)
+
+                personal.set_phase(phase)
+                cfg = replace(base_cfg, steps=steps, epochs=None, seed=base_cfg.seed + (7919 if phase == "shared" else 0))
+                result = train_local(personal.model, self._dataset, cfg, on_step=on_step,
+                                     should_stop=beat.round_closed.is_set)
+                results.append(result)
+                if result.stopped_early:
+                    personal.set_phase("frozen")
+                    self._emit("abandoned", {"round": task.round, "steps": sum(r.steps for r in results),
+                                             "reason": "the coordinator closed the round"})
+                    return None
+            personal.set_phase("frozen")
+            scores = self._evaluate(personal.model)
+            self._save_private(task, scores)
+            update, _ = personal.split()  # only the shared adapter leaves the device
+            blob = encode_adapter(update, dtype=self.config.upload_dtype, metadata={
+                "round": str(task.round), "client_id": self.join_result.client_id, "kind": "shared",
+            })
+            digest = hashlib.sha256(blob).hexdigest()
+            header = UploadHeader(
+                round=task.round, rank=update.max_rank, num_examples=len(self._dataset), total_bytes=len(blob),
+                sha256=digest,
+                metrics=TrainMetrics(
+                    loss_first=results[0].loss_first, loss_last=results[-1].loss_last,
+                    steps=sum(r.steps for r in results), train_seconds=sum(r.seconds for r in results), eval=scores,
+                ),
+            )
+            beat.state = ParticipantState.UPLOADING
+            try:
+                receipt = self.transport.upload(
+                    header, blob, progress=lambda done, total: self._emit("upload", {"bytes": done, "total": total}),
+                )
+            except StaleRoundError as err:
+                self._emit("stale", {"round": task.round, "detail": str(err)})
+                return None
+            except DuplicateError as err:
+                self._emit("duplicate", {"round": task.round, "detail": str(err)})
+                return None
+        record = {
+            "round": task.round, "mode": "personalized", "rank": update.max_rank, "assigned_rank": lora.rank,
+            "steps": header.metrics.steps, "private_steps": private_steps, "shared_steps": shared_steps,
+            "loss_first": header.metrics.loss_first, "loss_last": header.metrics.loss_last,
+            "train_seconds": round(header.metrics.train_seconds, 3), "eval": scores,
+            "upload_bytes": len(blob), "sha256": digest, "duplicate": receipt.duplicate,
+            "heartbeats": beat.sent, "download_sha256": manifest.sha256,
         }
         self._emit("uploaded", record)
         return record

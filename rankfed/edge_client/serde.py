@@ -137,6 +137,7 @@ def join_result_from_proto(p: ProtoEdge.JoinResponse) -> JoinResult:
         federation_id=p.federation_id,
         max_chunk_bytes=p.max_chunk_bytes,
         token_expires_at=_unix(p.token_expires_at) if p.HasField("token_expires_at") else 0.0,
+        mode="personalized" if p.mode == ProtoCommon.FEDERATION_MODE_PERSONALIZED else "rank_heterogeneous",
     )
 
 

@@ -159,3 +159,29 @@ def train_local(
         stopped_early=stopped,
         losses=losses,
     )
+
+
+def evaluate(model: torch.nn.Module, dataset: TextDataset, *, batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
+    """Mean loss over ``dataset`` and, for classification, accuracy (``{"accuracy", "loss"}``);
+    the model is left in eval mode."""
+    import torch
+
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = dataset.collate(dataset.examples[start : start + batch_size])
+            out = model(
+                input_ids=torch.from_numpy(batch.input_ids).to(device),
+                attention_mask=torch.from_numpy(batch.attention_mask).to(device),
+                labels=torch.from_numpy(batch.labels).to(device),
+            )
+            loss_sum += float(out.loss) * len(batch)
+            total += len(batch)
+            if dataset.task != "causal-lm":
+                correct += int((out.logits.argmax(-1).cpu().numpy() == batch.labels).sum())
+    result = {"loss": loss_sum / max(total, 1)}
+    if dataset.task != "causal-lm":
+        result["accuracy"] = correct / max(total, 1)
+    return result

@@ -48,14 +48,14 @@ def _tokenizer(kind: str):  # -> PreTrainedTokenizerFast
     )
 
 
-def make_bert_dir(path: Path, *, seed: int = 0) -> Path:
+def make_bert_dir(path: Path, *, seed: int = 0, num_hidden_layers: int = 2) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = _tokenizer("bert")
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, num_labels=3, initializer_range=0.2,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
