@@ -56,6 +56,13 @@ RULES = {
     "flexlora": ("flexlora", None, True),
     "flora": ("flora", None, True),
 }
+# Not the shipped code: FlexLoRA/FLoRA with the fix proposed in docs/results.md (components of
+# the SVD redistribution with zero singular value get peft's A init instead of A = 0). Run
+# after the whole grid, only when asked (--extra).
+EXTRA_RULES = {
+    "flexlora+init": ("flexlora", None, True),
+    "flora+init": ("flora", None, True),
+}
 SKEWS = (1.0, 0.3)
 SEEDS = (0, 1, 2)
 
@@ -86,7 +93,12 @@ class Job:
         return f"{self.kind}-{self.rule}-{self.dist}-a{self.alpha:g}-s{self.seed}"
 
 
-def make_jobs(rules: list[str], dists: list[str], skews: list[float], seeds: list[int], baselines: bool) -> list[Job]:
+def make_jobs(
+    rules: list[str], dists: list[str], skews: list[float], seeds: list[int], baselines: bool,
+    extra: list[str] | None = None,
+) -> list[Job]:
+    """Seed by seed (a grid cut short still has whole seeds), the extra rules last."""
+    table = {**RULES, **EXTRA_RULES}
     jobs: list[Job] = []
     for seed in seeds:
         if baselines:
@@ -94,11 +106,48 @@ def make_jobs(rules: list[str], dists: list[str], skews: list[float], seeds: lis
             jobs.append(Job("centralized", "centralized", "-", 1.0, seed))
         for alpha in skews:
             for rule in rules:
-                if RULES[rule][2]:
+                if table[rule][2]:
                     jobs += [Job("federated", rule, d, alpha, seed) for d in dists]
                 else:
                     jobs.append(Job("federated", rule, "-", alpha, seed))
+    for seed in seeds:
+        for alpha in skews:
+            jobs += [Job("federated", rule, d, alpha, seed) for rule in extra or () for d in dists]
     return jobs
+
+
+def _patch_svd_redistribution():
+    """The proposed fix, for the "+init" rules only: SVD components with zero singular value
+    (B column = 0) get A rows drawn like peft's init (U(-1/sqrt(d_in), 1/sqrt(d_in)), seeded by
+    module name, the same for every client) instead of A = 0. The delta is unchanged; the
+    gradients no longer vanish. Returns a function that undoes the patch."""
+    import zlib
+
+    import numpy as np
+
+    from rankfed.aggregation import Adapter, LoraModule, registry
+
+    original = registry.redistribute_svd
+
+    def patched(global_adapter, *, rank, alpha, use_rslora=False, **options):
+        out = original(global_adapter, rank=rank, alpha=alpha, use_rslora=use_rslora, **options)
+        modules = {}
+        for name, m in out.modules.items():
+            a = np.array(m.a, dtype=np.float32)
+            dead = ~np.any(a != 0, axis=1) & ~np.any(np.asarray(m.b) != 0, axis=0)
+            if dead.any():
+                rng = np.random.default_rng(zlib.crc32(name.encode()))
+                bound = 1.0 / np.sqrt(a.shape[1])
+                a[dead] = rng.uniform(-bound, bound, size=(int(dead.sum()), a.shape[1]))
+            modules[name] = LoraModule(a=a, b=m.b, alpha=m.alpha)
+        return Adapter(modules=modules, dense=out.dense, use_rslora=out.use_rslora)
+
+    registry.redistribute_svd = patched
+
+    def undo() -> None:
+        registry.redistribute_svd = original
+
+    return undo
 
 
 # ---------------------------------------------------------------- one run (in a worker process)
@@ -156,7 +205,8 @@ def _federated(job: Job, split: Any, setup: Setup) -> dict[str, Any]:
     from rankfed.demo.evaluate import Evaluator
     from rankfed.simulation.engine import RANK_PROFILE, SimClient, SimConfig, run_simulation
 
-    method, max_rank, by_dist = RULES[job.rule]
+    method, max_rank, by_dist = {**RULES, **EXTRA_RULES}[job.rule]
+    undo = _patch_svd_redistribution() if job.rule.endswith("+init") else None
     ranks = RANK_DISTRIBUTIONS[job.dist] if by_dist else RANK_DISTRIBUTIONS["balanced"]
     work = Path(tempfile.mkdtemp(prefix=f"rankfed-quality-{job.id}-"))
     try:
@@ -183,6 +233,8 @@ def _federated(job: Job, split: Any, setup: Setup) -> dict[str, Any]:
         return {"rounds": rounds, "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
                 "assigned_ranks": list(ranks if method != "fedit" else [max_rank] * NUM_CLIENTS)}
     finally:
+        if undo is not None:
+            undo()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -269,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dists", default=",".join(RANK_DISTRIBUTIONS))
     p.add_argument("--skews", default=",".join(f"{a:g}" for a in SKEWS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--extra", default="", help=f"also these rules, after the grid: {','.join(EXTRA_RULES)}")
     p.add_argument("--no-baselines", action="store_true", help="skip centralized LoRA and TF-IDF")
     p.add_argument("--workers", type=int, default=2, help="runs at once (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -280,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = make_jobs(
         [r for r in args.rules.split(",") if r], [d for d in args.dists.split(",") if d],
         [float(a) for a in args.skews.split(",") if a], [int(s) for s in args.seeds.split(",") if s],
-        not args.no_baselines,
+        not args.no_baselines, [r for r in args.extra.split(",") if r],
     )
     todo = [j for j in jobs if args.rerun or not (args.out_dir / "runs" / f"{j.id}.json").exists()]
     print(f"{len(jobs)} jobs, {len(todo)} to run, {args.workers} workers x {args.threads} threads; setup {setup}",
@@ -288,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir).mkdir(parents=True, exist_ok=True)
     (args.out_dir / "setup.json").write_text(json.dumps({"setup": asdict(setup), "num_clients": NUM_CLIENTS,
                                                           "rank_distributions": RANK_DISTRIBUTIONS,
-                                                          "rules": {k: list(v) for k, v in RULES.items()}}, indent=1))
+                                                          "rules": {k: list(v) for k, v in {**RULES, **EXTRA_RULES}.items()}}, indent=1))
     t0 = time.time()
     import multiprocessing as mp
 
