@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--clients", type=int, default=4, help="edge clients (default 4: cuda, cpu, cpu, mobile profiles)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    p.add_argument("--local-steps", type=int, default=20, help="local training steps per round (default 20)")
+    p.add_argument("--local-steps", type=int, default=15, help="local training steps per round (default 15)")
     p.add_argument("--method", choices=METHODS, default="rbla", help="aggregation rule (default rbla)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha; smaller is more skewed (default 0.5)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per article (default 64)")
@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, help="use at most this many training articles (default: all ~1,700)")
-    p.add_argument("--test-limit", type=int, default=300, help="held-out articles scored each round (default 300)")
+    p.add_argument("--test-limit", type=int, default=250, help="held-out articles scored each round (default 250)")
     p.add_argument("--profiles", default="cuda,cpu,cpu,mobile",
                    help="device classes cycled over the clients (cuda, cpu, mps, mobile)")
     p.add_argument("--out", type=Path, default=Path("rankfed-demo"), help="working directory (default ./rankfed-demo)")

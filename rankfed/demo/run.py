@@ -43,7 +43,7 @@ SIM_PROFILES = {"cuda": "cuda", "cpu": "cpu-fast", "mobile": "mobile"}
 class DemoOptions:
     clients: int = 4
     rounds: int = 5
-    local_steps: int = 20
+    local_steps: int = 15
     method: str = "rbla"
     alpha: float = 0.5
     max_length: int = 64
@@ -51,7 +51,7 @@ class DemoOptions:
     learning_rate: float = 2e-3
     seed: int = 0
     train_limit: int | None = None
-    test_limit: int | None = 300
+    test_limit: int | None = 250
     out: Path = Path("rankfed-demo")
     profiles: tuple[str, ...] = DEMO_PROFILES
     in_process: bool = False
