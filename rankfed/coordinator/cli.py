@@ -75,11 +75,10 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level)
     limit_malloc_arenas()
     try:
-        asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
+        return asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
     except ConfigError as exc:
         print(f"rankfed: config error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from rankfed.aggregation import Adapter, get_method
+from rankfed.aggregation import Adapter, AdapterError, AggregationError, get_method
 from rankfed.coordinator import rank_policy
 from rankfed.coordinator.auth import EDGE_AUDIENCE, TokenSigner
 from rankfed.coordinator.config import CoordinatorConfig
@@ -31,6 +31,7 @@ from rankfed.coordinator.errors import (
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
+    StorageError,
 )
 from rankfed.coordinator.global_adapters import GlobalAdapters
 from rankfed.coordinator.manifest import ModelManifest
@@ -83,8 +84,10 @@ class Federation:
         self._clock = clock
         _check_manifest_for_mode(manifest, config)
         self._personalized = config.federation.mode == "personalized"
-        self._spec = manifest.adapter_spec()
         self._method = get_method(config.federation.method)
+        # Rules that average A and B as they are need every client at the same rank.
+        self._homogeneous = self._personalized or self._method.name == "fedit"
+        self._spec = manifest.adapter_spec()
         self._globals = GlobalAdapters(blobs, manifest, self._method)
         self._last_seen: dict[str, float] = {}
         self._uploading: set[str] = set()
@@ -99,6 +102,8 @@ class Federation:
         self._global_round = 0
         self._global_sha: tuple[int, str] | None = None
         self._reasons: dict[str, str] = {}
+        self._fold_failures: list[str] = []
+        self.fatal: BaseException | None = None
         self._done = False
         self.federation_id = ""
         self._signer: TokenSigner | None = None
@@ -131,6 +136,8 @@ class Federation:
             try:
                 await task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - already logged, and reported through `fatal`
                 pass
         self._tasks = []
         self._notify()
@@ -512,7 +519,7 @@ class Federation:
             )
         if client_id in self._uploading:
             raise PreconditionError(f"an upload for round {header.round} from this client is already in progress")
-        check_header(header, part, max_upload_bytes=self.config.server.max_upload_bytes)
+        check_header(header, part, max_upload_bytes=self.config.server.max_upload_bytes, homogeneous=self._homogeneous)
         writer = self._blobs.open_writer(update_relpath(header.round, client_id))
         self._uploading.add(client_id)
         if part.state is not ParticipantState.UPLOADING:
@@ -531,38 +538,65 @@ class Federation:
             )
 
     def abort_upload(self, session: UploadSession) -> None:
+        if session.accepting:
+            return  # finish_upload's shielded task owns the session from here on
         session.abort()
         self._uploading.discard(session.client_id)
+        self._revert_uploading(session)
+
+    def _revert_uploading(self, session: UploadSession) -> None:
         part = self._store.get_participant(session.round, session.client_id)
-        if part is not None and part.state is ParticipantState.UPLOADING and self._store.get_receipt(session.round, session.client_id) is None:
+        if (
+            part is not None
+            and part.state is ParticipantState.UPLOADING
+            and self._store.get_receipt(session.round, session.client_id) is None
+        ):
             self._store.put_participant(replace(part, state=ParticipantState.TRAINING))
             self._notify()
 
     async def finish_upload(self, session: UploadSession) -> Receipt:
-        """Verify, persist (fsync), record and fold one update; only then is it acknowledged."""
+        """Verify, persist (fsync), record and fold one update; only then is it acknowledged.
+
+        Commit, receipt and fold run as one shielded task: a client that cancels or drops
+        the call after its last chunk cannot leave a receipt whose update was never folded.
+        """
         await session.drain()
         async with self._decode_slots:
-            adapter = await asyncio.to_thread(session.verify, self._spec)
-        async with self._round_lock:
-            self._reject_duplicate(session.client_id, session.round)
-            part = self._training_participant(session.client_id, session.round, action="upload")
-            relpath = await asyncio.to_thread(session.commit)
-            header = session.header
-            receipt = Receipt(
-                round=session.round, client_id=session.client_id, receipt_id="r-" + secrets.token_hex(8),
-                rank=header.rank, num_examples=header.num_examples, nbytes=session.received,
-                sha256=header.sha256, blob_path=relpath, accepted_at=self._clock(), metrics=header.metrics,
-            )
-            client = self._require_client(session.client_id)
-            try:
-                self._record_receipt(receipt, part, client, session)
-            except BaseException:
-                self._blobs.delete(relpath)  # no receipt, so no file either
-                raise
-            if self._accumulator is None:
-                raise RuntimeError("round is open but has no accumulator")
-            await asyncio.to_thread(self._accumulator.fold, adapter, float(header.num_examples))
-        self._uploading.discard(session.client_id)
+            adapter = await asyncio.to_thread(session.verify, self._spec, homogeneous=self._homogeneous)
+        session.accepting = True
+        return await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
+
+    async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
+        header = session.header
+        try:
+            async with self._round_lock:
+                self._reject_duplicate(session.client_id, session.round)
+                part = self._training_participant(session.client_id, session.round, action="upload")
+                relpath = await asyncio.to_thread(session.commit)
+                receipt = Receipt(
+                    round=session.round, client_id=session.client_id, receipt_id="r-" + secrets.token_hex(8),
+                    rank=header.rank, num_examples=header.num_examples, nbytes=session.received,
+                    sha256=header.sha256, blob_path=relpath, accepted_at=self._clock(), metrics=header.metrics,
+                )
+                client = self._require_client(session.client_id)
+                try:
+                    self._record_receipt(receipt, part, client, session)
+                except BaseException:
+                    self._blobs.delete(relpath)  # no receipt, so no file either
+                    raise
+                if self._accumulator is None:
+                    raise RuntimeError(f"round {session.round} is open but has no accumulator")
+                try:
+                    await asyncio.to_thread(self._accumulator.fold, adapter, float(header.num_examples))
+                except Exception as exc:  # validated input should always fold: a bug, not a client error
+                    log.exception("could not fold an accepted update", extra={"round": session.round})
+                    self._fold_failures.append(f"{session.client_id}: {exc}")
+        except BaseException:
+            session.abort()  # a no-op once committed
+            self._revert_uploading(session)
+            raise
+        finally:
+            self._uploading.discard(session.client_id)
         log.info("update accepted", extra={
             "round": session.round, "client_id": session.client_id, "rank": header.rank, "bytes": session.received,
         })
@@ -607,9 +641,17 @@ class Federation:
                 await self._close_round()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("round loop crashed")
+            self.fatal = exc  # the server sees it, turns health NOT_SERVING and exits non-zero
+            self._notify()
             raise
+
+    async def wait_fatal(self) -> BaseException:
+        """Return the exception that stopped the round loop (waits until one does)."""
+        while self.fatal is None:
+            await self._wait_change(1.0)
+        return self.fatal
 
     async def _start_round(self, round_no: int) -> None:
         fed = self.config.federation
@@ -669,16 +711,19 @@ class Federation:
             demotions = rank_policy.demotions_for(client.deadlines_missed, cfg.federation.demote_after_missed_deadlines)
             rank, tier, reason = rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions)
             ranks[cid], tiers[cid] = rank, (tier, reason)
-        if self._method.name == "fedit":
-            # FedIT averages A and B directly, which needs one rank: the homogeneous baseline
-            # trains everyone at lora.max_rank.
-            ranks = dict.fromkeys(ranks, cfg.lora.max_rank)
-            tiers = {cid: (tier, f"fedit is homogeneous: every client trains at lora.max_rank {cfg.lora.max_rank}")
-                     for cid, (tier, _) in tiers.items()}
-        if self._personalized:
-            # pFedLoRA averages one homogeneous shared adapter: no rank policy, no budget.
-            ranks = dict.fromkeys(ranks, cfg.lora.max_rank)
-            tiers = {cid: (tier, _SHARED_REASON.format(rank=cfg.lora.max_rank)) for cid, (tier, _) in tiers.items()}
+        if self._homogeneous:
+            # FedIT (and pFedLoRA's shared adapter) average A and B directly, which needs one
+            # rank for everyone: lora.max_rank, halved for all alike to fit a round budget.
+            rank = cfg.lora.max_rank
+            why = (_SHARED_REASON.format(rank=rank) if self._personalized
+                   else f"fedit is homogeneous: every client trains at lora.max_rank {rank}")
+            budget = 0 if self._personalized else cfg.rank_policy.round_budget_bytes
+            while budget and rank > 1 and len(ranks) * rank_policy.update_bytes(rank, self.manifest) > budget:
+                rank //= 2
+            if rank != cfg.lora.max_rank:
+                why += f"; lowered to {rank} for every client to fit the round budget of {budget} bytes"
+            ranks = dict.fromkeys(ranks, rank)
+            tiers = {cid: (tier, why) for cid, (tier, _) in tiers.items()}
         elif cfg.rank_policy.round_budget_bytes:
             budgeted = rank_policy.apply_budget(
                 ranks,
@@ -754,17 +799,19 @@ class Federation:
             else:
                 started = time.perf_counter()
                 accumulator, self._accumulator = self._accumulator, None
-                if accumulator is None:
-                    raise RuntimeError(f"round {record.round} has no accumulator")
-                result = await asyncio.to_thread(accumulator.result)
-                del accumulator  # its sums are as large as the global adapter: free them before encoding
-                bad = _first_non_finite(result)
-                if bad is not None:
-                    reason = f"aggregate has non-finite values in {bad}; kept the previous global adapter"
+                try:
+                    if accumulator is None or self._fold_failures:
+                        raise AggregationError(f"updates could not be folded: {'; '.join(self._fold_failures)}")
+                    result = await asyncio.to_thread(accumulator.result)
+                    del accumulator  # its sums are as large as the global adapter: free them before encoding
+                    sha = await asyncio.to_thread(self._globals.save, record.round, result)
+                except (AggregationError, AdapterError, StorageError) as exc:
+                    # e.g. an aggregate that overflows float32, or a full disk: the round fails,
+                    # the previous global adapter stays, and the federation goes on.
+                    reason = f"aggregation failed: {exc}; kept the previous global adapter"
                     record = replace(record, phase=RoundPhase.FAILED, finished_at=now, metrics=metrics, failure_reason=reason)
                     log.error("round failed", extra={"round": record.round, "reason": reason})
                 else:
-                    sha = await asyncio.to_thread(self._globals.save, record.round, result)
                     metrics["aggregation_seconds"] = time.perf_counter() - started
                     self._global, self._global_round = result, record.round
                     record = replace(
@@ -774,6 +821,7 @@ class Federation:
                     log.info("round done", extra={"round": record.round, "updates": len(receipts), "metrics": metrics})
             self._store.put_round(record)
             self._open, self._accumulator = None, None
+            self._fold_failures = []
             self._uploading.clear()
             self._done = record.round >= fed.rounds
             self._notify()
@@ -886,13 +934,3 @@ def _round_metrics(receipts: list[Receipt], parts: list[Participant]) -> dict[st
             weight = sum(r.num_examples for r in having)
             metrics[f"eval_{key}"] = sum(r.metrics.eval[key] * r.num_examples for r in having) / weight
     return metrics
-
-
-def _first_non_finite(adapter: Adapter) -> str | None:
-    for name, module in adapter.modules.items():
-        if not (np.isfinite(module.a).all() and np.isfinite(module.b).all()):
-            return name
-    for name, array in adapter.dense.items():
-        if not np.isfinite(array).all():
-            return name
-    return None

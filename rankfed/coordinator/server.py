@@ -142,9 +142,13 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
 
 async def serve(
     config: CoordinatorConfig, *, port_file: Path | None = None, exit_when_done: bool = False, linger: float = 10.0
-) -> None:
+) -> int:
     """Serve until SIGTERM/SIGINT (graceful: health goes NOT_SERVING, calls drain), or, with
-    exit_when_done, `linger` seconds after the last round so clients can learn it is over."""
+    exit_when_done, `linger` seconds after the last round so clients can learn it is over.
+
+    Returns the process exit status: 1 when the round loop died of an unexpected error, so
+    that systemd or Kubernetes restart the daemon and it resumes from its data directory
+    instead of answering health checks while no round can progress."""
     coordinator = await start_coordinator(config)
     if port_file is not None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")
@@ -154,7 +158,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.create_task(stop.wait())]
+    fatal = asyncio.create_task(coordinator.federation.wait_fatal())
+    waiters = [asyncio.create_task(stop.wait()), fatal]
     if exit_when_done:
         async def done_then_linger() -> None:
             await coordinator.federation.wait_done()
@@ -164,6 +169,11 @@ async def serve(
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()
+    status = 0
+    if fatal.done() and not fatal.cancelled():
+        log.error("round loop stopped: %r; exiting so a supervisor restarts the coordinator", fatal.result())
+        status = 1
     log.info("coordinator stopping")
     await coordinator.stop()
     log.info("coordinator stopped")
+    return status

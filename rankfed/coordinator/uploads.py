@@ -25,10 +25,23 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOW = 2  # chunks written behind the network, per stream
 
 
-def check_header(header: UploadHeader, participant: Participant, *, max_upload_bytes: int) -> None:
-    """Reject a header that cannot describe an acceptable update, before any byte is stored."""
+MAX_NUM_EXAMPLES = 10**9  # an aggregation weight beyond this is a mistake or an attack
+
+
+def check_header(
+    header: UploadHeader, participant: Participant, *, max_upload_bytes: int, homogeneous: bool = False
+) -> None:
+    """Reject a header that cannot describe an acceptable update, before any byte is stored.
+
+    `homogeneous`: the rule averages A and B as they are (fedit, personalized mode), so the
+    update must be at exactly the assigned rank, not below it."""
     if header.rank < 1:
         raise InvalidUpdateError(f"upload header declares rank {header.rank}; ranks start at 1")
+    if homogeneous and header.rank != participant.rank:
+        raise InvalidUpdateError(
+            f"upload declares rank {header.rank}; this federation averages adapters of one rank, "
+            f"so upload at the assigned rank {participant.rank} (no pruning)"
+        )
     if header.rank > participant.rank:
         raise InvalidUpdateError(
             f"upload declares rank {header.rank} but this client was assigned rank {participant.rank} "
@@ -43,8 +56,11 @@ def check_header(header: UploadHeader, participant: Participant, *, max_upload_b
         )
     if not _SHA256_HEX.fullmatch(header.sha256):
         raise InvalidUpdateError("upload header sha256 must be 64 lowercase hex digits of the whole file")
-    if header.num_examples < 1:
-        raise InvalidUpdateError("upload header num_examples must be at least 1 (the size of the local training set)")
+    if not 1 <= header.num_examples <= MAX_NUM_EXAMPLES:
+        raise InvalidUpdateError(
+            f"upload header num_examples must be between 1 and {MAX_NUM_EXAMPLES} (the size of the local "
+            f"training set), got {header.num_examples}"
+        )
 
 
 class UploadSession:
@@ -56,6 +72,7 @@ class UploadSession:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: collections.deque[Future[None]] = collections.deque()
         self.received = 0
+        self.accepting = False  # set once the core has taken over commit, receipt and fold
 
     @property
     def client_id(self) -> str:
@@ -91,7 +108,7 @@ class UploadSession:
         while self._pending:
             await asyncio.wrap_future(self._pending.popleft())
 
-    def verify(self, spec: AdapterSpec) -> Adapter:
+    def verify(self, spec: AdapterSpec, *, homogeneous: bool = False) -> Adapter:
         """Check completeness, digest and content (after drain()); return the decoded adapter.
 
         The adapter is decoded from a read-only mapping of the staged file: float32 tensors
@@ -112,11 +129,18 @@ class UploadSession:
             adapter = decode_adapter(memoryview(view), spec=spec, max_rank=self.participant.rank)
         except AdapterError as exc:
             raise InvalidUpdateError(f"update rejected: {exc}") from exc
-        ranks = set(adapter.ranks.values())
-        if max(ranks) != self.header.rank:
+        ranks = adapter.ranks
+        if max(ranks.values()) != self.header.rank:
             raise InvalidUpdateError(
-                f"upload header declares rank {self.header.rank} but the adapter's largest rank is {max(ranks)}"
+                f"upload header declares rank {self.header.rank} but the adapter's largest rank is {max(ranks.values())}"
             )
+        if homogeneous:
+            for name, rank in ranks.items():
+                if rank != self.header.rank:
+                    raise InvalidUpdateError(
+                        f"{name} has rank {rank}; this federation averages adapters of one rank: "
+                        f"every module must have rank {self.header.rank}"
+                    )
         return adapter
 
     def commit(self) -> str:

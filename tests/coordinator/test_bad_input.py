@@ -326,3 +326,22 @@ def test_client_cancelling_mid_upload_leaves_no_trace(rejected_then_accepted, ti
     _rejected(lambda: client.stub.UploadUpdate(stalled(), metadata=client.metadata, timeout=1.0),
               grpc.StatusCode.DEADLINE_EXCEEDED)
     wait_for(lambda: update_files(server.config.server.data_dir) == [], timeout=10, what="partial upload cleanup")
+
+
+def test_lower_rank_under_fedit_is_invalid(start, clients, tiny_manifest):
+    """FedIT averages A and B as they are: one update below the assigned rank would make
+    every later one unfoldable, so it is refused before anything is stored."""
+    server = start(**{"federation.method": "fedit", "federation.min_clients": 1, "federation.clients_per_round": 1})
+    (client,) = clients(server.address, "dev")
+    task = client.wait_train()
+    client.download(task.round)
+    lower = random_adapter(tiny_manifest, task.assignment.lora.rank // 2, task.assignment.lora.alpha, 0)
+    _rejected(lambda: client.upload(task.round, lower), grpc.StatusCode.INVALID_ARGUMENT, "one rank")
+    assert update_files(server.config.server.data_dir) == []
+    assert client.upload(task.round, _good(tiny_manifest, task)).bytes_received > 0
+
+
+def test_absurd_num_examples_is_invalid(rejected_then_accepted, tiny_manifest):
+    server, client, task = rejected_then_accepted
+    _rejected(lambda: client.upload(task.round, _good(tiny_manifest, task), num_examples=10**12),
+              grpc.StatusCode.INVALID_ARGUMENT, "num_examples")

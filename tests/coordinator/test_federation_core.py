@@ -1,0 +1,142 @@
+"""The Federation core driven directly (no gRPC): the failure paths that are hard to time
+over a socket — a call cancelled after its last chunk, an aggregation that fails, a round
+loop that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import pytest
+
+from rankfed.aggregation import AggregationError, encode_adapter
+from rankfed.coordinator.federation import Federation
+from rankfed.coordinator.models import Capability, DeviceClass, JoinInfo, RoundPhase, TrainTask, UploadHeader
+from rankfed.coordinator.store import MemoryStore
+from rankfed.coordinator.store.blobs import BlobStore
+from tests.coordinator.harness import make_config, manifest, random_adapter, update_files
+
+
+async def _federation(tmp_path, **overrides) -> Federation:
+    config = make_config(tmp_path / "data", **{
+        "federation.rounds": 2, "federation.min_clients": 1, "federation.clients_per_round": 1,
+        "federation.straggler_grace_seconds": 0.0, **overrides,
+    })
+    fed = Federation(config, MemoryStore(), BlobStore(tmp_path / "data" / "blobs"), manifest())
+    await fed.start()
+    return fed
+
+
+async def _joined_participant(fed: Federation) -> tuple[str, TrainTask]:
+    joined = fed.join(JoinInfo(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
+                               base_model_sha256=fed.manifest.weights_sha256, num_examples=5))
+    task = await fed.get_task(joined.client_id, 5.0)
+    assert isinstance(task, TrainTask)
+    _, chunks = await fed.open_download(joined.client_id, task.round, 0)
+    async for _ in chunks:
+        pass
+    return joined.client_id, task
+
+
+async def _upload_session(fed: Federation, client_id: str, task: TrainTask):
+    data = encode_adapter(random_adapter(fed.manifest, task.assignment.lora.rank, task.assignment.lora.alpha, 0))
+    header = UploadHeader(round=task.round, rank=task.assignment.lora.rank, num_examples=5,
+                          total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    session = fed.begin_upload(client_id, header)
+    await session.add_chunk(0, data)
+    return session
+
+
+async def _wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.02)
+
+
+def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path):
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        session = await _upload_session(fed, client_id, task)
+        commit = session.commit
+
+        def slow_commit():
+            time.sleep(0.3)  # the client gives up while the update is being fsynced
+            return commit()
+
+        session.commit = slow_commit
+        call = asyncio.ensure_future(fed.finish_upload(session))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        fed.abort_upload(session)  # what the servicer does on cancellation: must not undo the accept
+        await _wait(lambda: fed.done)
+        record = fed._store.get_round(1)
+        assert record.phase is RoundPhase.DONE and record.metrics["updates"] == 1
+        assert fed._store.get_receipt(1, client_id) is not None
+        assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+def test_failed_aggregation_fails_the_round_and_the_federation_goes_on(tmp_path, monkeypatch):
+    async def scenario():
+        fed = await _federation(tmp_path)
+        original = fed._new_accumulator
+
+        def failing_accumulator():
+            acc = original()
+            if fed._open is None or fed._open.round == 1:
+                def overflow():
+                    raise AggregationError("bert.encoder.layer.0.attention.self.query: the aggregate is not finite")
+                acc.result = overflow
+            return acc
+
+        monkeypatch.setattr(fed, "_new_accumulator", failing_accumulator)
+        client_id, task = await _joined_participant(fed)
+        session = await _upload_session(fed, client_id, task)
+        await fed.finish_upload(session)
+        await _wait(lambda: fed._store.get_round(2) is not None)
+        first = fed._store.get_round(1)
+        assert first.phase is RoundPhase.FAILED
+        assert "not finite" in first.failure_reason and "kept the previous global adapter" in first.failure_reason
+        assert fed.fatal is None
+        second = await fed.get_task(client_id, 5.0)
+        assert isinstance(second, TrainTask) and second.round == 2
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_dying_round_loop_is_reported(tmp_path, monkeypatch):
+    async def scenario():
+        fed = await _federation(tmp_path)
+
+        async def broken():
+            raise RuntimeError("disk vanished")
+
+        monkeypatch.setattr(fed, "_wait_round_end", broken)
+        await _joined_participant(fed)
+        error = await asyncio.wait_for(fed.wait_fatal(), 10)
+        assert isinstance(error, RuntimeError) and "disk vanished" in str(error)
+        await fed.stop()  # does not raise the loop's error again
+
+    asyncio.run(scenario())
+
+
+def test_fedit_budget_lowers_everyone_alike(tmp_path):
+    from rankfed.coordinator.rank_policy import update_bytes
+
+    async def scenario():
+        budget = update_bytes(4, manifest())
+        fed = await _federation(tmp_path, **{"federation.method": "fedit", "rank_policy.round_budget_bytes": budget})
+        _, task = await _joined_participant(fed)
+        assert task.assignment.lora.rank == 4 and "round budget" in task.assignment.reason
+        await fed.stop()
+
+    asyncio.run(scenario())
