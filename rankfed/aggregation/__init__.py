@@ -16,7 +16,7 @@ from .codec import FORMAT, decode_adapter, encode_adapter, read_adapter_metadata
 from .errors import AdapterError, AdapterFormatError, AdapterValidationError, AggregationError
 from .hetlora_client import hetlora_prune_rank, hetlora_tail_norm, hetlora_tail_penalty
 from .peft_config import peft_adapter_config
-from .redistribute import redistribute_svd, redistribute_truncate, rescale, truncate
+from .redistribute import redistribute_svd, redistribute_truncate, rescale, revive_inert, truncate
 from .registry import METHODS, Method, get_method
 from .rules.padding import fedit, hetlora, hetlora_norms, rbla, replication, zero_pad
 from .rules.svd_based import flexlora, flora
@@ -58,6 +58,7 @@ __all__ = [
     "redistribute_truncate",
     "replication",
     "rescale",
+    "revive_inert",
     "truncate",
     "zero_pad",
 ]

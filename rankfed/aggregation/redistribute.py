@@ -7,8 +7,8 @@ so that the client's ΔW = s_c B_c A_c is exactly the chosen rank-r part of the 
 
 * truncation (HetLoRA, zero-padding, RBLA, replication, FedIT): the first r components;
   zero rows of A and zero columns of B when r exceeds the global rank. Zero components
-  are inert in training (both gradients vanish), so a coordinator that wants the extra
-  rank to learn should re-initialise those rows of A (see ``docs/aggregation.md``).
+  are inert in training (both gradients vanish): :func:`revive_inert` gives their A rows
+  peft's initialisation, which leaves the delta unchanged.
 * SVD (FlexLoRA, FLoRA): the rank-r truncated SVD of the global ΔW, computed in factored
   form (:mod:`.svd`), split between B and A as ``split`` says.
 """
@@ -16,6 +16,7 @@ so that the client's ΔW = s_c B_c A_c is exactly the chosen rank-r part of the 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from .adapter import Adapter, LoraModule
 from .svd import factored_svd_parts
 
-__all__ = ["truncate", "redistribute_truncate", "redistribute_svd", "rescale", "per_module", "SPLITS"]
+__all__ = ["truncate", "redistribute_truncate", "redistribute_svd", "rescale", "revive_inert", "per_module", "SPLITS"]
 
 SPLITS = ("sqrt", "a", "b")
 
@@ -126,3 +127,31 @@ def redistribute_svd(
         a_out, b_out = _pad(a.astype(np.float32), b.astype(np.float32), r)
         modules[name] = LoraModule(a=a_out, b=b_out, alpha=new_alpha)
     return Adapter(modules=modules, dense=global_adapter.dense, use_rslora=use_rslora)
+
+
+def revive_inert(adapter: Adapter, *, seed: int) -> Adapter:
+    """Give every inert component (row i of A and column i of B both zero) a fresh A row
+    drawn like peft's LoRA init, U(-1/sqrt(d_in), 1/sqrt(d_in)); B stays 0.
+
+    Why: with A_i = 0 and B_i = 0 both gradients of component i vanish, so it never trains.
+    That happens to every component an SVD redistribution takes from a zero (or low-rank)
+    global delta — the initial global adapter has B = 0, so FlexLoRA and FLoRA clients
+    would only ever train the head — and to padded or unowned components of the truncation
+    rules. The delta is unchanged (B_i = 0). Row i of a module is drawn from
+    (seed, module name, i) alone, so clients of different ranks that share a component get
+    the same A row, and their updates of it average meaningfully.
+    """
+    modules = {}
+    for name, module in adapter.modules.items():
+        inert = ~np.any(module.a != 0, axis=1) & ~np.any(module.b != 0, axis=0)  # (r,)
+        if not inert.any():
+            modules[name] = module
+            continue
+        a = np.array(module.a, dtype=np.float32)
+        bound = 1.0 / math.sqrt(module.d_in)
+        key = zlib.crc32(name.encode())
+        for i in np.flatnonzero(inert):
+            rng = np.random.default_rng([seed & 0xFFFFFFFF, key, int(i)])
+            a[i] = rng.uniform(-bound, bound, size=module.d_in)
+        modules[name] = LoraModule(a=a, b=module.b, alpha=module.alpha)
+    return Adapter(modules=modules, dense=adapter.dense, use_rslora=adapter.use_rslora)

@@ -88,7 +88,7 @@ class Federation:
         # Rules that average A and B as they are need every client at the same rank.
         self._homogeneous = self._personalized or self._method.name == "fedit"
         self._spec = manifest.adapter_spec()
-        self._globals = GlobalAdapters(blobs, manifest, self._method)
+        self._globals = GlobalAdapters(blobs, manifest, self._method, seed=config.federation.seed)
         self._last_seen: dict[str, float] = {}
         self._uploading: set[str] = set()
         self._event = asyncio.Event()
@@ -197,8 +197,8 @@ class Federation:
         grace = self.config.federation.heartbeat_timeout_seconds + self.config.federation.straggler_grace_seconds
         record = replace(latest, phase=RoundPhase.TRAINING, deadline=max(latest.deadline, now + grace))
         self._store.put_round(record)
-        self._open, self._accumulator = record, accumulator
         await self._prepare_rank_files(self._store.list_participants(record.round))
+        self._open, self._accumulator = record, accumulator
         log.info(
             "resumed round",
             extra={"round": record.round, "updates": len(receipts), "deadline_in": round(record.deadline - now, 1)},
@@ -685,8 +685,9 @@ class Federation:
             for part in participants:
                 self._store.put_participant(part)
             self._store.put_round(record)
-        self._open, self._accumulator = record, self._new_accumulator()
+        # Before the round is published: GetTask must never wait for an SVD or an fsync.
         await self._prepare_rank_files(participants)
+        self._open, self._accumulator = record, self._new_accumulator()
         log.info("round started", extra={
             "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
         })

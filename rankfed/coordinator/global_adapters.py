@@ -16,9 +16,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankfed.aggregation import Adapter, decode_adapter, encode_adapter, peft_adapter_config
+from rankfed.aggregation import Adapter, decode_adapter, encode_adapter, peft_adapter_config, revive_inert
 from rankfed.coordinator.manifest import ModelManifest
 from rankfed.coordinator.store import BlobStore
+from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,13 @@ class RankFile:
 
 
 def _round_dir(round_no: int) -> str:
-    return f"global/round-{round_no:06d}"
+    return f"global/{round_dir(round_no)}"
 
 
 class GlobalAdapters:
-    def __init__(self, blobs: BlobStore, manifest: ModelManifest, method) -> None:
+    def __init__(self, blobs: BlobStore, manifest: ModelManifest, method, *, seed: int = 0) -> None:
         self._blobs = blobs
+        self._seed = seed
         self._manifest = manifest
         self._method = method
         self._lock = threading.Lock()
@@ -53,7 +55,7 @@ class GlobalAdapters:
             task_type="SEQ_CLS" if self._manifest.task == "sequence-classification" else "CAUSAL_LM",
             modules_to_save=list(self._manifest.modules_to_save) or None,
         )
-        self._blobs.write_bytes(f"{_round_dir(round_no)}/adapter_config.json", json.dumps(config, indent=2).encode())
+        self._blobs.write_bytes(global_config_relpath(round_no), json.dumps(config, indent=2).encode())
         sha, _ = self._blobs.write_bytes(self.relpath(round_no), data)
         return sha
 
@@ -74,6 +76,8 @@ class GlobalAdapters:
             if cached is not None:
                 return cached
             local = self._method.redistribute(adapter, rank=rank, alpha=alpha, use_rslora=use_rslora)
+            # Components the redistribution leaves at A = 0 and B = 0 could never train.
+            local = revive_inert(local, seed=self._seed * 1_000_003 + round_no)
             data = encode_adapter(local, metadata=self._metadata(round_no))
             relpath = f"{_round_dir(round_no)}/rank-{rank:02d}-alpha-{alpha:g}{'-rs' if use_rslora else ''}.safetensors"
             sha, size = self._blobs.write_bytes(relpath, data)

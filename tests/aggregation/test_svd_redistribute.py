@@ -73,3 +73,23 @@ def test_rescale_keeps_the_delta():
     assert other.use_rslora and other.alphas == dict.fromkeys(SPEC.modules, 32.0)
     for name in SPEC.modules:
         assert rel(other.delta(name), adapter.delta(name)) < 1e-6
+
+
+def test_revive_inert_gives_dead_components_a_fresh_a_and_keeps_the_delta():
+    from rankfed.aggregation import Adapter, AdapterSpec, get_method, revive_inert
+
+    spec = AdapterSpec(modules={"m": (6, 5)})
+    zero_global = spec.init_adapter(rank=4, alpha=4.0, seed=1)  # B = 0: delta 0
+    for method in ("flexlora", "flora", "zero_pad"):
+        local = get_method(method).redistribute(zero_global, rank=3, alpha=6.0)
+        revived = revive_inert(local, seed=7)
+        module = revived.modules["m"]
+        np.testing.assert_array_equal(module.delta(False), local.modules["m"].delta(False))
+        assert np.all(np.abs(module.a).max(axis=1) > 0), method  # every component can train now
+        assert np.all(np.abs(module.a) <= 1 / np.sqrt(5))
+    # The same component gets the same row whatever the client's rank, and live ones are untouched.
+    wide = revive_inert(get_method("flexlora").redistribute(zero_global, rank=4, alpha=8.0), seed=7).modules["m"]
+    narrow = revive_inert(get_method("flexlora").redistribute(zero_global, rank=2, alpha=4.0), seed=7).modules["m"]
+    np.testing.assert_array_equal(wide.a[:2], narrow.a)
+    live = Adapter(modules={"m": zero_global.modules["m"]})
+    assert revive_inert(live, seed=7).modules["m"] is live.modules["m"]  # B = 0 but A != 0: not inert

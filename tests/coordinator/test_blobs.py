@@ -18,7 +18,6 @@ from rankfed.coordinator.errors import NotFoundError, StorageError
 from rankfed.coordinator.store import (
     BlobStore,
     global_config_relpath,
-    global_relpath,
     update_relpath,
 )
 from rankfed.coordinator.store.blobs import TEMP_SUFFIX
@@ -37,12 +36,11 @@ def temporaries(b: BlobStore) -> list[Path]:
 
 def test_layout_helpers() -> None:
     assert update_relpath(1, "c1") == REL
-    assert global_relpath(12, 8) == "global/round-000012/rank-08.safetensors"
     assert global_config_relpath(3) == "global/round-000003/adapter_config.json"
     with pytest.raises(ValueError):
         update_relpath(1, "../evil")
     with pytest.raises(ValueError):
-        global_relpath(-1, 8)
+        global_config_relpath(-1)
 
 
 def test_writer_is_atomic_and_hashes(blobs: BlobStore) -> None:

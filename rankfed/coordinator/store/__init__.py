@@ -24,7 +24,6 @@ from rankfed.coordinator.store.blobs import (
     BlobStore,
     BlobWriter,
     global_config_relpath,
-    global_relpath,
     update_relpath,
 )
 from rankfed.coordinator.store.memory import MemoryStore
@@ -39,7 +38,6 @@ __all__ = [
     "SqliteStore",
     "StateStore",
     "global_config_relpath",
-    "global_relpath",
     "open_store",
     "update_relpath",
 ]

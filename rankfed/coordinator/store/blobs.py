@@ -2,9 +2,10 @@
 
 Layout under the blob root (helpers below build these paths):
 
-    updates/round-000001/<client_id>.safetensors   an accepted client update
-    global/round-000001/rank-08.safetensors       the global adapter redistributed to rank 8
-    global/round-000001/adapter_config.json       its peft-compatible config
+    updates/round-000001/<client_id>.safetensors          an accepted client update
+    global/round-000001/adapter_model.safetensors         the round's global adapter
+    global/round-000001/adapter_config.json               its peft-compatible config
+    global/round-000001/rank-08-alpha-16.safetensors      redistributed to one (rank, alpha)
 
 Why this shape: a round's files sit in one directory that can be listed, archived or
 deleted as a unit, and zero-padded round numbers sort in round order.
@@ -43,11 +44,6 @@ TEMP_SUFFIX = ".rankfed-partial"
 def update_relpath(round: int, client_id: str) -> str:
     """Where a client's accepted update for `round` lives."""
     return f"updates/{round_dir(round)}/{_component(client_id, 'client_id')}.safetensors"
-
-
-def global_relpath(round: int, rank: int) -> str:
-    """Where the global adapter of `round`, redistributed to `rank`, lives."""
-    return f"global/{round_dir(round)}/rank-{rank:02d}.safetensors"
 
 
 def global_config_relpath(round: int) -> str:
