@@ -33,7 +33,7 @@ from rankfed.coordinator.errors import (
     PreconditionError,
     StorageError,
 )
-from rankfed.coordinator.global_adapters import GlobalAdapters
+from rankfed.coordinator.global_adapters import GlobalAdapters, RankFile
 from rankfed.coordinator.manifest import ModelManifest
 from rankfed.coordinator.models import (
     Assignment,
@@ -445,19 +445,38 @@ class Federation:
 
     # ------------------------------------------------------------------ downloads
 
-    async def open_download(self, client_id: str, round_no: int, offset: int) -> tuple[TransferManifest, AsyncIterator[bytes]]:
-        """The manifest of a client's global adapter and an iterator over its chunks from `offset`."""
+    async def open_download(
+        self, client_id: str, round_no: int, offset: int, *, full: bool = False
+    ) -> tuple[TransferManifest, AsyncIterator[bytes]]:
+        """The manifest of a client's global adapter and an iterator over its chunks from `offset`.
+
+        round 0: the latest global adapter at the client's current rank, or with `full` the
+        global adapter itself (what a device merges and exports at the end); otherwise the
+        open round's global adapter at the rank the client was assigned for it."""
+        if full and round_no != 0:
+            raise InvalidUpdateError("full downloads are of the latest global adapter: send round 0")
         if round_no == 0:
             client = self._require_client(client_id)
-            lora = self._lora_for_rank(client.rank)
             part = None
+            if full:
+                global_adapter = self._current_global()
+                rank = global_adapter.max_rank
+                # The global adapter keeps scaling 1 (alpha = r): see rankfed.aggregation.
+                lora = replace(self._lora_for_rank(rank), alpha=float(rank), use_rslora=False)
+            else:
+                lora = self._lora_for_rank(client.rank)
         else:
             part = self._training_participant(client_id, round_no, action="download")
             lora = self._lora_for_rank(part.rank, alpha=part.alpha)
-        rank_file = await asyncio.to_thread(
-            self._globals.rank_file, self._global_round, self._current_global(),
-            rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
-        )
+        if full:
+            relpath = self._globals.relpath(self._global_round)
+            rank_file = RankFile(relpath=relpath, size=self._blobs.path(relpath).stat().st_size,
+                                 sha256=self._global_sha256())
+        else:
+            rank_file = await asyncio.to_thread(
+                self._globals.rank_file, self._global_round, self._current_global(),
+                rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
+            )
         if offset > rank_file.size:
             raise InvalidUpdateError(f"download offset {offset} is past the end of the {rank_file.size}-byte adapter")
         chunk = self.config.server.max_chunk_bytes

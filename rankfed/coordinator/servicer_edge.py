@@ -103,7 +103,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     @streaming
     async def DownloadAdapter(self, request: ProtoEdge.DownloadRequest, context):
         client_id = self._client_id(context)
-        manifest, chunks = await self._fed.open_download(client_id, request.round, request.offset)
+        manifest, chunks = await self._fed.open_download(client_id, request.round, request.offset, full=request.full)
         yield serde.transfer_manifest_to_proto(manifest)
         offset = request.offset
         async for data in chunks:

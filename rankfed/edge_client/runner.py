@@ -82,7 +82,12 @@ class Transport(Protocol):
     def join(self, request: JoinRequest) -> JoinResult: ...
     def get_task(self, max_wait_s: float) -> Task | None: ...
     def download(
-        self, round: int, *, expected_sha256: str = "", progress: Callable[[int, int], None] | None = None
+        self,
+        round: int,
+        *,
+        expected_sha256: str = "",
+        progress: Callable[[int, int], None] | None = None,
+        full: bool = False,
     ) -> tuple[TransferManifest, bytes]: ...
     def upload(
         self, header: UploadHeader, blob: bytes, *, progress: Callable[[int, int], None] | None = None
@@ -654,13 +659,12 @@ class EdgeRunner:
         )
 
     def _save_final(self, task: DoneTask) -> str:
+        """The final global adapter itself (global rank, checked against the DONE task's
+        digest) for export: merged into the base model, its rank costs nothing at inference.
+        A failure here is an error, not a warning: the user asked for this file."""
         if self.config.out_dir is None:
             return ""
-        try:
-            _, blob = self.transport.download(0, expected_sha256="")
-        except TransportError as err:
-            log.warning("could not fetch the final adapter: %s", err)
-            return ""
+        _, blob = self.transport.download(0, expected_sha256=task.final_adapter_sha256, full=True)
         out = Path(self.config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "adapter_model.safetensors"

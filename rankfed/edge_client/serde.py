@@ -173,8 +173,8 @@ def task_from_proto(p: ProtoEdge.Task) -> Task | None:
     return None
 
 
-def download_request_to_proto(round: int, offset: int) -> ProtoEdge.DownloadRequest:
-    return ProtoEdge.DownloadRequest(round=round, offset=offset)
+def download_request_to_proto(round: int, offset: int, *, full: bool = False) -> ProtoEdge.DownloadRequest:
+    return ProtoEdge.DownloadRequest(round=round, offset=offset, full=full)
 
 
 def manifest_from_proto(p: ProtoEdge.TransferManifest) -> TransferManifest:

@@ -226,16 +226,18 @@ class EdgeTransport:
         *,
         expected_sha256: str = "",
         progress: ProgressFn | None = None,
+        full: bool = False,
     ) -> tuple[TransferManifest, bytes]:
         """Fetch the global adapter for ``round``: resumes after a broken stream and checks
-        size and sha256 against the manifest (and ``expected_sha256`` when given)."""
+        size and sha256 against the manifest (and ``expected_sha256`` when given). With
+        ``full`` (round 0 only), the latest global adapter at the global rank, to export."""
         buf = bytearray()
         state: dict[str, TransferManifest] = {}
         started = time.monotonic()
 
         def call(attempt: int) -> TransferManifest:
             stream = self._stub.DownloadAdapter(
-                serde.download_request_to_proto(round, len(buf)),
+                serde.download_request_to_proto(round, len(buf), full=full),
                 timeout=self.call_timeout_s * 10,
                 metadata=self._metadata(),
             )

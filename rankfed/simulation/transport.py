@@ -120,14 +120,14 @@ class InProcessTransport:
         return edge_serde.task_from_proto(self._run("GetTask", call, timeout=None))
 
     def download(
-        self, round: int, *, expected_sha256: str = "", progress: ProgressFn | None = None
+        self, round: int, *, expected_sha256: str = "", progress: ProgressFn | None = None, full: bool = False
     ) -> tuple[TransferManifest, bytes]:
         if round > 0:
             self._take_slot()
         fed = self._host.fed()
 
         async def call():
-            manifest, chunks = await fed.open_download(self._client_id(), round, 0)
+            manifest, chunks = await fed.open_download(self._client_id(), round, 0, full=full)
             parts = [chunk async for chunk in chunks]
             return coordinator_serde.transfer_manifest_to_proto(manifest), b"".join(parts)
 

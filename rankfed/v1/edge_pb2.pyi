@@ -296,19 +296,25 @@ class DownloadRequest(_message.Message):
 
     ROUND_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """The round whose global adapter to fetch; 0 means the latest global adapter."""
     offset: _builtins.int
     """Resume a broken download from this byte."""
+    full: _builtins.bool
+    """With round 0: the latest global adapter itself, at the global rank (to merge and
+    export), instead of its redistribution to this client's rank (to train from).
+    """
     def __init__(
         self,
         *,
         round: _builtins.int = ...,
         offset: _builtins.int = ...,
+        full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "offset", b"offset", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -199,9 +199,9 @@ class EdgeTestClient:
                 raise AssertionError(f"{self.name}: federation done: {task.done.reason}")
         raise TimeoutError(f"{self.name}: no TRAIN task within {timeout} s")
 
-    def download(self, round_no: int, offset: int = 0) -> Download:
+    def download(self, round_no: int, offset: int = 0, full: bool = False) -> Download:
         messages = list(self.stub.DownloadAdapter(
-            ProtoEdge.DownloadRequest(round=round_no, offset=offset), metadata=self.metadata, timeout=30
+            ProtoEdge.DownloadRequest(round=round_no, offset=offset, full=full), metadata=self.metadata, timeout=30
         ))
         manifest = messages[0].manifest
         data = b"".join(m.chunk.data for m in messages[1:])

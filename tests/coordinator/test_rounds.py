@@ -70,6 +70,11 @@ def test_two_rounds_with_mixed_ranks(start, clients, tiny_manifest):
         task = client.get_task(1.0)
         assert task.WhichOneof("kind") == "done"
         assert task.done.final_round == 2
+        final = client.download(0, full=True)  # what a device merges and exports
+        assert hashlib.sha256(final.data).hexdigest() == task.done.final_adapter_sha256
+        assert final.data == _global_path(server, 2).read_bytes() and final.manifest.rank == 16
+        mine = client.download(0)  # the same, redistributed to this device's rank
+        assert decode(mine.data).max_rank == ranks[client.name]
     final = status(server.address)
     assert [r.round for r in final.history] == [1, 2]
 

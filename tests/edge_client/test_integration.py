@@ -125,5 +125,7 @@ def test_three_clients_at_ranks_2_4_8_finish_a_federation(bert_dir, cls_data, tm
         assert done["final_round"] == 2
         final = tmp_path / f"out-{name}" / "adapter_model.safetensors"
         adapter = decode_adapter(final.read_bytes())
-        assert set(adapter.ranks.values()) == {rank}
+        # Every device exports the global adapter itself, whatever rank it trained at.
+        assert adapter.max_rank >= 8
+        assert final.read_bytes() == (tmp_path / "out-phone" / "adapter_model.safetensors").read_bytes()
         assert any(abs(m.b).sum() > 0 for m in adapter.modules.values())  # aggregated, trained

@@ -57,7 +57,7 @@ class FakeTransport:
     def get_task(self, max_wait_s):
         return self.tasks.pop(0)
 
-    def download(self, round, *, expected_sha256="", progress=None):
+    def download(self, round, *, expected_sha256="", progress=None, full=False):
         if round == 0:
             blob = self._blobs[max(self._blobs)]
             return TransferManifest(round=0, rank=4, total_bytes=len(blob), sha256=""), blob
