@@ -145,11 +145,29 @@ def _text(values: Sequence[bytes] | None) -> list[str]:
     return [v.decode("utf-8", "replace") for v in values or ()]
 
 
+def _rdns(subject: str) -> list[str]:
+    """Split an RFC 2253 subject on its unescaped commas (and plus signs)."""
+    parts, current, escaped = [], [], False
+    for ch in subject:
+        if escaped:
+            current.append("\\" + ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in ",+":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
 def _subject_field(subject: str, key: str) -> list[str]:
-    # grpc renders the subject as RFC 2253 ("CN=alice,OU=operators,O=RankFed"); names in
-    # our certificates contain no commas, so a plain split is enough.
+    # grpc renders the subject as RFC 2253 ("CN=alice,OU=operators,O=RankFed"), escaping
+    # commas inside values: a CN of "x,OU=operators" must not read as an OU.
     out = []
-    for part in subject.split(","):
+    for part in _rdns(subject):
         k, eq, v = part.strip().partition("=")
         if eq and k.strip().upper() == key:
             out.append(v.strip())

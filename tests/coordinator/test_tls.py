@@ -251,3 +251,18 @@ def test_plaintext_health_listener_for_probes_serves_health_only(start, pki, tin
         plain = EdgeTestClient(f"127.0.0.1:{port}", "edge-1")
         assert _code(lambda: plain.join(tiny_manifest.weights_sha256))[0] == grpc.StatusCode.UNIMPLEMENTED
         plain.close()
+
+
+def test_escaped_comma_in_a_common_name_is_not_an_organizational_unit():
+    from rankfed.tls import peer_identity
+
+    context = {
+        "transport_security_type": [b"ssl"],
+        "x509_common_name": [b"edge-7,OU=operators"],
+        "x509_subject": [b"CN=edge-7\\,OU=operators,O=RankFed"],
+    }
+    identity = peer_identity(context)
+    assert identity is not None and not identity.is_operator
+    assert identity.common_name == "edge-7,OU=operators"
+    genuine = peer_identity({**context, "x509_subject": [b"CN=ops,OU=operators,O=RankFed"]})
+    assert genuine is not None and genuine.is_operator
