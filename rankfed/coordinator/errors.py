@@ -9,6 +9,7 @@ CoordinatorError
 ├── TooLargeError          over a configured size cap                                      -> RESOURCE_EXHAUSTED
 ├── DuplicateError         a second upload for the same round                              -> ALREADY_EXISTS
 ├── StorageError           the disk refused (full, I/O error)                              -> UNAVAILABLE
+├── RetryLaterError        a moment too early (a previous upload is still being stored)   -> UNAVAILABLE
 ├── StreamTimeoutError     a client stream went idle or ran too long                      -> DEADLINE_EXCEEDED
 └── ConfigError            bad configuration (raised at start-up, never over the wire)
 
@@ -52,6 +53,10 @@ class DuplicateError(CoordinatorError):
 
 
 class StorageError(CoordinatorError):
+    pass
+
+
+class RetryLaterError(CoordinatorError):
     pass
 
 

@@ -31,6 +31,7 @@ from rankfed.coordinator.errors import (
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
+    RetryLaterError,
     StorageError,
 )
 from rankfed.coordinator.global_adapters import GlobalAdapters, RankFile
@@ -90,7 +91,8 @@ class Federation:
         self._spec = manifest.adapter_spec()
         self._globals = GlobalAdapters(blobs, manifest, self._method, seed=config.federation.seed)
         self._last_seen: dict[str, float] = {}
-        self._uploading: set[str] = set()
+        self._uploading: dict[str, UploadSession] = {}  # open upload streams by client
+        self._polling: dict[str, int] = {}  # clients inside a GetTask long-poll: they are alive
         self._event = asyncio.Event()
         self._version = 0
         self._round_lock = asyncio.Lock()
@@ -354,7 +356,7 @@ class Federation:
             await asyncio.sleep(min(1.0, timeout / 4))
             now = self._clock()
             for client_id, seen in list(self._last_seen.items()):
-                if now - seen > timeout and client_id not in self._uploading:
+                if now - seen > timeout and client_id not in self._uploading and client_id not in self._polling:
                     del self._last_seen[client_id]
                     self._mark_gone(client_id, ParticipantState.DROPPED)
                     log.info("client dropped", extra={"client_id": client_id, "silent_for": round(now - seen, 1)})
@@ -372,15 +374,21 @@ class Federation:
     async def get_task(self, client_id: str, max_wait: float) -> Task:
         wait = min(max(max_wait, 0.0), self.config.server.long_poll_seconds)
         deadline = self._clock() + wait
-        while True:
-            task = self._task_for(client_id)
-            if task is not None:
-                return task
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return WaitTask(retry_after=0.0, reason=self._wait_reason())
-            await self._wait_change(remaining)
-            self._touch(client_id)
+        self._polling[client_id] = self._polling.get(client_id, 0) + 1
+        try:
+            while True:
+                task = self._task_for(client_id)
+                if task is not None:
+                    return task
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return WaitTask(retry_after=0.0, reason=self._wait_reason())
+                await self._wait_change(remaining)
+        finally:
+            self._polling[client_id] -= 1
+            if not self._polling[client_id]:
+                del self._polling[client_id]
+            self._touch(client_id)  # a long-poll is a sign of life until its very end
 
     def _task_for(self, client_id: str) -> Task | None:
         if self._done:
@@ -536,15 +544,29 @@ class Federation:
             raise PreconditionError(
                 f"upload before download: download the round {header.round} global adapter first (state {part.state.value})"
             )
-        if client_id in self._uploading:
-            raise PreconditionError(f"an upload for round {header.round} from this client is already in progress")
         check_header(header, part, max_upload_bytes=self.config.server.max_upload_bytes, homogeneous=self._homogeneous)
+        previous = self._uploading.get(client_id)
+        if previous is not None:
+            if previous.accepting:
+                raise RetryLaterError(
+                    f"this client's previous upload for round {previous.round} is being stored; retry in a moment "
+                    "(a retry of the same update will then be answered ALREADY_EXISTS)"
+                )
+            # A client only retries when its stream broke, perhaps before we noticed: the new
+            # stream replaces the old one, whose handler stops at its next chunk.
+            previous.supersede()
+            log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
         writer = self._blobs.open_writer(update_relpath(header.round, client_id))
-        self._uploading.add(client_id)
+        session = UploadSession(header, part, writer, max_chunk_bytes=self.config.server.max_chunk_bytes)
+        self._uploading[client_id] = session
         if part.state is not ParticipantState.UPLOADING:
             self._store.put_participant(replace(part, state=ParticipantState.UPLOADING))
             self._notify()
-        return UploadSession(header, part, writer, max_chunk_bytes=self.config.server.max_chunk_bytes)
+        return session
+
+    def _forget_upload(self, session: UploadSession) -> None:
+        if self._uploading.get(session.client_id) is session:
+            del self._uploading[session.client_id]
 
     def _reject_duplicate(self, client_id: str, round_no: int) -> None:
         if round_no >= 2**63:
@@ -560,8 +582,9 @@ class Federation:
         if session.accepting:
             return  # finish_upload's shielded task owns the session from here on
         session.abort()
-        self._uploading.discard(session.client_id)
-        self._revert_uploading(session)
+        if self._uploading.get(session.client_id) is session:
+            del self._uploading[session.client_id]
+            self._revert_uploading(session)
 
     def _revert_uploading(self, session: UploadSession) -> None:
         part = self._store.get_participant(session.round, session.client_id)
@@ -615,7 +638,7 @@ class Federation:
             self._revert_uploading(session)
             raise
         finally:
-            self._uploading.discard(session.client_id)
+            self._forget_upload(session)
         log.info("update accepted", extra={
             "round": session.round, "client_id": session.client_id, "rank": header.rank, "bytes": session.received,
         })
@@ -730,6 +753,12 @@ class Federation:
         for cid, client in clients.items():
             demotions = rank_policy.demotions_for(client.deadlines_missed, cfg.federation.demote_after_missed_deadlines)
             rank, tier, reason = rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions)
+            if self._method.name == "hetlora":
+                # HetLoRA's self-pruning sticks: a client that uploaded fewer components than it
+                # was given keeps that smaller rank (r_k <- floor(gamma r_k) in the paper).
+                last = self._store.get_receipt(round_no - 1, cid) if round_no > 1 else None
+                if last is not None and last.rank < rank:
+                    rank, reason = last.rank, f"{reason}; self-pruned to rank {last.rank} in round {round_no - 1}"
             ranks[cid], tiers[cid] = rank, (tier, reason)
         if self._homogeneous:
             # FedIT (and pFedLoRA's shared adapter) average A and B directly, which needs one

@@ -27,6 +27,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DuplicateError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
+    (errors.RetryLaterError, grpc.StatusCode.UNAVAILABLE),
     (errors.StreamTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 

@@ -17,7 +17,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from rankfed.aggregation import Adapter, AdapterError, AdapterSpec, decode_adapter
-from rankfed.coordinator.errors import InvalidUpdateError, TooLargeError
+from rankfed.coordinator.errors import InvalidUpdateError, PreconditionError, TooLargeError
 from rankfed.coordinator.models import Participant, UploadHeader
 from rankfed.coordinator.store import BlobWriter
 
@@ -73,6 +73,7 @@ class UploadSession:
         self._pending: collections.deque[Future[None]] = collections.deque()
         self.received = 0
         self.accepting = False  # set once the core has taken over commit, receipt and fold
+        self.superseded = False  # a retry from the same client replaced this stream
 
     @property
     def client_id(self) -> str:
@@ -82,7 +83,14 @@ class UploadSession:
     def round(self) -> int:
         return self.header.round
 
+    def supersede(self) -> None:
+        """Give way to a newer stream of the same client: its next chunk fails, the file goes."""
+        self.superseded = True
+        self.abort()
+
     async def add_chunk(self, offset: int, data: bytes) -> None:
+        if self.superseded:
+            raise PreconditionError("this upload was replaced by a newer one from the same client")
         if offset != self.received:
             raise InvalidUpdateError(
                 f"chunk at offset {offset} does not follow the {self.received} bytes received so far; "

@@ -216,3 +216,61 @@ def test_every_method_completes_a_round(start, clients, tiny_manifest, method):
 
 def _global_path(server, round_no):
     return server.config.server.data_dir / "blobs" / "global" / f"round-{round_no:06d}" / "adapter_model.safetensors"
+
+
+def test_retry_replaces_a_broken_upload_still_registered(start, clients, tiny_manifest):
+    """The client's first stream died without the server noticing yet; its retry must not
+    be refused as 'already in progress' (the edge client would give up the round)."""
+    import threading
+
+    from rankfed.aggregation import encode_adapter
+    from rankfed.v1 import edge_pb2 as ProtoEdge
+    from tests.coordinator.harness import update_files
+
+    server = start(**{"federation.rounds": 1, "federation.min_clients": 1, "federation.clients_per_round": 1})
+    (client,) = clients(server.address, "dev")
+    task = client.wait_train()
+    client.download(task.round)
+    data = encode_adapter(random_adapter(tiny_manifest, task.assignment.lora.rank, task.assignment.lora.alpha, 0))
+    release = threading.Event()
+
+    def stalled():
+        yield ProtoEdge.UploadMessage(header=ProtoEdge.UploadHeader(
+            round=task.round, rank=task.assignment.lora.rank, num_examples=3, total_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest()))
+        yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=0, data=data[:64]))
+        release.wait(20)
+        yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=64, data=data[64:]))
+
+    first = client.stub.UploadUpdate.future(stalled(), metadata=client.metadata, timeout=30)
+    wait_for(lambda: server.call(lambda: client.client_id in server.federation._uploading), what="first stream")
+    receipt = client.upload_bytes(task.round, task.assignment.lora.rank, data)
+    assert receipt.sha256 == hashlib.sha256(data).hexdigest()
+    release.set()
+    with pytest.raises(grpc.RpcError) as info:
+        first.result(timeout=30)
+    assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED,
+                                 grpc.StatusCode.ALREADY_EXISTS)
+    wait_for(lambda: len(update_files(server.config.server.data_dir)) == 1, what="only the accepted file")
+
+
+def test_hetlora_self_pruned_rank_sticks(start, clients, tiny_manifest):
+    server = start(**{"federation.rounds": 2, "federation.method": "hetlora", "federation.min_clients": 1,
+                      "federation.clients_per_round": 1})
+    (client,) = clients(server.address, "laptop")
+    task = client.wait_train()
+    assigned = task.assignment.lora.rank
+    client.download(task.round)
+    pruned = random_adapter(tiny_manifest, assigned // 2, task.assignment.lora.alpha, 0)
+    client.upload(task.round, pruned)
+    second = client.wait_train()
+    assert second.round == 2 and second.assignment.lora.rank == assigned // 2
+    assert "self-pruned" in second.assignment.reason
+
+
+def test_a_long_poll_keeps_a_client_online(start, clients):
+    server = start(**{"federation.min_clients": 2, "federation.heartbeat_interval_seconds": 0.5,
+                      "federation.heartbeat_timeout_seconds": 1.5, "server.long_poll_seconds": 3.0})
+    (client,) = clients(server.address, "alone")
+    assert client.get_task(3.0).WhichOneof("kind") == "wait"  # 3 s without any other call
+    assert status(server.address).clients_online == 1
