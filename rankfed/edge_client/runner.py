@@ -45,6 +45,7 @@ from .errors import (
     ConfigError,
     DuplicateError,
     ModelMismatchError,
+    RejectedError,
     StaleRoundError,
     TransportError,
 )
@@ -471,16 +472,8 @@ class EdgeRunner:
                 ),
             )
             beat.state = ParticipantState.UPLOADING
-            try:
-                receipt = self.transport.upload(
-                    header, blob,
-                    progress=lambda done, total: self._emit("upload", {"bytes": done, "total": total}),
-                )
-            except StaleRoundError as err:
-                self._emit("stale", {"round": task.round, "detail": str(err)})
-                return None
-            except DuplicateError as err:
-                self._emit("duplicate", {"round": task.round, "detail": str(err)})
+            receipt = self._upload(task, header, blob)
+            if receipt is None:
                 return None
         record = {
             "round": task.round,
@@ -619,15 +612,8 @@ class EdgeRunner:
                 ),
             )
             beat.state = ParticipantState.UPLOADING
-            try:
-                receipt = self.transport.upload(
-                    header, blob, progress=lambda done, total: self._emit("upload", {"bytes": done, "total": total}),
-                )
-            except StaleRoundError as err:
-                self._emit("stale", {"round": task.round, "detail": str(err)})
-                return None
-            except DuplicateError as err:
-                self._emit("duplicate", {"round": task.round, "detail": str(err)})
+            receipt = self._upload(task, header, blob)
+            if receipt is None:
                 return None
         record = {
             "round": task.round, "mode": "personalized", "rank": update.max_rank, "assigned_rank": lora.rank,
@@ -639,6 +625,23 @@ class EdgeRunner:
         }
         self._emit("uploaded", record)
         return record
+
+    def _upload(self, task: TrainTask, header: UploadHeader, blob: bytes) -> UploadReceipt | None:
+        """Upload one update; None when this round's update cannot count (the round closed,
+        someone else's update is there, or the coordinator refused it): the client goes on
+        with the next task instead of exiting."""
+        try:
+            return self.transport.upload(
+                header, blob, progress=lambda done, total: self._emit("upload", {"bytes": done, "total": total}),
+            )
+        except StaleRoundError as err:
+            self._emit("stale", {"round": task.round, "detail": str(err)})
+        except DuplicateError as err:
+            self._emit("duplicate", {"round": task.round, "detail": str(err)})
+        except RejectedError as err:
+            log.error("round %d: the coordinator refused our update: %s", task.round, err)
+            self._emit("rejected", {"round": task.round, "code": err.code, "detail": str(err)})
+        return None
 
     def _tail(self, model: Any) -> float:
         return float(

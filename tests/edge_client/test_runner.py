@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rankfed.aggregation import Adapter, AdapterSpec, LoraModule, decode_adapter, encode_adapter
-from rankfed.edge_client.errors import ModelMismatchError, StaleRoundError
+from rankfed.edge_client.errors import ModelMismatchError, RejectedError, StaleRoundError
 from rankfed.edge_client.manifest import build_manifest
 from rankfed.edge_client.model import weights_sha256
 from rankfed.edge_client.protocol import (
@@ -43,6 +43,7 @@ class FakeTransport:
         self.upload_bytes_per_second = 0.0
         self.download_bytes_per_second = 0.0
         self.stale_upload_rounds: set[int] = set()
+        self.rejected_upload_rounds: set[int] = set()
         self._blobs: dict[int, bytes] = {}
         self.nonzero_b = False
 
@@ -79,6 +80,8 @@ class FakeTransport:
     def upload(self, header, blob, *, progress=None):
         if header.round in self.stale_upload_rounds:
             raise StaleRoundError("round closed", code="FAILED_PRECONDITION")
+        if header.round in self.rejected_upload_rounds:
+            raise RejectedError("update rejected: missing LoRA module 'x'", code="INVALID_ARGUMENT")
         self.uploads.append((header, blob))
         self.upload_bytes_per_second = 1e6
         return UploadReceipt(round=header.round, bytes_received=len(blob), sha256=header.sha256)
@@ -130,6 +133,19 @@ def test_rounds_follow_the_assigned_rank(bert_dir, cls_data, spec_and_sha, tmp_p
     assert summary.final_adapter_path and (tmp_path / "adapter_model.safetensors").exists()
     assert [n for n, _ in events].count("rejoin") == 1  # bandwidth measured by the first upload
     assert transport.joins[-1].capability.upload_bytes_per_second == 1e6
+
+
+def test_a_refused_update_skips_the_round_not_the_federation(bert_dir, cls_data, spec_and_sha):
+    spec, sha = spec_and_sha
+    tasks = [_train(1, 4), _train(2, 4), DoneTask(final_round=2)]
+    transport = FakeTransport(spec, sha, tasks)
+    transport._all = [t for t in tasks if isinstance(t, TrainTask)]
+    transport.rejected_upload_rounds = {1}
+    runner, events = _runner(bert_dir, cls_data, transport)
+    summary = runner.run()
+    assert [r["round"] for r in summary.rounds] == [2]
+    rejected = [f for n, f in events if n == "rejected"]
+    assert rejected == [{"round": 1, "code": "INVALID_ARGUMENT", "detail": "update rejected: missing LoRA module 'x'"}]
 
 
 def test_closed_round_abandons_training(bert_dir, cls_data, spec_and_sha):
