@@ -3,7 +3,7 @@ its devices: the signing key lives in the state store, not in memory.
 
 A token is `base64url(payload).base64url(signature)` with payload
 `{"sub": client_id, "aud": audience, "exp": unix_seconds, "jti": random}`. The audience
-keeps a device token from being used on the operator service and vice versa.
+keeps a device token from being accepted anywhere but the edge service.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from rankfed.coordinator.errors import AuthError
 
 EDGE_AUDIENCE = "edge"
-ADMIN_AUDIENCE = "admin"
 
 
 def _b64(data: bytes) -> str:

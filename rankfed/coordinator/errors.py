@@ -5,7 +5,7 @@ CoordinatorError
 ├── PermissionDeniedError  the caller may not do this (wrong enrollment secret)             -> PERMISSION_DENIED
 ├── NotFoundError          unknown round, client or blob                                   -> NOT_FOUND
 ├── PreconditionError      right request, wrong time (stale round, upload before download) -> FAILED_PRECONDITION
-├── InvalidUpdateError     the request or update itself is wrong (rank, shapes, digest)     -> INVALID_ARGUMENT
+├── InvalidArgumentError   the request or update itself is wrong (rank, shapes, digest)    -> INVALID_ARGUMENT
 ├── TooLargeError          over a configured size cap                                      -> RESOURCE_EXHAUSTED
 ├── DuplicateError         a second upload for the same round                              -> ALREADY_EXISTS
 ├── StorageError           the disk refused (full, I/O error)                              -> UNAVAILABLE
@@ -40,7 +40,7 @@ class PreconditionError(CoordinatorError):
     pass
 
 
-class InvalidUpdateError(CoordinatorError):
+class InvalidArgumentError(CoordinatorError):
     pass
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from rankfed.aggregation import Adapter, AdapterError, AggregationError, get_method
+from rankfed.aggregation import Accumulator, Adapter, AdapterError, AggregationError, get_method
 from rankfed.coordinator import rank_policy
 from rankfed.coordinator.auth import EDGE_AUDIENCE, TokenSigner
 from rankfed.coordinator.config import CoordinatorConfig
@@ -27,7 +27,7 @@ from rankfed.coordinator.errors import (
     AuthError,
     ConfigError,
     DuplicateError,
-    InvalidUpdateError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
@@ -260,7 +260,7 @@ class Federation:
             raise PermissionDeniedError("enrollment secret is wrong; ask the operator for the federation's secret")
         name = info.device_name.strip()
         if not name or len(name) > 128:
-            raise InvalidUpdateError("device_name must be 1 to 128 characters; use a stable name per device")
+            raise InvalidArgumentError("device_name must be 1 to 128 characters; use a stable name per device")
         _check_capability(info)
         model = self.manifest.model_for(info.base_model_sha256)
         if model is None:
@@ -462,7 +462,7 @@ class Federation:
         global adapter itself (what a device merges and exports at the end); otherwise the
         open round's global adapter at the rank the client was assigned for it."""
         if full and round_no != 0:
-            raise InvalidUpdateError("full downloads are of the latest global adapter: send round 0")
+            raise InvalidArgumentError("full downloads are of the latest global adapter: send round 0")
         if round_no == 0:
             client = self._require_client(client_id)
             part = None
@@ -486,7 +486,7 @@ class Federation:
                 rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora,
             )
         if offset > rank_file.size:
-            raise InvalidUpdateError(f"download offset {offset} is past the end of the {rank_file.size}-byte adapter")
+            raise InvalidArgumentError(f"download offset {offset} is past the end of the {rank_file.size}-byte adapter")
         chunk = self.config.server.max_chunk_bytes
         manifest = TransferManifest(
             round=round_no or self._global_round, rank=lora.rank, total_bytes=rank_file.size,
@@ -659,7 +659,7 @@ class Federation:
 
     # ------------------------------------------------------------------ rounds
 
-    def _new_accumulator(self):
+    def _new_accumulator(self) -> Accumulator:
         return self._method.accumulator(self._spec, global_rank=self.config.lora.max_rank, previous=self._global)
 
     def _next_round_number(self) -> int:
@@ -963,7 +963,7 @@ def _check_capability(info: JoinInfo) -> None:
     for name in ("compute_gflops", "upload_bytes_per_second", "download_bytes_per_second"):
         value = getattr(cap, name)
         if not np.isfinite(value) or value < 0:
-            raise InvalidUpdateError(f"capability.{name} must be a finite non-negative number, got {value}")
+            raise InvalidArgumentError(f"capability.{name} must be a finite non-negative number, got {value}")
 
 
 def _round_metrics(receipts: list[Receipt], parts: list[Participant]) -> dict[str, float]:

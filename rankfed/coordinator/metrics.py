@@ -170,7 +170,7 @@ def reject_reason(exc: BaseException | None) -> str:
             return label
     if isinstance(exc, errors.PreconditionError):
         return next((label for needle, label in _PRECONDITION_REASONS if needle in text), "precondition")
-    if isinstance(exc, (errors.InvalidUpdateError, AdapterError)):
+    if isinstance(exc, (errors.InvalidArgumentError, AdapterError)):
         return next((label for needle, label in _INVALID_REASONS if needle in text), "invalid_content")
     if isinstance(exc, errors.CoordinatorError):
         return type(exc).__name__.removesuffix("Error").lower() or "error"

@@ -7,7 +7,7 @@ import math
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rankfed.coordinator.errors import InvalidUpdateError
+from rankfed.coordinator.errors import InvalidArgumentError
 from rankfed.coordinator.models import (
     AlphaRule,
     Assignment,
@@ -87,7 +87,7 @@ def duration_from_proto(d: Duration) -> float:
 
 def capability_from_proto(msg: ProtoCommon.DeviceCapability) -> Capability:
     if msg.device_class not in _DEVICE_CLASS:
-        raise InvalidUpdateError(
+        raise InvalidArgumentError(
             "capability.device_class is missing or unknown; report cpu, cuda, mps or mobile"
         )
     return Capability(
@@ -119,7 +119,7 @@ def metrics_from_proto(msg: ProtoCommon.TrainMetrics) -> TrainMetrics:
     values = {"loss_first": msg.loss_first, "loss_last": msg.loss_last, "train_seconds": msg.train_seconds, **msg.eval}
     for name, value in values.items():
         if not math.isfinite(value):
-            raise InvalidUpdateError(f"metrics.{name} is not a finite number ({value})")
+            raise InvalidArgumentError(f"metrics.{name} is not a finite number ({value})")
     return TrainMetrics(
         loss_first=msg.loss_first, loss_last=msg.loss_last, steps=msg.steps,
         train_seconds=msg.train_seconds, eval=dict(msg.eval),

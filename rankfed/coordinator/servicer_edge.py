@@ -15,10 +15,9 @@ import grpc
 
 from rankfed.coordinator import serde
 from rankfed.coordinator.auth import bearer_token
-from rankfed.coordinator.errors import AuthError, InvalidUpdateError, PermissionDeniedError
+from rankfed.coordinator.errors import AuthError, InvalidArgumentError, PermissionDeniedError, StreamTimeoutError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
-from rankfed.coordinator.errors import StreamTimeoutError
 from rankfed.coordinator.servicer_errors import streaming, unary
 from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
@@ -120,12 +119,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         )
         first = await stream.next()
         if first is None or first.WhichOneof("kind") != "header":
-            raise InvalidUpdateError("an upload must start with an UploadHeader message")
+            raise InvalidArgumentError("an upload must start with an UploadHeader message")
         session = self._fed.begin_upload(client_id, serde.upload_header_from_proto(first.header))
         try:
             while (message := await stream.next()) is not None:
                 if message.WhichOneof("kind") != "chunk":
-                    raise InvalidUpdateError("only chunks may follow the upload header")
+                    raise InvalidArgumentError("only chunks may follow the upload header")
                 self.metrics.bytes_in.inc(len(message.chunk.data))
                 await session.add_chunk(message.chunk.offset, message.chunk.data)
             receipt = await self._fed.finish_upload(session)

@@ -22,7 +22,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.InvalidUpdateError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DuplicateError, grpc.StatusCode.ALREADY_EXISTS),

@@ -17,7 +17,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from rankfed.aggregation import Adapter, AdapterError, AdapterSpec, decode_adapter
-from rankfed.coordinator.errors import InvalidUpdateError, PreconditionError, TooLargeError
+from rankfed.coordinator.errors import InvalidArgumentError, PreconditionError, TooLargeError
 from rankfed.coordinator.models import Participant, UploadHeader
 from rankfed.coordinator.store import BlobWriter
 
@@ -36,28 +36,28 @@ def check_header(
     `homogeneous`: the rule averages A and B as they are (fedit, personalized mode), so the
     update must be at exactly the assigned rank, not below it."""
     if header.rank < 1:
-        raise InvalidUpdateError(f"upload header declares rank {header.rank}; ranks start at 1")
+        raise InvalidArgumentError(f"upload header declares rank {header.rank}; ranks start at 1")
     if homogeneous and header.rank != participant.rank:
-        raise InvalidUpdateError(
+        raise InvalidArgumentError(
             f"upload declares rank {header.rank}; this federation averages adapters of one rank, "
             f"so upload at the assigned rank {participant.rank} (no pruning)"
         )
     if header.rank > participant.rank:
-        raise InvalidUpdateError(
+        raise InvalidArgumentError(
             f"upload declares rank {header.rank} but this client was assigned rank {participant.rank} "
             f"for round {participant.round}; train at the assigned rank"
         )
     if header.total_bytes == 0:
-        raise InvalidUpdateError("upload header declares total_bytes 0; send the size of the safetensors file")
+        raise InvalidArgumentError("upload header declares total_bytes 0; send the size of the safetensors file")
     if header.total_bytes > max_upload_bytes:
         raise TooLargeError(
             f"upload of {header.total_bytes} bytes exceeds the coordinator's cap of {max_upload_bytes} bytes "
             "(server.max_upload_bytes)"
         )
     if not _SHA256_HEX.fullmatch(header.sha256):
-        raise InvalidUpdateError("upload header sha256 must be 64 lowercase hex digits of the whole file")
+        raise InvalidArgumentError("upload header sha256 must be 64 lowercase hex digits of the whole file")
     if not 1 <= header.num_examples <= MAX_NUM_EXAMPLES:
-        raise InvalidUpdateError(
+        raise InvalidArgumentError(
             f"upload header num_examples must be between 1 and {MAX_NUM_EXAMPLES} (the size of the local "
             f"training set), got {header.num_examples}"
         )
@@ -92,16 +92,16 @@ class UploadSession:
         if self.superseded:
             raise PreconditionError("this upload was replaced by a newer one from the same client")
         if offset != self.received:
-            raise InvalidUpdateError(
+            raise InvalidArgumentError(
                 f"chunk at offset {offset} does not follow the {self.received} bytes received so far; "
                 "send chunks in order without gaps"
             )
         if len(data) > self._max_chunk:
             raise TooLargeError(f"chunk of {len(data)} bytes exceeds max_chunk_bytes {self._max_chunk}")
         if not data:
-            raise InvalidUpdateError(f"empty chunk at offset {offset}")
+            raise InvalidArgumentError(f"empty chunk at offset {offset}")
         if self.received + len(data) > self.header.total_bytes:
-            raise InvalidUpdateError(
+            raise InvalidArgumentError(
                 f"upload is longer than the {self.header.total_bytes} bytes declared in its header"
             )
         if self._pool is None:
@@ -122,12 +122,12 @@ class UploadSession:
         The adapter is decoded from a read-only mapping of the staged file: float32 tensors
         are views of the page cache, not copies. The mapping lives as long as they do."""
         if self.received != self.header.total_bytes:
-            raise InvalidUpdateError(
+            raise InvalidArgumentError(
                 f"upload ended after {self.received} of {self.header.total_bytes} declared bytes (truncated)"
             )
         digest = self._writer.sha256_hex()
         if digest != self.header.sha256:
-            raise InvalidUpdateError(
+            raise InvalidArgumentError(
                 f"sha256 of the received bytes is {digest}, header declared {self.header.sha256}; "
                 "the file was corrupted in transit or the header is wrong"
             )
@@ -136,16 +136,16 @@ class UploadSession:
         try:
             adapter = decode_adapter(memoryview(view), spec=spec, max_rank=self.participant.rank)
         except AdapterError as exc:
-            raise InvalidUpdateError(f"update rejected: {exc}") from exc
+            raise InvalidArgumentError(f"update rejected: {exc}") from exc
         ranks = adapter.ranks
         if max(ranks.values()) != self.header.rank:
-            raise InvalidUpdateError(
+            raise InvalidArgumentError(
                 f"upload header declares rank {self.header.rank} but the adapter's largest rank is {max(ranks.values())}"
             )
         if homogeneous:
             for name, rank in ranks.items():
                 if rank != self.header.rank:
-                    raise InvalidUpdateError(
+                    raise InvalidArgumentError(
                         f"{name} has rank {rank}; this federation averages adapters of one rank: "
                         f"every module must have rank {self.header.rank}"
                     )

@@ -115,8 +115,8 @@ def test_counter_and_histogram_exposition():
 
 
 @pytest.mark.parametrize(("exc", "reason"), [
-    (errors.InvalidUpdateError("sha256 of the received bytes is x, header declared y"), "digest_mismatch"),
-    (errors.InvalidUpdateError("upload ended after 3 of 9 declared bytes (truncated)"), "truncated"),
+    (errors.InvalidArgumentError("sha256 of the received bytes is x, header declared y"), "digest_mismatch"),
+    (errors.InvalidArgumentError("upload ended after 3 of 9 declared bytes (truncated)"), "truncated"),
     (errors.PreconditionError("upload names stale round 1; the open round is 2"), "stale_round"),
     (errors.StorageError("disk full while writing"), "disk_full"),
     (errors.TooLargeError("too big"), "too_large"),
