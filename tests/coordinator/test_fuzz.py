@@ -4,6 +4,7 @@ coordinator stays up, no partial file survives, and memory stays bounded."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import resource
@@ -122,6 +123,13 @@ def _after(server, client, task) -> None:
 
 
 def _rss_mib() -> float:
+    """Resident memory now (not the process's peak: in a full test run another test's
+    leftover thread can set a new peak while this one runs, which says nothing about it)."""
+    gc.collect()
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
