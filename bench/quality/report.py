@@ -1,6 +1,7 @@
 """Tables and the plot of the learning-quality benchmark, from bench/results/quality/runs/*.json.
 
-    python bench/quality/report.py          # writes bench/results/quality.json,
+    python bench/quality/report.py --also bench/results/quality-svdfix/runs=+fix
+                                            # writes bench/results/quality.json,
                                             # bench/results/quality_accuracy.png, prints markdown
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = ["homog-max", "homog-min", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora",
-         "flexlora+init", "flora+init"]
+         "flexlora+fix", "flora+fix"]
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -110,7 +111,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             if c["alpha"] != alpha or c["dist"] not in (dist, "-"):
                 continue
             xs = list(range(1, len(c["accuracy_per_round_mean"]) + 1))
-            style = "--" if c["dist"] == "-" else (":" if c["rule"].endswith("+init") else "-")
+            style = "--" if c["dist"] == "-" else (":" if "+" in c["rule"] else "-")
             ax.errorbar(xs, c["accuracy_per_round_mean"], yerr=c["accuracy_per_round_std"], label=c["rule"],
                         linestyle=style, marker="o", markersize=3, capsize=2, color=cmap(_rank(c["rule"]) % 10))
         if "centralized" in summary:
@@ -164,8 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "bench" / "results" / "quality" / "runs")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     p.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "quality_accuracy.png")
+    p.add_argument("--also", action="append", default=[], metavar="DIR=SUFFIX",
+                   help="more runs (e.g. a later commit's), their rules renamed RULE+SUFFIX")
     args = p.parse_args(argv)
-    summary = summarize(load_runs(args.runs))
+    runs = load_runs(args.runs)
+    for item in args.also:
+        where, _, suffix = item.partition("=")
+        for r in load_runs(Path(where)):
+            r["job"]["rule"] += suffix
+            runs.append(r)
+    summary = summarize(runs)
     args.out.write_text(json.dumps(summary, indent=1))
     plot(summary, args.plot)
     print(markdown(summary))

@@ -56,9 +56,10 @@ RULES = {
     "flexlora": ("flexlora", None, True),
     "flora": ("flora", None, True),
 }
-# Not the shipped code: FlexLoRA/FLoRA with the fix proposed in docs/results.md (components of
-# the SVD redistribution with zero singular value get peft's A init instead of A = 0). Run
-# after the whole grid, only when asked (--extra).
+# Not the shipped code: FlexLoRA/FLoRA with a local patch of the fix proposed in
+# docs/results.md (A = B = 0 components of the SVD redistribution get peft's A init). Run
+# after the whole grid, only when asked (--extra). Superseded by the shipped fix (commit
+# c371b70, rankfed.aggregation.revive_inert): kept for comparing against older commits.
 EXTRA_RULES = {
     "flexlora+init": ("flexlora", None, True),
     "flora+init": ("flora", None, True),
