@@ -19,7 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread for every measurement, baselines included: on 2 shared cores a second
+# OpenBLAS thread that gets descheduled stalls each call (a 384x384 QR + SVD took 860 ms
+# with 2 threads under load, 51 ms with 1). Set OPENBLAS_NUM_THREADS to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 from rankfed.aggregation import METHODS, Adapter, AdapterSpec, LoraModule, factored_svd, get_method
 
