@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${RANKFED_EXTRAS:-edge,export,infer,dev}
+EXTRAS=${RANKFED_EXTRAS:-edge,export,infer,dev}  # add ",bench" for bench/quality
 pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
 
 # 1. The CPU build of torch first: an unpinned torch (or one pulled in by peft) resolves

@@ -718,9 +718,13 @@ class Federation:
                 enough_since = None
             await self._wait_change(0.5)
         rng = random.Random(fed.seed * 1_000_003 + round_no)
-        chosen = online if not fed.clients_per_round or len(online) <= fed.clients_per_round else sorted(
-            rng.sample(online, fed.clients_per_round)
-        )
+        chosen = online
+        if fed.clients_per_round and len(online) > fed.clients_per_round:
+            # Sampled in device-name order (client ids are random tokens), so a seed picks the
+            # same devices in every run of the same federation.
+            names = {cid: self._require_client(cid).device_name for cid in online}
+            by_name = sorted(online, key=lambda cid: (names[cid], cid))
+            chosen = sorted(rng.sample(by_name, fed.clients_per_round))
         participants = self._assign(round_no, chosen)
         record = replace(waiting, phase=RoundPhase.TRAINING, started_at=now, deadline=now + fed.round_deadline_seconds)
         with self._store.transaction():
