@@ -8,28 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
-class DeviceClass(enum.StrEnum):
-    CPU = "cpu"
-    CUDA = "cuda"
-    MPS = "mps"
-    MOBILE = "mobile"
-
-
-class AlphaRule(enum.StrEnum):
-    CONSTANT_SCALING = "constant_scaling"
-    FIXED = "fixed"
-    RSLORA = "rslora"
-
-
-class ParticipantState(enum.StrEnum):
-    ASSIGNED = "assigned"
-    DOWNLOADING = "downloading"
-    TRAINING = "training"
-    UPLOADING = "uploading"
-    UPLOADED = "uploaded"
-    LATE = "late"
-    DROPPED = "dropped"
+from rankfed.shared_types import AlphaRule, Capability, DeviceClass, ParticipantState
 
 
 class RoundPhase(enum.StrEnum):
@@ -38,20 +17,6 @@ class RoundPhase(enum.StrEnum):
     AGGREGATING = "aggregating"
     DONE = "done"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Capability:
-    device_class: DeviceClass = DeviceClass.CPU
-    memory_total_bytes: int = 0
-    memory_free_bytes: int = 0
-    cpu_cores: int = 0
-    compute_gflops: float = 0.0
-    upload_bytes_per_second: float = 0.0
-    download_bytes_per_second: float = 0.0
-    accelerator_name: str = ""
-    accelerator_memory_bytes: int = 0
-    platform: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,45 +6,9 @@ client works with these only.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-
-class DeviceClass(enum.StrEnum):
-    CPU = "cpu"
-    CUDA = "cuda"
-    MPS = "mps"
-    MOBILE = "mobile"
-
-
-class AlphaRule(enum.StrEnum):
-    CONSTANT_SCALING = "constant_scaling"
-    FIXED = "fixed"
-    RSLORA = "rslora"
-
-
-class ParticipantState(enum.StrEnum):
-    ASSIGNED = "assigned"
-    DOWNLOADING = "downloading"
-    TRAINING = "training"
-    UPLOADING = "uploading"
-    UPLOADED = "uploaded"
-
-
-@dataclass(frozen=True)
-class Capability:
-    """What `rankfed edge probe` measures and Join reports."""
-
-    device_class: DeviceClass = DeviceClass.CPU
-    memory_total_bytes: int = 0
-    memory_free_bytes: int = 0
-    cpu_cores: int = 0
-    compute_gflops: float = 0.0
-    upload_bytes_per_second: float = 0.0  # 0: not measured yet
-    download_bytes_per_second: float = 0.0
-    accelerator_name: str = ""
-    accelerator_memory_bytes: int = 0
-    platform: str = ""
+from rankfed.shared_types import AlphaRule, Capability, DeviceClass, ParticipantState
 
 
 @dataclass(frozen=True)
