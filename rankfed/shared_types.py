@@ -1,11 +1,11 @@
 """The vocabulary both ends of the protocol share: device classes, alpha rules, participant
-states and the device capability. The coordinator and the edge client never import each
+states, the device capability, training metrics and the upload header. The coordinator and the edge client never import each
 other; both import these (and convert them to and from `rankfed.v1` in their own serde)."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class DeviceClass(enum.StrEnum):
@@ -45,3 +45,24 @@ class Capability:
     accelerator_name: str = ""
     accelerator_memory_bytes: int = 0
     platform: str = ""
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    loss_first: float = 0.0
+    loss_last: float = 0.0
+    steps: int = 0
+    train_seconds: float = 0.0
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """What an upload declares before its first byte: round, rank, size and digest."""
+
+    round: int
+    rank: int
+    num_examples: int
+    total_bytes: int
+    sha256: str
+    metrics: TrainMetrics = field(default_factory=TrainMetrics)

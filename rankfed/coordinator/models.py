@@ -8,7 +8,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from rankfed.shared_types import AlphaRule, Capability, DeviceClass, ParticipantState
+from rankfed.shared_types import (  # noqa: F401 - re-exported
+    AlphaRule,
+    Capability,
+    DeviceClass,
+    ParticipantState,
+    TrainMetrics,
+    UploadHeader,
+)
 
 
 class RoundPhase(enum.StrEnum):
@@ -53,15 +60,6 @@ class ClientRecord:
     rounds_completed: int = 0
     deadlines_missed: int = 0  # consecutive; reset by an accepted update
     left: bool = False
-
-
-@dataclass(frozen=True)
-class TrainMetrics:
-    loss_first: float = 0.0
-    loss_last: float = 0.0
-    steps: int = 0
-    train_seconds: float = 0.0
-    eval: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,16 +174,6 @@ class TransferManifest:
     sha256: str
     chunk_bytes: int
     lora: LoraSettings
-
-
-@dataclass(frozen=True)
-class UploadHeader:
-    round: int
-    rank: int
-    num_examples: int
-    total_bytes: int
-    sha256: str
-    metrics: TrainMetrics = field(default_factory=TrainMetrics)
 
 
 @dataclass(frozen=True)

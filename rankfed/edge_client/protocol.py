@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rankfed.shared_types import AlphaRule, Capability, DeviceClass, ParticipantState
+from rankfed.shared_types import (  # noqa: F401 - re-exported
+    AlphaRule,
+    Capability,
+    DeviceClass,
+    ParticipantState,
+    TrainMetrics,
+    UploadHeader,
+)
 
 
 @dataclass(frozen=True)
@@ -101,25 +108,6 @@ class TransferManifest:
     sha256: str
     chunk_bytes: int = 0
     lora: LoraSettings | None = None
-
-
-@dataclass(frozen=True)
-class TrainMetrics:
-    loss_first: float = 0.0
-    loss_last: float = 0.0
-    steps: int = 0
-    train_seconds: float = 0.0
-    eval: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class UploadHeader:
-    round: int
-    rank: int
-    num_examples: int
-    total_bytes: int
-    sha256: str
-    metrics: TrainMetrics = field(default_factory=TrainMetrics)
 
 
 @dataclass(frozen=True)
