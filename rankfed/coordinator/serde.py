@@ -9,11 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from rankfed.coordinator.errors import InvalidArgumentError
 from rankfed.coordinator.models import (
-    AlphaRule,
     Assignment,
     Capability,
     ClientRecord,
-    DeviceClass,
     DoneTask,
     FederationView,
     JoinInfo,
@@ -29,32 +27,24 @@ from rankfed.coordinator.models import (
     UploadHeader,
     WaitTask,
 )
+from rankfed.shared_serde import (
+    ALPHA_RULE_TO_PROTO,
+    DEVICE_CLASS_FROM_PROTO,
+    DEVICE_CLASS_TO_PROTO,
+    PARTICIPANT_STATE_FROM_PROTO,
+    PARTICIPANT_STATE_TO_PROTO,
+    capability_to_proto,
+    metrics_to_proto,
+)
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 
-_DEVICE_CLASS = {
-    ProtoCommon.DEVICE_CLASS_CPU: DeviceClass.CPU,
-    ProtoCommon.DEVICE_CLASS_CUDA: DeviceClass.CUDA,
-    ProtoCommon.DEVICE_CLASS_MOBILE: DeviceClass.MOBILE,
-    ProtoCommon.DEVICE_CLASS_MPS: DeviceClass.MPS,
-}
-_DEVICE_CLASS_TO = {v: k for k, v in _DEVICE_CLASS.items()}
-_ALPHA_RULE_TO = {
-    AlphaRule.CONSTANT_SCALING: ProtoCommon.ALPHA_RULE_CONSTANT_SCALING,
-    AlphaRule.FIXED: ProtoCommon.ALPHA_RULE_FIXED,
-    AlphaRule.RSLORA: ProtoCommon.ALPHA_RULE_RSLORA,
-}
-_PARTICIPANT_STATE = {
-    ProtoCommon.PARTICIPANT_STATE_ASSIGNED: ParticipantState.ASSIGNED,
-    ProtoCommon.PARTICIPANT_STATE_DOWNLOADING: ParticipantState.DOWNLOADING,
-    ProtoCommon.PARTICIPANT_STATE_TRAINING: ParticipantState.TRAINING,
-    ProtoCommon.PARTICIPANT_STATE_UPLOADING: ParticipantState.UPLOADING,
-    ProtoCommon.PARTICIPANT_STATE_UPLOADED: ParticipantState.UPLOADED,
-    ProtoCommon.PARTICIPANT_STATE_LATE: ParticipantState.LATE,
-    ProtoCommon.PARTICIPANT_STATE_DROPPED: ParticipantState.DROPPED,
-}
-_PARTICIPANT_STATE_TO = {v: k for k, v in _PARTICIPANT_STATE.items()}
+_DEVICE_CLASS = DEVICE_CLASS_FROM_PROTO
+_DEVICE_CLASS_TO = DEVICE_CLASS_TO_PROTO
+_ALPHA_RULE_TO = ALPHA_RULE_TO_PROTO
+_PARTICIPANT_STATE = PARTICIPANT_STATE_FROM_PROTO
+_PARTICIPANT_STATE_TO = PARTICIPANT_STATE_TO_PROTO
 _ROUND_PHASE_TO = {
     RoundPhase.WAITING_FOR_CLIENTS: ProtoCommon.ROUND_PHASE_WAITING_FOR_CLIENTS,
     RoundPhase.TRAINING: ProtoCommon.ROUND_PHASE_TRAINING,
@@ -201,14 +191,6 @@ def transfer_manifest_to_proto(m: TransferManifest) -> ProtoEdge.DownloadMessage
     ))
 
 
-def metrics_to_proto(m: TrainMetrics | None) -> ProtoCommon.TrainMetrics | None:
-    if m is None:
-        return None
-    return ProtoCommon.TrainMetrics(
-        loss_first=m.loss_first, loss_last=m.loss_last, steps=m.steps, train_seconds=m.train_seconds, eval=m.eval
-    )
-
-
 # ---------------------------------------------------------------- admin
 
 
@@ -225,7 +207,7 @@ def round_to_proto(view: RoundView) -> ProtoAdmin.RoundStatus:
                 device_class=_DEVICE_CLASS_TO.get(p.device_class, ProtoCommon.DEVICE_CLASS_UNSPECIFIED),
                 state=_PARTICIPANT_STATE_TO[p.participant.state], rank=p.participant.rank,
                 bytes_down=p.participant.bytes_down, bytes_up=p.participant.bytes_up,
-                num_examples=p.participant.num_examples, metrics=metrics_to_proto(p.participant.metrics),
+                num_examples=p.participant.num_examples, metrics=None if p.participant.metrics is None else metrics_to_proto(p.participant.metrics),
             )
             for p in view.participants
         ],
@@ -246,16 +228,9 @@ def federation_to_proto(view: FederationView) -> ProtoAdmin.FederationStatus:
 
 
 def client_to_proto(c: ClientRecord, online: bool) -> ProtoAdmin.ClientInfo:
-    cap = c.capability
     return ProtoAdmin.ClientInfo(
         client_id=c.client_id, device_name=c.device_name,
-        capability=ProtoCommon.DeviceCapability(
-            device_class=_DEVICE_CLASS_TO[cap.device_class], memory_total_bytes=cap.memory_total_bytes,
-            memory_free_bytes=cap.memory_free_bytes, cpu_cores=cap.cpu_cores, compute_gflops=cap.compute_gflops,
-            upload_bytes_per_second=cap.upload_bytes_per_second, download_bytes_per_second=cap.download_bytes_per_second,
-            accelerator_name=cap.accelerator_name, accelerator_memory_bytes=cap.accelerator_memory_bytes,
-            platform=cap.platform,
-        ),
+        capability=capability_to_proto(c.capability),
         rank=c.rank, tier=c.tier, online=online, joined_at=timestamp(c.joined_at),
         last_seen_at=timestamp(c.last_seen_at), rounds_completed=c.rounds_completed,
         deadlines_missed=c.deadlines_missed, num_examples=c.num_examples,

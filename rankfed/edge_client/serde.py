@@ -9,6 +9,13 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from rankfed.shared_serde import (
+    ALPHA_RULE_FROM_PROTO,
+    ALPHA_RULE_TO_PROTO,
+    PARTICIPANT_STATE_TO_PROTO,
+    capability_to_proto,
+    metrics_to_proto,
+)
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 
@@ -16,8 +23,6 @@ from .protocol import (
     AlphaRule,
     Assignment,
     BaseModelInfo,
-    Capability,
-    DeviceClass,
     DoneTask,
     HeartbeatResult,
     JoinRequest,
@@ -25,7 +30,6 @@ from .protocol import (
     LoraSettings,
     ParticipantState,
     Task,
-    TrainMetrics,
     TrainTask,
     TransferManifest,
     UploadHeader,
@@ -33,25 +37,9 @@ from .protocol import (
     WaitTask,
 )
 
-_DEVICE_CLASS = {
-    DeviceClass.CPU: ProtoCommon.DEVICE_CLASS_CPU,
-    DeviceClass.CUDA: ProtoCommon.DEVICE_CLASS_CUDA,
-    DeviceClass.MPS: ProtoCommon.DEVICE_CLASS_MPS,
-    DeviceClass.MOBILE: ProtoCommon.DEVICE_CLASS_MOBILE,
-}
-_ALPHA_RULE = {
-    AlphaRule.CONSTANT_SCALING: ProtoCommon.ALPHA_RULE_CONSTANT_SCALING,
-    AlphaRule.FIXED: ProtoCommon.ALPHA_RULE_FIXED,
-    AlphaRule.RSLORA: ProtoCommon.ALPHA_RULE_RSLORA,
-}
-_ALPHA_RULE_BACK = {v: k for k, v in _ALPHA_RULE.items()}
-_STATE = {
-    ParticipantState.ASSIGNED: ProtoCommon.PARTICIPANT_STATE_ASSIGNED,
-    ParticipantState.DOWNLOADING: ProtoCommon.PARTICIPANT_STATE_DOWNLOADING,
-    ParticipantState.TRAINING: ProtoCommon.PARTICIPANT_STATE_TRAINING,
-    ParticipantState.UPLOADING: ProtoCommon.PARTICIPANT_STATE_UPLOADING,
-    ParticipantState.UPLOADED: ProtoCommon.PARTICIPANT_STATE_UPLOADED,
-}
+_ALPHA_RULE = ALPHA_RULE_TO_PROTO
+_ALPHA_RULE_BACK = ALPHA_RULE_FROM_PROTO
+_STATE = PARTICIPANT_STATE_TO_PROTO
 
 
 def _seconds(d: Duration) -> float:
@@ -66,21 +54,6 @@ def _duration(seconds: float) -> Duration:
 
 def _unix(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
-
-
-def capability_to_proto(c: Capability) -> ProtoCommon.DeviceCapability:
-    return ProtoCommon.DeviceCapability(
-        device_class=_DEVICE_CLASS[c.device_class],
-        memory_total_bytes=c.memory_total_bytes,
-        memory_free_bytes=c.memory_free_bytes,
-        cpu_cores=c.cpu_cores,
-        compute_gflops=c.compute_gflops,
-        upload_bytes_per_second=c.upload_bytes_per_second,
-        download_bytes_per_second=c.download_bytes_per_second,
-        accelerator_name=c.accelerator_name,
-        accelerator_memory_bytes=c.accelerator_memory_bytes,
-        platform=c.platform,
-    )
 
 
 def lora_settings_from_proto(p: ProtoCommon.LoraConfig) -> LoraSettings:
@@ -185,16 +158,6 @@ def manifest_from_proto(p: ProtoEdge.TransferManifest) -> TransferManifest:
         sha256=p.sha256,
         chunk_bytes=p.chunk_bytes,
         lora=lora_settings_from_proto(p.lora) if p.HasField("lora") else None,
-    )
-
-
-def metrics_to_proto(m: TrainMetrics) -> ProtoCommon.TrainMetrics:
-    return ProtoCommon.TrainMetrics(
-        loss_first=m.loss_first,
-        loss_last=m.loss_last,
-        steps=m.steps,
-        train_seconds=m.train_seconds,
-        eval=dict(m.eval),
     )
 
 
