@@ -399,7 +399,7 @@ def main() -> int:
     print(f"\n{'rpc':<20} {'count':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     for rpc, row in result["rpcs"].items():
         print(f"{rpc:<20} {row['count']:>7} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['max_ms']:>9.1f}")
-    print(f"\ncoordinator's own view (rankfed_rpc_duration_seconds, interpolated in buckets):")
+    print("\ncoordinator's own view (rankfed_rpc_duration_seconds, interpolated in buckets):")
     for method, row in result["server_side_ms"].items():
         print(f"{method:<20} {'':>7} {row['p50']:>9.1f} {row['p99']:>9.1f}")
     print(f"\nround: {result['round_updates']:.0f}/{args.uploaders} updates of {args.update_mib} MiB, closed "

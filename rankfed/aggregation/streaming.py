@@ -34,7 +34,6 @@ from .errors import AggregationError
 from .rules.common import UNOWNED, fill_unowned, make_global
 from .rules.padding import FILLS, HETLORA_NORMS, update_norm
 from .rules.svd_based import svd_global
-from .svd import factored_svd_parts
 
 __all__ = [
     "Accumulator",

@@ -6,7 +6,7 @@ client works with these only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rankfed.shared_types import (  # noqa: F401 - re-exported
     AlphaRule,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.manifest import ModelManifest, load_manifest, write_manifest
+from rankfed.coordinator.manifest import load_manifest, write_manifest
 
 TINY = Path(__file__).parent / "data" / "tiny-manifest.json"
 
