@@ -171,6 +171,12 @@ def run_clients(address: str, clients: list[dict[str, Any]], dirs: dict[str, Pat
         except BaseException as exc:  # reported by the caller
             results[c["name"]] = exc
 
+    _run_each(one, clients, results)
+    return results
+
+
+def _run_each(one, clients, results: dict) -> None:
+    """Run one(c) for every client in its own thread; raise the first failure by name."""
     threads = [threading.Thread(target=one, args=(c,)) for c in clients]
     for t in threads:
         t.start()
@@ -179,7 +185,6 @@ def run_clients(address: str, clients: list[dict[str, Any]], dirs: dict[str, Pat
     for name, value in results.items():
         if isinstance(value, BaseException):
             raise RuntimeError(f"{name} failed: {value!r}") from value
-    return results
 
 
 # --------------------------------------------------------------------------- arms
@@ -252,14 +257,7 @@ def arm_local(clients, dirs, args, work: Path) -> dict[str, Any]:
         except BaseException as exc:
             results[c["name"]] = exc
 
-    threads = [threading.Thread(target=one, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for name, value in results.items():
-        if isinstance(value, BaseException):
-            raise RuntimeError(f"{name} failed: {value!r}") from value
+    _run_each(one, clients, results)
     return {"accuracy": {n: a[-1] for n, a in results.items()}, "accuracy_per_round": results}
 
 
