@@ -17,11 +17,12 @@ from grpc_reflection.v1alpha import reflection
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.manifest import load_manifest
 from rankfed.coordinator.metrics import CoordinatorMetrics, start_metrics_server
 from rankfed.coordinator.servicer_admin import AdminServicer
 from rankfed.coordinator.servicer_edge import EdgeServicer
 from rankfed.coordinator.store import open_store
+from rankfed.protocol import ManifestError
+from rankfed.protocol.manifest import load_manifest
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
 from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2, edge_pb2_grpc
 
@@ -89,7 +90,10 @@ def transport_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials |
 async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     """Open the data directory, resume the federation and serve; returns once listening."""
     credentials = transport_credentials(config)  # before any state is touched
-    manifest = load_manifest(Path(config.model.manifest))
+    try:
+        manifest = load_manifest(Path(config.model.manifest))
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
     data_dir = Path(config.server.data_dir)
     store, blobs = open_store(data_dir)
     federation = Federation(config, store, blobs, manifest)

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.manifest import load_manifest
 from rankfed.coordinator.store import open_store
+from rankfed.protocol.manifest import load_manifest
 
 T = TypeVar("T")
 

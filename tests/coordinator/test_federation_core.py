@@ -12,10 +12,23 @@ import pytest
 
 from rankfed.aggregation import AggregationError, encode_adapter
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.models import Capability, DeviceClass, JoinInfo, RoundPhase, TrainTask, UploadHeader
 from rankfed.coordinator.store import MemoryStore
 from rankfed.coordinator.store.blobs import BlobStore
-from tests.coordinator.harness import make_config, manifest, random_adapter, update_files
+from rankfed.protocol import (
+    Capability,
+    DeviceClass,
+    DownloadRequest,
+    JoinRequest,
+    RoundPhase,
+    TrainTask,
+    UploadHeader,
+)
+from tests.coordinator.harness import (
+    make_config,
+    manifest,
+    random_adapter,
+    update_files,
+)
 
 
 async def _federation(tmp_path, **overrides) -> Federation:
@@ -29,11 +42,11 @@ async def _federation(tmp_path, **overrides) -> Federation:
 
 
 async def _joined_participant(fed: Federation) -> tuple[str, TrainTask]:
-    joined = fed.join(JoinInfo(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
+    joined = fed.join(JoinRequest(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
                                base_model_sha256=fed.manifest.weights_sha256, num_examples=5))
     task = await fed.get_task(joined.client_id, 5.0)
     assert isinstance(task, TrainTask)
-    _, chunks = await fed.open_download(joined.client_id, task.round, 0)
+    _, chunks = await fed.open_download(joined.client_id, DownloadRequest(round=task.round))
     async for _ in chunks:
         pass
     return joined.client_id, task
