@@ -230,9 +230,13 @@ class Federation:
         self._event = asyncio.Event()
 
     async def _wait_change(self, timeout: float) -> None:
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as its inner wait ends, and stop() then hung until the
+        # round's deadline (a graceful SIGTERM became a SIGKILL under systemd's timeout).
         event = self._event
         try:
-            await asyncio.wait_for(event.wait(), timeout=max(timeout, 0.0))
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
         except TimeoutError:
             pass
 

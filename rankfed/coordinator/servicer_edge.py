@@ -45,7 +45,8 @@ class TimedStream:
         if left <= 0:
             raise self._late()
         try:
-            return await asyncio.wait_for(anext(self._it, None), min(self._idle, left))
+            async with asyncio.timeout(min(self._idle, left)):  # not wait_for: see Federation._wait_change
+                return await anext(self._it, None)
         except TimeoutError:
             if time.monotonic() >= self._until:
                 raise self._late() from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 
 import pytest
@@ -153,3 +154,33 @@ def test_fedit_budget_lowers_everyone_alike(tmp_path):
         await fed.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_stop_is_prompt_while_a_round_is_open(tmp_path):
+    """On Python 3.11 asyncio.wait_for could lose stop()'s cancellation, and stop() then
+    waited for the round's deadline (600 s here); pytest-timeout fails this test if it does."""
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.round_deadline_seconds": 600.0})
+        await _joined_participant(fed)
+        started = time.monotonic()
+        await fed.stop()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 20
+
+
+def test_ci_runs_on_the_python_the_deploy_files_use():
+    """The Dockerfiles and the systemd unit name one Python; CI must test that one."""
+    import re
+    import sys
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    versions = set()
+    for path in (deploy / "Dockerfile.coordinator", deploy / "Dockerfile.edge", deploy / "rankfed-coordinator.service"):
+        versions |= set(re.findall(r"python:?(3\.\d+)", path.read_text()))
+    assert len(versions) == 1, f"deploy files disagree on the Python version: {sorted(versions)}"
+    if os.environ.get("CI"):
+        assert f"{sys.version_info[0]}.{sys.version_info[1]}" in versions
