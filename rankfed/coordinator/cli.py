@@ -37,6 +37,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     serve.set_defaults(func=_serve)
+    export = commands.add_parser(
+        "export",
+        help="write one global adapter (a round, the last or the best) as a PEFT-loadable directory",
+        description="Copy a round's global adapter out of a coordinator's data directory: "
+                    "adapter_model.safetensors (its metadata names the task, labels and target modules), "
+                    "adapter_config.json and rankfed-export.json. Safe beside a running coordinator.",
+    )
+    export.add_argument("--data-dir", type=Path, default=Path("rankfed-data"), help="the coordinator's data directory")
+    export.add_argument("--round", default="last", help="a round number, 'last' or 'best' (default: last)")
+    export.add_argument("--metric", default="eval_accuracy",
+                        help="round metric that ranks rounds for --round best (devices' reported evaluation)")
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.set_defaults(func=_export)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,6 +92,22 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"rankfed: config error: {exc}", file=sys.stderr)
         return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rankfed.coordinator.errors import ConfigError, NotFoundError
+    from rankfed.coordinator.export import export_global_adapter
+
+    try:
+        result = export_global_adapter(args.data_dir, args.round, args.out, metric=args.metric)
+    except ConfigError as exc:
+        print(f"rankfed coordinator export: {exc}", file=sys.stderr)
+        return 2
+    except (NotFoundError, OSError) as exc:
+        print(f"rankfed coordinator export: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote round {result.round} ({result.chosen_by}) to {result.out_dir}, sha256 {result.sha256[:16]}…")
+    return 0
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

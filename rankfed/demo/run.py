@@ -281,7 +281,10 @@ class LiveView:
 
 
 def global_adapter_path(data_dir: Path, round_no: int) -> Path:
-    return data_dir / "blobs" / "global" / f"round-{round_no:06d}" / "adapter_model.safetensors"
+    from rankfed.coordinator.export import global_adapter_dir
+    from rankfed.protocol.artifact import ADAPTER_FILE
+
+    return global_adapter_dir(data_dir, round_no) / ADAPTER_FILE
 
 
 def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Path], say: Console) -> list[RoundRow]:
@@ -296,7 +299,7 @@ def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
     logs.mkdir(parents=True, exist_ok=True)
     manifest = opts.out / "model-manifest.json"
     write_manifest(build_manifest(mdir, task="sequence-classification", num_labels=len(split.label_names),
-                                  target_modules=("query", "value")), manifest)
+                                  target_modules=("query", "value"), labels=tuple(split.label_names)), manifest)
     config = write_coordinator_config(opts, opts.out / "coordinator.toml", manifest=manifest.resolve(),
                                       data_dir=coord_dir.resolve())
     port_file = opts.out / "coordinator.port"

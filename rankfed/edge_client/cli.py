@@ -242,6 +242,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             target_modules=args.target_modules,
             modules_to_save=args.modules_to_save,
             model_id=args.model_id,
+            labels=tuple(args.labels or ()),
         )
     if args.out == "-":
         print(json.dumps(manifest, indent=2))
@@ -356,5 +357,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--target-modules", type=_csv, required=True, help="e.g. query,value")
     p.add_argument("--modules-to-save", type=_csv, help="dense modules to federate (default: the classification head)")
     p.add_argument("--model-id", help="default: the model directory's name")
+    p.add_argument("--labels", type=_csv, help="class names in label-id order, e.g. business,sport,tech: every "
+                   "global adapter carries them, so export needs no --labels")
     p.add_argument("--out", required=True, metavar="FILE", help="'-' for stdout")
     p.set_defaults(func=_guarded(cmd_manifest))

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from rankfed.aggregation import get_method
+from rankfed.coordinator.export import global_adapter_dir
 from rankfed.edge_client.data import load_dataset, model_label_names
 from rankfed.edge_client.model import load_base_model, load_tokenizer
 from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
 from rankfed.protocol import Capability, DeviceClass
+from rankfed.protocol.artifact import ADAPTER_FILE
 
 from .host import FederationHost
 from .transport import InProcessTransport
@@ -232,7 +234,7 @@ def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> lis
             bytes_down=int(m.get("bytes_down", 0)),
             loss_first=m.get("loss_first"),
             loss_last=m.get("loss_last"),
-            global_path=str(data_dir / "blobs" / "global" / f"round-{rec.round:06d}" / "adapter_model.safetensors"),
+            global_path=str(global_adapter_dir(data_dir, rec.round) / ADAPTER_FILE),
             seconds=(rec.finished_at or time.time()) - started.get(rec.round, rec.started_at),
         ))
     return out
