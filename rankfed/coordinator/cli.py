@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -77,8 +78,16 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
     except ConfigError as exc:
+        # Exit 2: the unit file (RestartPreventExitStatus=2) does not restart into the same error.
         print(f"rankfed: config error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, the traceback in the log
+        logging.getLogger("rankfed.coordinator").debug("coordinator failed", exc_info=True)
+        print(f"rankfed: error: {type(exc).__name__}: {exc} (run with --log-level debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "RankPolicyConfig",
     "RankTier",
     "ServerConfig",
+    "StorageConfig",
     "config_from_mapping",
     "config_to_dict",
     "field_help",
@@ -137,10 +138,12 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    manifest: Path = _f(
-        Path("model-manifest.json"),
+    manifest: str = _f(
+        "",
         "The model manifest (base model id, weights sha256, task, LoRA module shapes); "
-        "write one with `rankfed edge manifest`.",
+        "write one with `rankfed edge manifest`. Empty: the bundled demo manifest "
+        "(all-MiniLM-L6-v2, 5 labels: what `rankfed edge run` uses with no --model).",
+        path=True,
     )
 
 
@@ -244,6 +247,27 @@ class RankPolicyConfig:
     tiers: tuple[RankTier, ...] = _f(
         DEFAULT_TIERS, "Tiers tried in order; the first whose conditions all hold wins."
     )
+    hysteresis: float = _f(
+        0.1,
+        "Relative band around the tiers' numeric thresholds (min_gflops, min_memory_gb, "
+        "min_upload_mbps, min_cores) that keeps a device's rank steady between rounds when "
+        "its re-measured capability wobbles: it keeps its tier until it falls below "
+        "threshold × (1 - hysteresis), and moves to a higher tier only past threshold × "
+        "(1 + hysteresis). 0: no band.",
+        ge=0,
+        lt=1,
+    )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    updates_keep_rounds: int = _f(
+        0,
+        "Retention of accepted update files (blobs/updates/): keep those of the last N closed "
+        "rounds and delete older ones once their round's global adapter is on disk (or the "
+        "round failed); 0: keep every update. Global adapters are never deleted.",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -253,6 +277,7 @@ class CoordinatorConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     federation: FederationConfig = field(default_factory=FederationConfig)
     rank_policy: RankPolicyConfig = field(default_factory=RankPolicyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     source: Path | None = None  # the TOML file this came from; None: embedded defaults
 
 
@@ -262,6 +287,7 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "federation": FederationConfig,
     "rank_policy": RankPolicyConfig,
+    "storage": StorageConfig,
 }
 
 

@@ -152,6 +152,10 @@ class Federation:
         while not self._done:
             await self._wait_change(1.0)
 
+    def global_adapter_exists(self, round_no: int) -> bool:
+        """Whether round `round_no`'s global adapter is on disk (written and fsynced); for retention."""
+        return self._globals.exists(round_no)
+
     def _meta_or_create(self, key: str, make: Callable[[], str]) -> str:
         value = self._store.get_meta(key)
         if value is None:
@@ -275,7 +279,8 @@ class Federation:
             existing.deadlines_missed, cfg.federation.demote_after_missed_deadlines
         )
         rank, tier, reason = rank_policy.assign(
-            info.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions
+            info.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions,
+            current_tier=existing.tier if existing is not None and not demotions else None,
         )
         if self._personalized:
             rank, reason = cfg.lora.max_rank, _SHARED_REASON.format(rank=cfg.lora.max_rank)
@@ -756,7 +761,8 @@ class Federation:
         tiers: dict[str, tuple[str, str]] = {}
         for cid, client in clients.items():
             demotions = rank_policy.demotions_for(client.deadlines_missed, cfg.federation.demote_after_missed_deadlines)
-            rank, tier, reason = rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions)
+            rank, tier, reason = rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank,
+                                                    demotions=demotions, current_tier=None if demotions else client.tier)
             if self._method.name == "hetlora":
                 # HetLoRA's self-pruning sticks: a client that uploaded fewer components than it
                 # was given keeps that smaller rank (r_k <- floor(gamma r_k) in the paper).

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.federation import Federation
+from rankfed.coordinator.bundled import manifest_path
 from rankfed.coordinator.manifest import load_manifest
 from rankfed.coordinator.store import open_store
 
@@ -44,7 +45,7 @@ class FederationHost:
         self._thread.start()
 
         async def start() -> Federation:
-            manifest = load_manifest(Path(self.config.model.manifest))
+            manifest = load_manifest(manifest_path(self.config.model.manifest))
             store, blobs = open_store(self.data_dir)
             self._store = store
             federation = Federation(self.config, store, blobs, manifest)
