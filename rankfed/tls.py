@@ -248,24 +248,27 @@ def transport_mismatch(address: str, tls: TlsOptions | None, *, timeout: float =
             speaks_tls = False
         else:
             speaks_tls = True
-            refused = ""
             with conn:
                 try:
-                    # Under TLS 1.3 a server that wants a client certificate says so only after
-                    # the handshake, with an alert on the first read.
+                    # Under TLS 1.3 a server that wants a client certificate refuses only after
+                    # the handshake: it closes (or alerts) instead of answering the HTTP/2
+                    # preface with its SETTINGS frame.
                     conn.sendall(_H2_PREFACE)
-                    conn.recv(1)
-                except ssl.SSLError as exc:
-                    refused = str(exc)
+                    refused = conn.recv(1) == b""
+                except ssl.SSLError:
+                    refused = True
                 except OSError:
-                    pass
+                    refused = False  # a timeout or reset: no evidence either way
     if tls is None and speaks_tls:
         return (f"the coordinator at {address} speaks TLS and this client plaintext: add --tls-ca CA.pem "
                 "(the CA that signed its certificate) or --tls")
     if tls is not None and not speaks_tls:
         return (f"the coordinator at {address} does not speak TLS (a plaintext server, or not a coordinator): "
                 "drop the --tls* options, or configure TLS on the coordinator (server.tls_cert_file)")
-    if speaks_tls and "certificate" in refused.lower() and not (tls and tls.cert_file):
+    if speaks_tls and refused:
+        if tls is not None and tls.cert_file:
+            return (f"the coordinator at {address} refused this client's certificate {tls.cert_file} (mutual TLS): "
+                    "use one signed by the CA in its server.tls_client_ca_file")
         return (f"the coordinator at {address} requires a client certificate (mutual TLS): pass --tls-cert "
                 "and --tls-key with a certificate its CA signed (deploy/make-certs.sh --device NAME)")
     return None

@@ -134,6 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.epochs is not None:
         raise ConfigError("--steps and --epochs are exclusive")
+    tls = _tls_options(args)
+    from rankfed.tls import transport_mismatch
+
+    mismatch = transport_mismatch(args.coordinator, tls)
+    if mismatch:
+        raise ConfigError(mismatch)  # now, instead of retrying for --retry-for seconds
     if args.gflops is not None:
         # The runner probes (and re-probes) inside; the probe reads the override from here.
         from .probe import GFLOPS_ENV
@@ -171,16 +177,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     printer = _Printer(args.json, args.quiet)
     retry = RetryPolicy(max_elapsed_s=args.retry_for)
-    tls = _tls_options(args)
-    from rankfed.tls import transport_mismatch
-
-    mismatch = transport_mismatch(args.coordinator, tls)
-    if mismatch:
-        raise ConfigError(mismatch)  # fail now instead of retrying for --retry-for seconds
     _terminate_like_interrupt()
     with EdgeTransport(args.coordinator, tls=tls, retry=retry) as transport:
         runner = EdgeRunner(transport, config, on_event=printer, on_step=_step_progress(args.json, args.quiet))
-        summary = runner.run()
+        try:
+            summary = runner.run()
+        except KeyboardInterrupt:
+            # Interrupted after Join but before the round loop (the runner leaves from
+            # inside its loop only): leave here, so the coordinator does not wait for us.
+            if transport.joined:
+                try:
+                    transport.leave("interrupted")
+                except EdgeError:
+                    pass
+            raise
     printer("summary", {
         "client_id": summary.client_id,
         "rounds": len(summary.rounds),
