@@ -48,6 +48,7 @@ __all__ = [
     "RankTier",
     "ServerConfig",
     "StorageConfig",
+    "TrackingConfig",
     "config_from_mapping",
     "config_to_dict",
     "field_help",
@@ -271,6 +272,23 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    tensorboard_dir: str = _f(
+        "",
+        "Write round and per-device metrics as TensorBoard event files under this directory "
+        "(one run per federation id; needs the `tracking` extra: tensorboardX). Empty: off.",
+        path=True,
+    )
+    mlflow_uri: str = _f(
+        "",
+        "Log round and per-device metrics to MLflow: a tracking URI (http://host:5000, "
+        "sqlite:///mlflow.db) or a directory for MLflow's file store (needs the `tracking` "
+        "extra: mlflow-skinny). One MLflow run per federation, resumed after a restart. Empty: off.",
+    )
+    mlflow_experiment: str = _f("rankfed", "MLflow experiment the runs go to (created if missing).")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -278,6 +296,7 @@ class CoordinatorConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     rank_policy: RankPolicyConfig = field(default_factory=RankPolicyConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Path | None = None  # the TOML file this came from; None: embedded defaults
 
 
@@ -288,6 +307,7 @@ _SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "rank_policy": RankPolicyConfig,
     "storage": StorageConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -604,6 +624,9 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
             f"federation.method = {fed.method!r}: federation.mode = 'personalized' averages one "
             "homogeneous shared adapter (FedAvg); set federation.method = \"fedit\""
         )
+    tracking: TrackingConfig = s["tracking"]
+    if tracking.mlflow_uri and not tracking.mlflow_experiment.strip():
+        errors.append("tracking.mlflow_experiment = '': name the MLflow experiment (default \"rankfed\")")
     if fed.heartbeat_timeout_seconds <= fed.heartbeat_interval_seconds:
         errors.append(
             f"federation.heartbeat_timeout_seconds = {fed.heartbeat_timeout_seconds}: must "

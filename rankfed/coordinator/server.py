@@ -5,6 +5,7 @@ when configured, plus the Prometheus endpoint on its own HTTP port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.manifest import load_manifest
+from rankfed.coordinator.hooks import add_round_closed
+from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.coordinator.http import HttpListener, start_http_listener
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.retention import UpdateRetention, disk_usage
@@ -58,6 +61,7 @@ class Coordinator:
     _http: HttpListener | None = None
     health_port: int = 0
     _health_server: grpc.aio.Server | None = None
+    _tracking: Tracking | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -67,6 +71,8 @@ class Coordinator:
         await self.federation.stop()
         if self._http is not None:
             await self._http.close()
+        if self._tracking is not None:
+            await asyncio.to_thread(self._tracking.close)
         self._store.close()
 
 
@@ -89,55 +95,62 @@ def transport_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials |
 
 
 async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
-    """Open the data directory, resume the federation and serve; returns once listening."""
+    """Open the data directory, resume the federation and serve; returns once listening.
+    A failure part-way (a port in use, a tracking extra missing) undoes what was started."""
     credentials = transport_credentials(config)  # before any state is touched
     manifest = load_manifest(manifest_path(config.model.manifest))
     data_dir = Path(config.server.data_dir)
-    store, blobs = _open_data_dir(data_dir)
-    _check_data_dir_model(store, manifest, data_dir)
-    federation = Federation(config, store, blobs, manifest)
-    await federation.start()
-    metrics = CoordinatorMetrics()
-    metrics.bind(federation, disk_usage=lambda: disk_usage(data_dir, blobs))
-    retention = UpdateRetention(
-        config.storage.updates_keep_rounds, store, blobs, global_exists=federation.global_adapter_exists,
-        on_deleted=metrics.updates_deleted.inc,
-    )
-    retention.sweep()  # rounds closed before a restart
-
-    def round_closed(record) -> None:
-        metrics.round_closed(record)
-        retention.round_closed(record)
-
-    federation.on_round_closed = round_closed
-    server = grpc.aio.server(options=server_options(config))
-    edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(federation, metrics), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(federation, config.server.admin_token, metrics), server
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (EDGE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = _bind(server, config.server.address, credentials, "server.address")
-    http, metrics_port = None, 0
-    if config.server.metrics_address:
-        try:
-            http = await start_http_listener(
-                metrics, config.server.metrics_address, federation=federation, admin_token=config.server.admin_token
-            )
-        except OSError as exc:
-            raise ConfigError(_bind_problem(config.server.metrics_address, "server.metrics_address", exc)) from None
-        metrics_port = http.port
-    health_server, health_port = None, 0
-    if config.server.health_address:
-        # Only the health service, in plaintext, for probes that cannot do TLS (Kubernetes).
-        health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = _bind(health_server, config.server.health_address, None, "server.health_address")
-        await health_server.start()
-    await server.start()
+    async with contextlib.AsyncExitStack() as undo:
+        store, blobs = _open_data_dir(data_dir)
+        undo.callback(store.close)
+        _check_data_dir_model(store, manifest, data_dir)
+        federation = Federation(config, store, blobs, manifest)
+        await federation.start()
+        undo.push_async_callback(federation.stop)
+        metrics = CoordinatorMetrics()
+        metrics.bind(federation, disk_usage=lambda: disk_usage(data_dir, blobs))
+        retention = UpdateRetention(
+            config.storage.updates_keep_rounds, store, blobs, global_exists=federation.global_adapter_exists,
+            on_deleted=metrics.updates_deleted.inc,
+        )
+        retention.sweep()  # rounds closed before a restart
+        add_round_closed(federation, metrics.round_closed, "metrics")
+        add_round_closed(federation, retention.round_closed, "retention")
+        server = grpc.aio.server(options=server_options(config))
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(federation, metrics), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(federation, config.server.admin_token, metrics), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (EDGE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = _bind(server, config.server.address, credentials, "server.address")
+        http, metrics_port = None, 0
+        if config.server.metrics_address:
+            try:
+                http = await start_http_listener(
+                    metrics, config.server.metrics_address, federation=federation,
+                    admin_token=config.server.admin_token,
+                )
+            except OSError as exc:
+                raise ConfigError(_bind_problem(config.server.metrics_address, "server.metrics_address", exc)) from None
+            undo.push_async_callback(http.close)
+            metrics_port = http.port
+        health_server, health_port = None, 0
+        if config.server.health_address:
+            # Only the health service, in plaintext, for probes that cannot do TLS (Kubernetes).
+            health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            health_port = _bind(health_server, config.server.health_address, None, "server.health_address")
+            await health_server.start()
+            undo.push_async_callback(health_server.stop, 0)
+        tracking = open_tracking(config, federation)
+        if tracking is not None:
+            undo.callback(tracking.close)
+        await server.start()
+        undo.pop_all()  # everything started: from here on Coordinator.stop() owns it
     for name in ("", EDGE_SERVICE, ADMIN_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator serving", extra={
@@ -149,7 +162,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     return Coordinator(
         server=server, federation=federation, health=health_servicer, port=port, _store=store,
         metrics=metrics, metrics_port=metrics_port, _http=http,
-        health_port=health_port, _health_server=health_server,
+        health_port=health_port, _health_server=health_server, _tracking=tracking,
     )
 
 
