@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.coordinator.harness import CoordinatorThread, make_config, wait_for
+from tests.coordinator.harness import CoordinatorThread, make_config
 
 CHROMIUM = os.environ.get("RANKFED_CHROMIUM", "/usr/bin/chromium")
 # A closed network: no updates, no sync, no first-run pages; a fresh profile per test.
