@@ -37,7 +37,13 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rankfed.aggregation import decode_adapter, encode_adapter  # noqa: E402
-from tests.coordinator.harness import MANIFEST, CoordinatorProcess, EdgeTestClient, manifest, random_adapter  # noqa: E402
+from tests.coordinator.harness import (  # noqa: E402
+    MANIFEST,
+    CoordinatorProcess,
+    EdgeTestClient,
+    manifest,
+    random_adapter,
+)
 
 CONFIG = """
 [server]

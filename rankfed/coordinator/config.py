@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankfed.aggregation.registry import METHODS
 from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.models import AlphaRule, DeviceClass
+from rankfed.protocol import AlphaRule, DeviceClass, FederationMode
 
 __all__ = [
     "AGGREGATION_METHODS",
@@ -55,8 +56,8 @@ __all__ = [
     "load_config",
 ]
 
-FEDERATION_MODES = ("rank_heterogeneous", "personalized")
-AGGREGATION_METHODS = ("fedit", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora")
+FEDERATION_MODES = tuple(m.value for m in FederationMode)
+AGGREGATION_METHODS = tuple(METHODS)  # the method registry is the one list of rules
 # Room a chunk message needs beyond its payload (offsets, ids, digest): the gRPC receive
 # limit must exceed max_chunk_bytes by at least this much.
 CHUNK_OVERHEAD_BYTES = 64 * 1024
@@ -619,10 +620,11 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
             f"client) or ≥ federation.min_clients = {fed.min_clients}, or no round can "
             "reach its quorum"
         )
-    if fed.mode == "personalized" and fed.method != "fedit":
+    if fed.mode == FederationMode.PERSONALIZED and fed.method in METHODS and not METHODS[fed.method].homogeneous:
+        homogeneous = [name for name, m in METHODS.items() if m.homogeneous]
         errors.append(
             f"federation.method = {fed.method!r}: federation.mode = 'personalized' averages one "
-            "homogeneous shared adapter (FedAvg); set federation.method = \"fedit\""
+            f"homogeneous shared adapter; set federation.method to one of {homogeneous}"
         )
     tracking: TrackingConfig = s["tracking"]
     if tracking.mlflow_uri and not tracking.mlflow_experiment.strip():

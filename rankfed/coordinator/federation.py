@@ -19,7 +19,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from rankfed.aggregation import Accumulator, Adapter, AdapterError, AggregationError, get_method
+from rankfed.aggregation import (
+    Accumulator,
+    Adapter,
+    AdapterError,
+    AggregationError,
+    get_method,
+)
 from rankfed.coordinator import rank_policy
 from rankfed.coordinator.auth import EDGE_AUDIENCE, TokenSigner
 from rankfed.coordinator.config import CoordinatorConfig
@@ -35,32 +41,37 @@ from rankfed.coordinator.errors import (
     StorageError,
 )
 from rankfed.coordinator.global_adapters import GlobalAdapters, RankFile
-from rankfed.coordinator.manifest import ModelManifest
-from rankfed.coordinator.models import (
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
+from rankfed.coordinator.store import BlobStore, StateStore
+from rankfed.coordinator.store.blobs import round_dir, update_relpath
+from rankfed.coordinator.uploads import UploadSession, check_header
+from rankfed.protocol import (
     Assignment,
-    ClientRecord,
+    BaseModel,
+    ClientInfo,
     DoneTask,
-    FederationView,
+    DownloadRequest,
+    ErrorDetail,
+    ErrorReason,
+    FederationMode,
+    FederationStatus,
+    HeartbeatRequest,
     HeartbeatResult,
-    JoinInfo,
+    JoinRequest,
     JoinResult,
+    LeaveRequest,
     LoraSettings,
-    Participant,
     ParticipantState,
-    ParticipantView,
-    Receipt,
+    ParticipantStatus,
     RoundPhase,
-    RoundRecord,
-    RoundView,
+    RoundStatus,
     Task,
     TrainTask,
     TransferManifest,
     UploadHeader,
     WaitTask,
 )
-from rankfed.coordinator.store import BlobStore, StateStore
-from rankfed.coordinator.store.blobs import round_dir, update_relpath
-from rankfed.coordinator.uploads import UploadSession, check_header
+from rankfed.protocol.manifest import ModelManifest
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -84,10 +95,10 @@ class Federation:
         self._blobs = blobs
         self._clock = clock
         _check_manifest_for_mode(manifest, config)
-        self._personalized = config.federation.mode == "personalized"
+        self._personalized = config.federation.mode == FederationMode.PERSONALIZED
         self._method = get_method(config.federation.method)
         # Rules that average A and B as they are need every client at the same rank.
-        self._homogeneous = self._personalized or self._method.name == "fedit"
+        self._homogeneous = self._personalized or self._method.homogeneous
         self._spec = manifest.adapter_spec()
         self._globals = GlobalAdapters(blobs, manifest, self._method, seed=config.federation.seed)
         self._last_seen: dict[str, float] = {}
@@ -223,9 +234,13 @@ class Federation:
         self._event = asyncio.Event()
 
     async def _wait_change(self, timeout: float) -> None:
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as its inner wait ends, and stop() then hung until the
+        # round's deadline (a graceful SIGTERM became a SIGKILL under systemd's timeout).
         event = self._event
         try:
-            await asyncio.wait_for(event.wait(), timeout=max(timeout, 0.0))
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
         except TimeoutError:
             pass
 
@@ -255,7 +270,7 @@ class Federation:
         if not was_online:
             self._notify()
 
-    def join(self, info: JoinInfo, *, enrolled_by_certificate: bool = False) -> JoinResult:
+    def join(self, info: JoinRequest, *, enrolled_by_certificate: bool = False) -> JoinResult:
         """Register (or re-register) a device. `enrolled_by_certificate`: the transport
         verified the device's client certificate (mutual TLS), which replaces the secret."""
         cfg = self.config
@@ -313,15 +328,18 @@ class Federation:
             session_token=token,
             token_expires_at=expires,
             assignment=Assignment(lora=self._lora_for_rank(rank), tier=tier, reason=reason),
-            heartbeat_interval=cfg.federation.heartbeat_interval_seconds,
+            base_model=BaseModel(
+                id=model.model_id, weights_sha256=model.weights_sha256, task=self.manifest.task,
+                num_labels=self.manifest.num_labels,
+            ),
+            heartbeat_interval_s=cfg.federation.heartbeat_interval_seconds,
             federation_id=self.federation_id,
             max_chunk_bytes=cfg.server.max_chunk_bytes,
-            mode=cfg.federation.mode,
-            base_model_id=model.model_id,
-            base_model_sha256=model.weights_sha256,
+            mode=FederationMode(cfg.federation.mode),
         )
 
-    def leave(self, client_id: str, reason: str) -> None:
+    def leave(self, client_id: str, request: LeaveRequest) -> None:
+        reason = request.reason
         client = self._require_client(client_id)
         self._store.upsert_client(replace(client, left=True, online=False))
         self._last_seen.pop(client_id, None)
@@ -329,7 +347,8 @@ class Federation:
         log.info("client left", extra={"client_id": client_id, "reason": reason[:200]})
         self._notify()
 
-    def heartbeat(self, client_id: str, round_no: int, state: ParticipantState | None, progress: float) -> HeartbeatResult:
+    def heartbeat(self, client_id: str, request: HeartbeatRequest) -> HeartbeatResult:
+        round_no, state = request.round, request.state
         round_open = self._open is not None and self._open.round == round_no and self._open.phase is RoundPhase.TRAINING
         if round_open and state in (ParticipantState.TRAINING, ParticipantState.UPLOADING):
             part = self._store.get_participant(round_no, client_id)
@@ -337,10 +356,18 @@ class Federation:
                 if part.state is not state:
                     self._store.put_participant(replace(part, state=state))
                     self._notify()
-        return HeartbeatResult(next_in=self.config.federation.heartbeat_interval_seconds, round_open=round_open)
+        return HeartbeatResult(next_in_s=self.config.federation.heartbeat_interval_seconds, round_open=round_open)
 
-    def list_clients(self) -> list[tuple[ClientRecord, bool]]:
-        return [(c, c.client_id in self._last_seen) for c in self._store.list_clients()]
+    def list_clients(self) -> list[ClientInfo]:
+        return [
+            ClientInfo(
+                client_id=c.client_id, device_name=c.device_name, capability=c.capability, rank=c.rank,
+                tier=c.tier, online=c.client_id in self._last_seen, joined_at=c.joined_at,
+                last_seen_at=c.last_seen_at, rounds_completed=c.rounds_completed,
+                deadlines_missed=c.deadlines_missed, num_examples=c.num_examples, left=c.left,
+            )
+            for c in self._store.list_clients()
+        ]
 
     def client(self, client_id: str) -> ClientRecord:
         """The registered device behind a client id (NotFoundError if unknown)."""
@@ -387,7 +414,7 @@ class Federation:
                     return task
                 remaining = deadline - self._clock()
                 if remaining <= 0:
-                    return WaitTask(retry_after=0.0, reason=self._wait_reason())
+                    return WaitTask(retry_after_s=0.0, reason=self._wait_reason())
                 await self._wait_change(remaining)
         finally:
             self._polling[client_id] -= 1
@@ -459,13 +486,14 @@ class Federation:
     # ------------------------------------------------------------------ downloads
 
     async def open_download(
-        self, client_id: str, round_no: int, offset: int, *, full: bool = False
+        self, client_id: str, request: DownloadRequest
     ) -> tuple[TransferManifest, AsyncIterator[bytes]]:
         """The manifest of a client's global adapter and an iterator over its chunks from `offset`.
 
         round 0: the latest global adapter at the client's current rank, or with `full` the
         global adapter itself (what a device merges and exports at the end); otherwise the
         open round's global adapter at the rank the client was assigned for it."""
+        round_no, offset, full = request.round, request.offset, request.full
         if full and round_no != 0:
             raise InvalidArgumentError("full downloads are of the latest global adapter: send round 0")
         if round_no == 0:
@@ -580,7 +608,10 @@ class Federation:
         if receipt is not None:
             raise DuplicateError(
                 f"an update for round {round_no} was already accepted from this client "
-                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})"
+                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})",
+                detail=ErrorDetail(ErrorReason.UPDATE_ALREADY_ACCEPTED, {
+                    "round": str(round_no), "sha256": receipt.sha256, "receipt_id": receipt.receipt_id,
+                }),
             )
 
     def abort_upload(self, session: UploadSession) -> None:
@@ -763,7 +794,7 @@ class Federation:
             demotions = rank_policy.demotions_for(client.deadlines_missed, cfg.federation.demote_after_missed_deadlines)
             rank, tier, reason = rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank,
                                                     demotions=demotions, current_tier=None if demotions else client.tier)
-            if self._method.name == "hetlora":
+            if self._method.sticky_pruning:
                 # HetLoRA's self-pruning sticks: a client that uploaded fewer components than it
                 # was given keeps that smaller rank (r_k <- floor(gamma r_k) in the paper).
                 last = self._store.get_receipt(round_no - 1, cid) if round_no > 1 else None
@@ -889,39 +920,48 @@ class Federation:
 
     # ------------------------------------------------------------------ status
 
-    def status(self, history_limit: int = 0) -> FederationView:
+    def status(self, history_limit: int = 0) -> FederationStatus:
         rounds = self._store.list_rounds()
         finished = [r for r in rounds if r.phase in (RoundPhase.DONE, RoundPhase.FAILED)]
         if history_limit:
             finished = finished[-history_limit:]
         current = rounds[-1] if rounds else None
-        return FederationView(
+        m = self.manifest
+        return FederationStatus(
             federation_id=self.federation_id,
             total_rounds=self.config.federation.rounds,
-            current=self._round_view(current) if current else None,
-            history=tuple(self._round_view(r) for r in finished),
+            base_model=BaseModel(id=m.model_id, weights_sha256=m.weights_sha256, task=m.task, num_labels=m.num_labels),
+            current=self._round_status(current) if current else None,
+            history=tuple(self._round_status(r) for r in finished),
             done=self._done,
             clients_online=len(self._last_seen),
-            model_id=self.manifest.model_id,
-            weights_sha256=self.manifest.weights_sha256,
-            task=self.manifest.task,
-            num_labels=self.manifest.num_labels,
-            mode=self.config.federation.mode,
-            models=tuple((m.model_id, m.weights_sha256) for m in self.manifest.allowed_models()),
+            mode=FederationMode(self.config.federation.mode),
+            models=tuple(
+                BaseModel(id=e.model_id, weights_sha256=e.weights_sha256, task=m.task, num_labels=m.num_labels)
+                for e in m.allowed_models()
+            ),
         )
 
-    def _round_view(self, record: RoundRecord) -> RoundView:
+    def _round_status(self, record: RoundRecord) -> RoundStatus:
         views = []
         for part in self._store.list_participants(record.round):
             client = self._store.get_client(part.client_id)
-            views.append(ParticipantView(
-                participant=part,
+            views.append(ParticipantStatus(
+                client_id=part.client_id,
                 device_name=client.device_name if client else "",
                 device_class=client.capability.device_class if client else None,
+                state=part.state, rank=part.rank, bytes_down=part.bytes_down, bytes_up=part.bytes_up,
+                num_examples=part.num_examples, metrics=part.metrics,
             ))
-        return RoundView(record=record, participants=tuple(views))
+        r = record
+        return RoundStatus(
+            round=r.round, phase=r.phase, method=r.method, started_at=r.started_at, deadline=r.deadline,
+            finished_at=r.finished_at or 0.0, min_clients=r.min_clients, global_rank=r.global_rank,
+            global_adapter_sha256=r.global_sha256, failure_reason=r.failure_reason, metrics=dict(r.metrics),
+            participants=tuple(views),
+        )
 
-    async def watch(self, history_limit: int = 0) -> AsyncIterator[FederationView]:
+    async def watch(self, history_limit: int = 0) -> AsyncIterator[FederationStatus]:
         """The status now, then again after every change (coalesced), until the federation is done."""
         while True:
             version = self._version
@@ -938,7 +978,7 @@ _SHARED_REASON = "personalized: every client shares one adapter at lora.max_rank
 
 def _check_manifest_for_mode(manifest: ModelManifest, config: CoordinatorConfig) -> None:
     """A manifest that cannot serve the configured mode is a configuration error."""
-    if config.federation.mode == "personalized":
+    if config.federation.mode == FederationMode.PERSONALIZED:
         if manifest.dense or manifest.modules_to_save:
             raise ConfigError(
                 f"model manifest: federation.mode = 'personalized' shares only a LoRA adapter (the head is "
@@ -968,7 +1008,7 @@ def _personal_metrics(receipts: list[Receipt]) -> dict[str, float]:
     return out
 
 
-def _check_capability(info: JoinInfo) -> None:
+def _check_capability(info: JoinRequest) -> None:
     cap = info.capability
     for name in ("compute_gflops", "upload_bytes_per_second", "download_bytes_per_second"):
         value = getattr(cap, name)

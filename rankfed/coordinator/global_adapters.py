@@ -16,10 +16,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankfed.aggregation import Adapter, decode_adapter, encode_adapter, peft_adapter_config, revive_inert
-from rankfed.coordinator.manifest import ModelManifest
+from rankfed.aggregation import (
+    Adapter,
+    decode_adapter,
+    encode_adapter,
+    peft_adapter_config,
+    revive_inert,
+)
 from rankfed.coordinator.store import BlobStore
 from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
+from rankfed.protocol.manifest import ModelManifest
 
 
 @dataclass(frozen=True)

@@ -209,13 +209,13 @@ class _FederationCollector(Collector):
         return []  # unchecked collector: its families depend on the federation's state
 
     def collect(self) -> Iterable[Metric]:
-        from rankfed.coordinator.models import ParticipantState, RoundPhase
+        from rankfed.protocol import ParticipantState, RoundPhase
 
         fed = self._fed
         view = fed.status(history_limit=1)
         current = view.current
-        round_no = current.record.round if current else 0
-        phase = current.record.phase if current else None
+        round_no = current.round if current else 0
+        phase = current.phase if current else None
         yield _gauge("rankfed_round", "Number of the current (or last) round; 0 before the first.", [({}, round_no)])
         yield _gauge("rankfed_rounds_planned", "Rounds configured (federation.rounds).", [({}, view.total_rounds)])
         yield _gauge("rankfed_federation_done", "1 once the federation has finished its rounds.",
@@ -224,12 +224,12 @@ class _FederationCollector(Collector):
                      [({"phase": p.value}, 1 if p is phase else 0) for p in RoundPhase], ("phase",))
         counts = dict.fromkeys(ParticipantState, 0)
         for part in current.participants if current else ():
-            counts[part.participant.state] += 1
+            counts[part.state] += 1
         yield _gauge("rankfed_participants", "Participants of the current round by state.",
                      [({"state": s.value}, n) for s, n in counts.items()], ("state",))
         clients = fed.list_clients()
-        online = sum(1 for c, is_online in clients if is_online and not c.left)
-        left = sum(1 for c, _ in clients if c.left)
+        online = sum(1 for c in clients if c.online and not c.left)
+        left = sum(1 for c in clients if c.left)
         yield _gauge("rankfed_clients", "Registered devices: online (seen within the heartbeat timeout), offline, left.",
                      [({"state": "online"}, online), ({"state": "left"}, left),
                       ({"state": "offline"}, len(clients) - online - left)], ("state",))

@@ -21,10 +21,10 @@ from math import prod
 from typing import TYPE_CHECKING
 
 from rankfed.coordinator.config import LoraSection, RankPolicyConfig, RankTier
-from rankfed.coordinator.models import AlphaRule, Capability, DeviceClass, LoraSettings
+from rankfed.protocol import AlphaRule, Capability, DeviceClass, LoraSettings
 
 if TYPE_CHECKING:
-    from rankfed.coordinator.manifest import ModelManifest
+    from rankfed.protocol.manifest import ModelManifest
 
 __all__ = [
     "GB",

@@ -18,9 +18,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from rankfed.coordinator.models import RoundPhase, RoundRecord
+from rankfed.coordinator.models import RoundRecord
 from rankfed.coordinator.store import BlobStore, StateStore
 from rankfed.coordinator.store.blobs import round_dir
+from rankfed.protocol import RoundPhase
 
 log = logging.getLogger("rankfed.coordinator")
 

@@ -19,15 +19,16 @@ from rankfed.coordinator.bundled import manifest_path
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.manifest import load_manifest
 from rankfed.coordinator.hooks import add_round_closed
-from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.coordinator.http import HttpListener, start_http_listener
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.retention import UpdateRetention, disk_usage
 from rankfed.coordinator.servicer_admin import AdminServicer
 from rankfed.coordinator.servicer_edge import EdgeServicer
 from rankfed.coordinator.store import open_store
+from rankfed.coordinator.tracking import Tracking, open_tracking
+from rankfed.protocol import ManifestError
+from rankfed.protocol.manifest import load_manifest
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
 from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2, edge_pb2_grpc
 
@@ -98,7 +99,10 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     """Open the data directory, resume the federation and serve; returns once listening.
     A failure part-way (a port in use, a tracking extra missing) undoes what was started."""
     credentials = transport_credentials(config)  # before any state is touched
-    manifest = load_manifest(manifest_path(config.model.manifest))
+    try:
+        manifest = load_manifest(manifest_path(config.model.manifest))
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
     data_dir = Path(config.server.data_dir)
     async with contextlib.AsyncExitStack() as undo:
         store, blobs = _open_data_dir(data_dir)

@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.hooks import add_round_closed
-from rankfed.coordinator.models import ParticipantState, RoundPhase
+from rankfed.protocol import ParticipantState, RoundPhase
 
 if TYPE_CHECKING:
     from rankfed.coordinator.config import CoordinatorConfig
     from rankfed.coordinator.federation import Federation
-    from rankfed.coordinator.models import RoundRecord, RoundView
+    from rankfed.coordinator.models import RoundRecord
+    from rankfed.protocol import RoundStatus
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -46,15 +47,12 @@ _EXTRA_HINT = "install the tracking extra: pip install 'rankfed[tracking]'"
 _MLFLOW_SAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
-def round_scalars(view: RoundView) -> Scalars:
+def round_scalars(view: RoundStatus) -> Scalars:
     """Everything written for one closed round, keyed `round/...` and `device/<name>/...`."""
-    record = view.record
-    out: Scalars = {f"round/{k}": float(v) for k, v in record.metrics.items()}
-    out["round/failed"] = 1.0 if record.phase is RoundPhase.FAILED else 0.0
-    for part_view in view.participants:
-        part = part_view.participant
-        name = part_view.device_name or part.client_id
-        prefix = f"device/{name}/"
+    out: Scalars = {f"round/{k}": float(v) for k, v in view.metrics.items()}
+    out["round/failed"] = 1.0 if view.phase is RoundPhase.FAILED else 0.0
+    for part in view.participants:
+        prefix = f"device/{part.device_name or part.client_id}/"
         out[prefix + "rank"] = float(part.rank)
         out[prefix + "bytes_up"] = float(part.bytes_up)
         out[prefix + "bytes_down"] = float(part.bytes_down)
@@ -136,7 +134,7 @@ class Tracking:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankfed-tracking")
 
     def round_closed(self, federation: Federation, record: RoundRecord) -> None:
-        view = next((r for r in reversed(federation.status().history) if r.record.round == record.round), None)
+        view = next((r for r in reversed(federation.status().history) if r.round == record.round), None)
         if view is None:
             return
         scalars = round_scalars(view)
@@ -166,7 +164,7 @@ def open_tracking(config: CoordinatorConfig, federation: Federation) -> Tracking
     if cfg.mlflow_uri:
         fed = config.federation
         params = {
-            "model_id": federation.manifest.model_id, "mode": fed.mode, "method": fed.method,
+            "model_id": federation.manifest.model_id, "mode": str(fed.mode), "method": fed.method,
             "rounds": str(fed.rounds), "min_clients": str(fed.min_clients), "local_steps": str(fed.local_steps),
             "learning_rate": str(fed.learning_rate), "batch_size": str(fed.batch_size),
             "max_rank": str(config.lora.max_rank), "alpha_rule": config.lora.alpha_rule.value,

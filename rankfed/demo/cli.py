@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-METHODS = ("fedit", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora")
+from rankfed.aggregation.registry import METHODS as _REGISTRY
+
+METHODS = tuple(_REGISTRY)
 
 
 def add_parser(sub: Any) -> None:

@@ -111,8 +111,9 @@ def _gflops(value: str) -> float:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from rankfed.protocol import DeviceClass
+
     from .probe import capability_dict, probe
-    from .protocol import DeviceClass
 
     cap = probe(declared_class=DeviceClass(args.device_class) if args.device_class else None,
                 declared_gflops=args.gflops)
@@ -127,7 +128,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _offline(args.threads)
-    from .protocol import DeviceClass
+    from rankfed.protocol import DeviceClass
+
     from .personal import PrivateSettings
     from .runner import EdgeRunner, RunnerConfig
     from .transport import EdgeTransport, RetryPolicy

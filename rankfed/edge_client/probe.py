@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from .protocol import Capability, DeviceClass
+from rankfed.protocol import Capability, DeviceClass
 
 
 def _memory_bytes() -> tuple[int, int]:

@@ -18,8 +18,8 @@ from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.bundled import manifest_path
 from rankfed.coordinator.tracking import Tracking, open_tracking
-from rankfed.coordinator.manifest import load_manifest
 from rankfed.coordinator.store import open_store
+from rankfed.protocol.manifest import load_manifest
 
 T = TypeVar("T")
 

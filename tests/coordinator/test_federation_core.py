@@ -6,16 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 
 import pytest
 
 from rankfed.aggregation import AggregationError, encode_adapter
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.models import Capability, DeviceClass, JoinInfo, RoundPhase, TrainTask, UploadHeader
 from rankfed.coordinator.store import MemoryStore
 from rankfed.coordinator.store.blobs import BlobStore
-from tests.coordinator.harness import make_config, manifest, random_adapter, update_files
+from rankfed.protocol import (
+    Capability,
+    DeviceClass,
+    DownloadRequest,
+    JoinRequest,
+    RoundPhase,
+    TrainTask,
+    UploadHeader,
+)
+from tests.coordinator.harness import (
+    make_config,
+    manifest,
+    random_adapter,
+    update_files,
+)
 
 
 async def _federation(tmp_path, **overrides) -> Federation:
@@ -29,11 +43,11 @@ async def _federation(tmp_path, **overrides) -> Federation:
 
 
 async def _joined_participant(fed: Federation) -> tuple[str, TrainTask]:
-    joined = fed.join(JoinInfo(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
+    joined = fed.join(JoinRequest(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
                                base_model_sha256=fed.manifest.weights_sha256, num_examples=5))
     task = await fed.get_task(joined.client_id, 5.0)
     assert isinstance(task, TrainTask)
-    _, chunks = await fed.open_download(joined.client_id, task.round, 0)
+    _, chunks = await fed.open_download(joined.client_id, DownloadRequest(round=task.round))
     async for _ in chunks:
         pass
     return joined.client_id, task
@@ -140,3 +154,33 @@ def test_fedit_budget_lowers_everyone_alike(tmp_path):
         await fed.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_stop_is_prompt_while_a_round_is_open(tmp_path):
+    """On Python 3.11 asyncio.wait_for could lose stop()'s cancellation, and stop() then
+    waited for the round's deadline (600 s here); pytest-timeout fails this test if it does."""
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.round_deadline_seconds": 600.0})
+        await _joined_participant(fed)
+        started = time.monotonic()
+        await fed.stop()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 20
+
+
+def test_ci_runs_on_the_python_the_deploy_files_use():
+    """The Dockerfiles and the systemd unit name one Python; CI must test that one."""
+    import re
+    import sys
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    versions = set()
+    for path in (deploy / "Dockerfile.coordinator", deploy / "Dockerfile.edge", deploy / "rankfed-coordinator.service"):
+        versions |= set(re.findall(r"python:?(3\.\d+)", path.read_text()))
+    assert len(versions) == 1, f"deploy files disagree on the Python version: {sorted(versions)}"
+    if os.environ.get("CI"):
+        assert f"{sys.version_info[0]}.{sys.version_info[1]}" in versions

@@ -11,8 +11,8 @@ import urllib.request
 import grpc
 import pytest
 
-from rankfed.coordinator.metrics import CoordinatorMetrics, reject_reason
 from rankfed.coordinator import errors
+from rankfed.coordinator.metrics import CoordinatorMetrics, reject_reason
 from tests.coordinator.harness import random_adapter, status, wait_for
 
 SAMPLE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (-?[0-9.e+-]+|\+Inf)$')

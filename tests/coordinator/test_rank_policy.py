@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from rankfed.coordinator.config import LoraSection, RankPolicyConfig, RankTier, field_help, load_config
-from rankfed.coordinator.manifest import load_manifest
-from rankfed.coordinator.models import AlphaRule, Capability, DeviceClass
+from rankfed.coordinator.config import (
+    LoraSection,
+    RankPolicyConfig,
+    RankTier,
+    field_help,
+    load_config,
+)
 from rankfed.coordinator.rank_policy import (
     apply_budget,
     assign,
@@ -21,6 +25,8 @@ from rankfed.coordinator.rank_policy import (
     lowered_ranks,
     update_bytes,
 )
+from rankfed.protocol import AlphaRule, Capability, DeviceClass
+from rankfed.protocol.manifest import load_manifest
 
 GB = 10**9
 POLICY = load_config().rank_policy  # the default tiers of deploy/coordinator.example.toml
@@ -234,7 +240,7 @@ def test_lora_settings_rejects_rank_zero() -> None:
 def test_config_policy_and_manifest_import_no_grpc_protobuf_or_torch() -> None:
     code = (
         "import sys, rankfed.coordinator.config, rankfed.coordinator.rank_policy, "
-        "rankfed.coordinator.manifest; "
+        "rankfed.protocol.manifest; "
         "print([m for m in ('grpc', 'google.protobuf', 'torch') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

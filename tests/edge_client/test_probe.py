@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rankfed.edge_client.probe import GFLOPS_ENV, measure_gflops, parse_gflops, probe
-from rankfed.edge_client.protocol import DeviceClass
+from rankfed.protocol import DeviceClass
 
 
 def test_measured_speed_is_a_finite_positive_median():

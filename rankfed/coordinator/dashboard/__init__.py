@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rankfed.coordinator.federation import Federation
-    from rankfed.coordinator.models import FederationView, RoundView
+    from rankfed.protocol import FederationStatus, RoundStatus
 
 # name -> content type of each static file the page needs
 STATIC_FILES = {
@@ -30,36 +30,35 @@ def static_file(name: str) -> bytes:
     return resources.files(__name__).joinpath(name).read_bytes()
 
 
-def _round(view: RoundView) -> dict[str, Any]:
-    record = view.record
+def _round(view: RoundStatus) -> dict[str, Any]:
     return {
-        "round": record.round,
-        "phase": record.phase.value,
-        "method": record.method,
-        "started_at": record.started_at,
-        "deadline": record.deadline,
-        "finished_at": record.finished_at,
-        "min_clients": record.min_clients,
-        "global_rank": record.global_rank,
-        "failure_reason": record.failure_reason,
-        "metrics": dict(record.metrics),
+        "round": view.round,
+        "phase": view.phase.value,
+        "method": view.method,
+        "started_at": view.started_at,
+        "deadline": view.deadline,
+        "finished_at": view.finished_at or None,
+        "min_clients": view.min_clients,
+        "global_rank": view.global_rank,
+        "failure_reason": view.failure_reason,
+        "metrics": dict(view.metrics),
     }
 
 
-def snapshot(federation: Federation, view: FederationView) -> dict[str, Any]:
+def snapshot(federation: Federation, view: FederationStatus) -> dict[str, Any]:
     """The page's whole state: the federation, the current round, finished rounds' metrics
     (for the charts) and one row per registered device (class, rank, state, bytes)."""
     current = view.current
-    in_round = {p.participant.client_id: p.participant for p in current.participants} if current else {}
+    in_round = {p.client_id: p for p in current.participants} if current else {}
     devices = []
-    for client, online in federation.list_clients():
+    for client in federation.list_clients():
         part = in_round.get(client.client_id)
         if client.left:
             state = "left"
         elif part is not None:
             state = part.state.value
         else:
-            state = "online" if online else "offline"
+            state = "online" if client.online else "offline"
         devices.append({
             "client_id": client.client_id,
             "name": client.device_name,
@@ -68,15 +67,15 @@ def snapshot(federation: Federation, view: FederationView) -> dict[str, Any]:
             "rank": part.rank if part is not None else client.rank,
             "tier": client.tier,
             "state": state,
-            "online": bool(online and not client.left),
+            "online": bool(client.online and not client.left),
             "bytes_down": part.bytes_down if part is not None else 0,
             "bytes_up": part.bytes_up if part is not None else 0,
             "rounds_completed": client.rounds_completed,
         })
     return {
         "federation_id": view.federation_id,
-        "model_id": view.model_id,
-        "mode": view.mode,
+        "model_id": view.base_model.id,
+        "mode": str(view.mode),
         "total_rounds": view.total_rounds,
         "done": view.done,
         "clients_online": view.clients_online,
