@@ -112,6 +112,10 @@ class Federation:
         while not self.done:
             await self.ctx.changes.wait(1.0)
 
+    def global_adapter_exists(self, round_no: int) -> bool:
+        """Whether round `round_no`'s global adapter is on disk (written and fsynced); for retention."""
+        return self.ctx.globals.exists(round_no)
+
     @property
     def fatal(self) -> BaseException | None:
         """The exception that stopped the round loop, if one did."""

@@ -58,7 +58,9 @@ def plan_round(ctx: FederationContext, round_no: int, client_ids: list[str]) -> 
 def _tier_rank(ctx: FederationContext, client: ClientRecord) -> tuple[int, str, str]:
     cfg = ctx.config
     demotions = rank_policy.demotions_for(client.deadlines_missed, cfg.federation.demote_after_missed_deadlines)
-    return rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions)
+    # Within the hysteresis band a device keeps its tier; a demotion overrides the band.
+    return rank_policy.assign(client.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions,
+                              current_tier=None if demotions else client.tier)
 
 
 def _homogeneous_rank(ctx: FederationContext, participants: int) -> tuple[int, str]:

@@ -115,7 +115,8 @@ class ClientRegistry:
             existing.deadlines_missed, cfg.federation.demote_after_missed_deadlines
         )
         rank, tier, reason = rank_policy.assign(
-            info.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions
+            info.capability, cfg.rank_policy, max_rank=cfg.lora.max_rank, demotions=demotions,
+            current_tier=existing.tier if existing is not None and not demotions else None,
         )
         if ctx.personalized:
             rank, reason = cfg.lora.max_rank, SHARED_REASON.format(rank=cfg.lora.max_rank)

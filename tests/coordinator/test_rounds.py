@@ -288,3 +288,19 @@ def test_a_long_poll_keeps_a_client_online(start, clients):
     (client,) = clients(server.address, "alone")
     assert client.get_task(3.0).WhichOneof("kind") == "wait"  # 3 s without any other call
     assert status(server.address).clients_online == 1
+
+
+def test_a_rejoin_with_a_wobbling_speed_keeps_its_tier(start, tiny_manifest):
+    """Over real gRPC: the hysteresis band (rank_policy.hysteresis, default 0.1) holds a
+    device re-measured at 47 GFLOP/s in cpu-fast (threshold 50); 44 is past the band."""
+    from tests.coordinator.harness import EdgeTestClient
+
+    server = start()
+    tiers = []
+    for gflops in (51.0, 47.0, 44.0):
+        client = EdgeTestClient(server.address, "laptop", gflops=gflops, memory_gb=16.0)
+        try:
+            tiers.append(client.join(tiny_manifest.weights_sha256).assignment.tier)
+        finally:
+            client.close()
+    assert tiers == ["cpu-fast", "cpu-fast", "cpu"]
