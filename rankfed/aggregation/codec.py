@@ -117,6 +117,12 @@ def _parse_header(view: memoryview, max_header_bytes: int) -> tuple[dict[str, An
         header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"header is not valid JSON: {exc}") from None
+    # Hostile headers: nesting deep enough to exhaust the parser's recursion, or integers
+    # longer than Python converts (4,300 digits). A header never needs either.
+    except RecursionError:
+        raise AdapterFormatError("header nests too deeply to be a safetensors header") from None
+    except ValueError as exc:
+        raise AdapterFormatError(f"header is not a valid safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise AdapterFormatError("header is not a JSON object")
     return header, 8 + n
@@ -193,6 +199,8 @@ def _json_object(meta: Mapping[str, str], field: str) -> dict[str, Any]:
         value = json.loads(meta[field])
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"metadata {field!r} is not valid JSON: {exc}", key=field) from None
+    except (RecursionError, ValueError) as exc:  # deep nesting, over-long integers
+        raise AdapterFormatError(f"metadata {field!r} is not a valid value: {type(exc).__name__}", key=field) from None
     if not isinstance(value, dict):
         raise AdapterFormatError(f"metadata {field!r} is not a JSON object", key=field)
     return value

@@ -191,6 +191,12 @@ class FederationConfig:
     straggler_grace_seconds: float = _f(
         30.0, "Once min_clients updates are in, longest wait for the others.", ge=0
     )
+    robust_clip_factor: float = _f(
+        5.0, "Robust aggregation: an update whose norm exceeds this many times the round's median "
+        "update norm is scaled down to that bound before it is aggregated, so no single device can "
+        "dominate a round (needs 3 or more updates; 0 turns clipping off). Honest updates differ by "
+        "up to ~3x across ranks (docs/aggregation.md), so the default leaves them untouched.", ge=0,
+    )
     local_steps: int = _f(20, "Local training steps each client does per round.", ge=1)
     learning_rate: float = _f(0.002, "Learning rate of local training.", gt=0)
     batch_size: int = _f(16, "Batch size of local training.", ge=1)
