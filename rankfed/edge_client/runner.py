@@ -33,6 +33,7 @@ from typing import Any, Protocol, Self
 
 from rankfed import __version__
 from rankfed.aggregation import (
+    Adapter,
     AdapterFormatError,
     AdapterValidationError,
     decode_adapter,
@@ -400,23 +401,10 @@ class EdgeRunner:
         plan = strategy.plan(task, self._train_config(task))
         self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha, **plan.fields})
         with Heartbeater(self.transport, task.round, self.join_result.heartbeat_interval_s or 5.0) as beat:
-            try:
-                manifest, blob = self.transport.download(
-                    task.round,
-                    expected_sha256=task.adapter_sha256,
-                    progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
-                )
-            except StaleRoundError as err:
-                self._emit("stale", {"round": task.round, "detail": str(err)})
+            fetched = self._download(task, strategy.adapter_kind)
+            if fetched is None:
                 return None
-            try:
-                adapter = decode_adapter(blob)
-            except (AdapterFormatError, AdapterValidationError) as err:
-                raise AdapterError(
-                    f"the {strategy.adapter_kind} adapter of round {task.round} is malformed: {err}"
-                ) from err
-            if adapter.max_rank != lora.rank:
-                log.warning("task rank %d but the adapter has rank %d; training at the adapter's", lora.rank, adapter.max_rank)
+            manifest, adapter = fetched
             model = strategy.model_for(self._base, adapter, ctx)
             beat.state = ParticipantState.TRAINING
             results = self._train(model, plan, strategy, beat)
@@ -462,6 +450,27 @@ class EdgeRunner:
         }
         self._emit("uploaded", record)
         return record
+
+    def _download(self, task: TrainTask, kind: str) -> tuple[TransferManifest, Adapter] | None:
+        """The round's adapter (``kind``: "global" or "shared", for errors); None when the
+        round closed before it came."""
+        lora = task.assignment.lora
+        try:
+            manifest, blob = self.transport.download(
+                task.round,
+                expected_sha256=task.adapter_sha256,
+                progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
+            )
+        except StaleRoundError as err:
+            self._emit("stale", {"round": task.round, "detail": str(err)})
+            return None
+        try:
+            adapter = decode_adapter(blob)
+        except (AdapterFormatError, AdapterValidationError) as err:
+            raise AdapterError(f"the {kind} adapter of round {task.round} is malformed: {err}") from err
+        if adapter.max_rank != lora.rank:
+            log.warning("task rank %d but the adapter has rank %d; training at the adapter's", lora.rank, adapter.max_rank)
+        return manifest, adapter
 
     def _train(self, model: Any, plan: RoundPlan, strategy: RoundStrategy, beat: Heartbeater) -> list[TrainResult]:
         """Train the plan's phases in order; stops after a phase the coordinator cut short

@@ -59,6 +59,10 @@ class RoundPlan:
     # The mode's fields of the "task" event (and, for pFedLoRA, of the round record).
     fields: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise ConfigError("a round plan needs at least one training phase")
+
 
 @dataclass(frozen=True)
 class Update:
