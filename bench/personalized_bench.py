@@ -289,7 +289,10 @@ def arm_global(clients, dirs, args, work: Path) -> dict[str, Any]:
             run_clients(server.address, group, dirs, args, work, personalized=False)
         finally:
             server.stop()
-        final = work / f"state-global-{model}" / "blobs" / "global" / f"round-{args.rounds:06d}" / "adapter_model.safetensors"
+        from rankfed.coordinator.export import global_adapter_dir
+        from rankfed.protocol.artifact import ADAPTER_FILE
+
+        final = global_adapter_dir(work / f"state-global-{model}", args.rounds) / ADAPTER_FILE
         adapter = decode_adapter(final.read_bytes())
         base = load_base_model(dirs[model], TASK, num_labels=5)
         tok = load_tokenizer(dirs[model])

@@ -48,6 +48,8 @@ __all__ = [
     "RankPolicyConfig",
     "RankTier",
     "ServerConfig",
+    "StorageConfig",
+    "TrackingConfig",
     "config_from_mapping",
     "config_to_dict",
     "field_help",
@@ -138,10 +140,12 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    manifest: Path = _f(
-        Path("model-manifest.json"),
+    manifest: str = _f(
+        "",
         "The model manifest (base model id, weights sha256, task, LoRA module shapes); "
-        "write one with `rankfed edge manifest`.",
+        "write one with `rankfed edge manifest`. Empty: the bundled demo manifest "
+        "(all-MiniLM-L6-v2, 5 labels: what `rankfed edge run` uses with no --model).",
+        path=True,
     )
 
 
@@ -245,6 +249,44 @@ class RankPolicyConfig:
     tiers: tuple[RankTier, ...] = _f(
         DEFAULT_TIERS, "Tiers tried in order; the first whose conditions all hold wins."
     )
+    hysteresis: float = _f(
+        0.1,
+        "Relative band around the tiers' numeric thresholds (min_gflops, min_memory_gb, "
+        "min_upload_mbps, min_cores) that keeps a device's rank steady between rounds when "
+        "its re-measured capability wobbles: it keeps its tier until it falls below "
+        "threshold × (1 - hysteresis), and moves to a higher tier only past threshold × "
+        "(1 + hysteresis). 0: no band.",
+        ge=0,
+        lt=1,
+    )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    updates_keep_rounds: int = _f(
+        0,
+        "Retention of accepted update files (blobs/updates/): keep those of the last N closed "
+        "rounds and delete older ones once their round's global adapter is on disk (or the "
+        "round failed); 0: keep every update. Global adapters are never deleted.",
+        ge=0,
+    )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tensorboard_dir: str = _f(
+        "",
+        "Write round and per-device metrics as TensorBoard event files under this directory "
+        "(one run per federation id; needs the `tracking` extra: tensorboardX). Empty: off.",
+        path=True,
+    )
+    mlflow_uri: str = _f(
+        "",
+        "Log round and per-device metrics to MLflow: a tracking URI (http://host:5000, "
+        "sqlite:///mlflow.db) or a directory for MLflow's file store (needs the `tracking` "
+        "extra: mlflow-skinny). One MLflow run per federation, resumed after a restart. Empty: off.",
+    )
+    mlflow_experiment: str = _f("rankfed", "MLflow experiment the runs go to (created if missing).")
 
 
 @dataclass(frozen=True)
@@ -254,6 +296,8 @@ class CoordinatorConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     federation: FederationConfig = field(default_factory=FederationConfig)
     rank_policy: RankPolicyConfig = field(default_factory=RankPolicyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Path | None = None  # the TOML file this came from; None: embedded defaults
 
 
@@ -263,6 +307,8 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "federation": FederationConfig,
     "rank_policy": RankPolicyConfig,
+    "storage": StorageConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -580,6 +626,9 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
             f"federation.method = {fed.method!r}: federation.mode = 'personalized' averages one "
             f"homogeneous shared adapter; set federation.method to one of {homogeneous}"
         )
+    tracking: TrackingConfig = s["tracking"]
+    if tracking.mlflow_uri and not tracking.mlflow_experiment.strip():
+        errors.append("tracking.mlflow_experiment = '': name the MLflow experiment (default \"rankfed\")")
     if fed.heartbeat_timeout_seconds <= fed.heartbeat_interval_seconds:
         errors.append(
             f"federation.heartbeat_timeout_seconds = {fed.heartbeat_timeout_seconds}: must "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
@@ -23,7 +24,7 @@ from rankfed.coordinator.errors import (
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import streaming, unary
-from rankfed.protocol import UploadReceipt, serde
+from rankfed.protocol import Chunk, UploadReceipt, serde
 from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
@@ -123,18 +124,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         first = await stream.next()
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidArgumentError("an upload must start with an UploadHeader message")
-        session = self._fed.begin_upload(client_id, serde.upload_header_from_proto(first.header))
-        try:
+
+        async def chunks() -> AsyncIterator[Chunk]:
             while (message := await stream.next()) is not None:
                 if message.WhichOneof("kind") != "chunk":
                     raise InvalidArgumentError("only chunks may follow the upload header")
                 self.metrics.bytes_in.inc(len(message.chunk.data))
-                await session.add_chunk(message.chunk.offset, message.chunk.data)
-            receipt = await self._fed.finish_upload(session)
-        except BaseException:
-            # Broken stream, cancelled call, timeout or rejected content: leave no trace.
-            self._fed.abort_upload(session)
-            raise
+                yield Chunk(offset=message.chunk.offset, data=message.chunk.data)
+
+        receipt = await self._fed.upload(client_id, serde.upload_header_from_proto(first.header), chunks())
         return serde.upload_receipt_to_proto(UploadReceipt(
             round=receipt.round, bytes_received=receipt.nbytes, sha256=receipt.sha256,
             accepted_at=receipt.accepted_at, receipt_id=receipt.receipt_id,

@@ -65,6 +65,9 @@ class DemoOptions:
     export: bool = True
     predictions: int = 5
     round_deadline_seconds: float = 900.0
+    # Experiment tracking by the coordinator ([tracking] in its config): None / "" for off.
+    tensorboard_dir: Path | None = None
+    mlflow_uri: str = ""
 
 
 @dataclass
@@ -121,6 +124,16 @@ def device_name(opts: DemoOptions, i: int) -> str:
     return f"{_profile(opts, i)}-{i}"
 
 
+def tracking_overrides(opts: DemoOptions) -> dict[str, str]:
+    """The coordinator's [tracking] settings for --tensorboard / --mlflow (dotted names)."""
+    out: dict[str, str] = {}
+    if opts.tensorboard_dir is not None:
+        out["tracking.tensorboard_dir"] = str(opts.tensorboard_dir)
+    if opts.mlflow_uri:
+        out["tracking.mlflow_uri"] = opts.mlflow_uri
+    return out
+
+
 def write_coordinator_config(opts: DemoOptions, path: Path, *, manifest: Path, data_dir: Path) -> Path:
     """The coordinator's TOML: default rank tiers, every client in every round."""
     text = f"""# Written by `rankfed demo`; see deploy/coordinator.example.toml for every field.
@@ -148,6 +161,9 @@ learning_rate = {opts.learning_rate}
 batch_size = {opts.batch_size}
 seed = {opts.seed}
 """
+    tracking = tracking_overrides(opts)
+    if tracking:
+        text += "\n[tracking]\n" + "".join(f"{k.split('.', 1)[1]} = {json.dumps(v)}\n" for k, v in tracking.items())
     path.write_text(text)
     return path
 
@@ -281,7 +297,10 @@ class LiveView:
 
 
 def global_adapter_path(data_dir: Path, round_no: int) -> Path:
-    return data_dir / "blobs" / "global" / f"round-{round_no:06d}" / "adapter_model.safetensors"
+    from rankfed.coordinator.export import global_adapter_dir
+    from rankfed.protocol.artifact import ADAPTER_FILE
+
+    return global_adapter_dir(data_dir, round_no) / ADAPTER_FILE
 
 
 def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Path], say: Console) -> list[RoundRow]:
@@ -296,7 +315,7 @@ def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
     logs.mkdir(parents=True, exist_ok=True)
     manifest = opts.out / "model-manifest.json"
     write_manifest(build_manifest(mdir, task="sequence-classification", num_labels=len(split.label_names),
-                                  target_modules=("query", "value")), manifest)
+                                  target_modules=("query", "value"), labels=tuple(split.label_names)), manifest)
     config = write_coordinator_config(opts, opts.out / "coordinator.toml", manifest=manifest.resolve(),
                                       data_dir=coord_dir.resolve())
     port_file = opts.out / "coordinator.port"
@@ -389,7 +408,7 @@ def run_in_process(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
 
     cfg = SimConfig(method=opts.method, rounds=opts.rounds, local_steps=opts.local_steps,
                     learning_rate=opts.learning_rate, batch_size=opts.batch_size, max_length=opts.max_length,
-                    seed=opts.seed)
+                    seed=opts.seed, overrides=tracking_overrides(opts))
     say(f"in-process simulation: {len(clients)} devices, one training at a time")
     run_simulation(mdir, clients, cfg, work_dir=opts.out, label_names=split.label_names,
                    evaluate=evaluator.evaluate_file, on_round=on_round, threads=os.cpu_count() or 1)

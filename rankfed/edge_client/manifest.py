@@ -54,8 +54,10 @@ def build_manifest(
     target_modules: tuple[str, ...],
     modules_to_save: tuple[str, ...] | None = None,
     model_id: str | None = None,
+    labels: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The manifest as a JSON-ready dict, keys in the documented order."""
+    """The manifest as a JSON-ready dict, keys in the documented order. `labels`: class names
+    in label-id order; every global adapter then carries them to the devices."""
     if task not in TASKS:
         raise ConfigError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if task == "sequence-classification" and num_labels < 2:
@@ -95,6 +97,7 @@ def build_manifest(
         "modules_to_save": list(modules_to_save),
         "modules": dict(sorted(modules.items())),
         "dense": dict(sorted(dense.items())),
+        **({"labels": list(labels)} if labels else {}),
     }
 
 

@@ -230,6 +230,11 @@ class EdgeTransport:
             raise map_rpc_error(err, "Heartbeat") from None
         return serde.heartbeat_result_from_proto(response)
 
+    @property
+    def joined(self) -> bool:
+        """Whether this transport holds a session (joined and not left)."""
+        return bool(self._token)
+
     def leave(self, reason: str) -> None:
         try:
             self._stub.Leave(
@@ -237,6 +242,7 @@ class EdgeTransport:
             )
         except grpc.RpcError as err:
             raise map_rpc_error(err, "Leave") from None
+        self._token = ""  # the coordinator revoked it
 
     def download(
         self,

@@ -5,6 +5,7 @@ Format (docs/model-manifest.md), written by `rankfed edge manifest` through `wri
 
     {"format": "rankfed-model-manifest/1", "model_id": ..., "weights_sha256": ...,
      "task": "sequence-classification", "num_labels": 5,
+     "labels": ["business", "entertainment", "politics", "sport", "tech"],  # optional
      "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
      "modules": {"bert.encoder.layer.0.attention.self.query": [384, 384], ...},  # [d_out, d_in]
      "dense": {"classifier.weight": [5, 384], "classifier.bias": [5]}}
@@ -55,6 +56,7 @@ _KEYS = (
     "modules",
     "dense",
     "models",
+    "labels",
 )
 
 
@@ -78,6 +80,8 @@ class ModelManifest:
     dense: dict[str, tuple[int, ...]] = field(default_factory=dict)  # federated non-LoRA
     # Every admitted base model; empty: only (model_id, weights_sha256).
     models: tuple[BaseModelEntry, ...] = ()
+    # Class names in label-id order (optional); they travel in every global adapter's card.
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -113,6 +117,7 @@ class ModelManifest:
             "dense": {k: list(v) for k, v in self.dense.items()},
             **({"models": [{"model_id": m.model_id, "weights_sha256": m.weights_sha256} for m in self.models]}
                if self.models else {}),
+            **({"labels": list(self.labels)} if self.labels else {}),
         }
 
 
@@ -179,6 +184,7 @@ def manifest_from_dict(data: Any) -> ModelManifest:
         modules=_shapes(data["modules"], "modules"),  # type: ignore[arg-type]
         dense=_shapes(data.get("dense", {}), "dense"),
         models=models,
+        labels=_str_tuple(data.get("labels", []), "labels"),
     )
 
 
@@ -262,6 +268,8 @@ def _validate(m: ModelManifest) -> None:
         raise ManifestError(
             f"num_labels = {m.num_labels!r}: expected an integer ≥ {low} for task {m.task}"
         )
+    if m.labels and len(m.labels) != m.num_labels:
+        raise ManifestError(f"labels lists {len(m.labels)} names for num_labels = {m.num_labels}; list one per class")
     if not m.target_modules:
         raise ManifestError("target_modules is empty: name at least one module LoRA wraps")
     if not m.modules:

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from rankfed.aggregation import get_method
+from rankfed.coordinator.export import global_adapter_dir
 from rankfed.edge_client.provider import DiskModelProvider
 from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
 from rankfed.protocol import Capability, DeviceClass
+from rankfed.protocol.artifact import ADAPTER_FILE
 
 from .host import FederationHost
 from .transport import InProcessTransport
@@ -178,7 +180,7 @@ def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> lis
             bytes_down=int(m.get("bytes_down", 0)),
             loss_first=m.get("loss_first"),
             loss_last=m.get("loss_last"),
-            global_path=str(data_dir / "blobs" / "global" / f"round-{rec.round:06d}" / "adapter_model.safetensors"),
+            global_path=str(global_adapter_dir(data_dir, rec.round) / ADAPTER_FILE),
             seconds=(rec.finished_at or time.time()) - started.get(rec.round, rec.started_at),
         ))
     return out

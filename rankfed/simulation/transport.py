@@ -12,9 +12,8 @@ gives it back when it uploads, or at its next GetTask/Leave if it abandoned the 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from rankfed.aggregation import AdapterError as AggregationAdapterError
 from rankfed.coordinator import errors as coordinator_errors
@@ -22,6 +21,7 @@ from rankfed.coordinator.servicer_errors import status_of
 from rankfed.edge_client.errors import DuplicateError, IntegrityError, TransportError
 from rankfed.edge_client.transport import STATUS_TO_ERROR, held_is_ours
 from rankfed.protocol import (
+    Chunk,
     DecodeError,
     DownloadRequest,
     HeartbeatRequest,
@@ -165,18 +165,12 @@ class InProcessTransport:
         fed = self._host.fed()
         chunk = fed.config.server.max_chunk_bytes
 
+        async def chunks() -> AsyncIterator[Chunk]:
+            for offset in range(0, len(blob), chunk):
+                yield Chunk(offset=offset, data=blob[offset : offset + chunk])
+
         async def call():
-            session = fed.begin_upload(self._client_id(), serde.upload_header_from_proto(message))
-            try:
-                for offset in range(0, len(blob), chunk):
-                    pending = session.add_chunk(offset, blob[offset : offset + chunk])
-                    if inspect.isawaitable(pending):  # async since the coordinator writes on a thread
-                        await pending
-                receipt = await fed.finish_upload(session)
-            except BaseException:
-                fed.abort_upload(session)
-                raise
-            return receipt
+            return await fed.upload(self._client_id(), serde.upload_header_from_proto(message), chunks())
 
         try:
             receipt = self._run("UploadUpdate", call)

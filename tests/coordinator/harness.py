@@ -209,12 +209,12 @@ class EdgeTestClient:
 
     def upload_bytes(self, round_no: int, rank: int, data: bytes, *, sha256: str | None = None,
                      total_bytes: int | None = None, num_examples: int = 10, chunk: int = CHUNK,
-                     chunks=None, loss: float = 1.0) -> ProtoEdge.UploadReceipt:
+                     chunks=None, loss: float = 1.0, accuracy: float = 0.5) -> ProtoEdge.UploadReceipt:
         header = ProtoEdge.UploadHeader(
             round=round_no, rank=rank, num_examples=num_examples,
             total_bytes=len(data) if total_bytes is None else total_bytes,
             sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
-            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3, eval={"accuracy": 0.5}),
+            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3, eval={"accuracy": accuracy}),
         )
 
         def messages():

@@ -60,7 +60,7 @@ def _assert_no_trace(server, client, task) -> None:
     parts = {p.client_id: p for p in status(server.address).current.participants}
     assert parts[client.client_id].state != ParticipantState.UPLOADED
     assert parts[client.client_id].bytes_up == 0
-    assert server.call(server.federation._store.get_receipt, task.round, client.client_id) is None
+    assert server.call(server.federation.store.get_receipt, task.round, client.client_id) is None
 
 
 @pytest.fixture
@@ -92,14 +92,14 @@ def test_forged_token_is_unauthenticated(ready):
 
 def test_token_for_unknown_client_is_unauthenticated(ready):
     server, client, _ = ready
-    forged, _ = server.federation._signer.issue("c-nobody", audience="edge", ttl_seconds=60)
+    forged, _ = server.federation.registry.signer.issue("c-nobody", audience="edge", ttl_seconds=60)
     client.token = forged
     _rejected(client.get_task, grpc.StatusCode.UNAUTHENTICATED, "unknown client")
 
 
 def test_expired_token_is_unauthenticated(ready):
     server, client, _ = ready
-    expired, _ = server.federation._signer.issue(client.client_id, audience="edge", ttl_seconds=-1)
+    expired, _ = server.federation.registry.signer.issue(client.client_id, audience="edge", ttl_seconds=-1)
     client.token = expired
     _rejected(client.get_task, grpc.StatusCode.UNAUTHENTICATED, "expired")
 

@@ -12,7 +12,9 @@ import grpc
 import numpy as np
 
 from rankfed.aggregation import encode_adapter, get_method
+from rankfed.coordinator.export import global_adapter_dir
 from rankfed.protocol import ParticipantState, RoundPhase
+from rankfed.protocol.artifact import ADAPTER_FILE
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from tests.coordinator.harness import (
@@ -111,9 +113,9 @@ def test_kill9_mid_round_then_resume(tmp_path, tiny_manifest):
         assert record.phase == RoundPhase.DONE and record.metrics["updates"] == 3
 
         # The global adapter is exactly the rule applied to the three acknowledged updates.
-        initial = decode((data_dir / "blobs/global/round-000000/adapter_model.safetensors").read_bytes())
+        initial = decode((global_adapter_dir(data_dir, 0) / ADAPTER_FILE).read_bytes())
         expected = get_method("rbla").aggregate(updates, [10.0, 20.0, 30.0], global_rank=16, previous=initial)
-        got = decode((data_dir / "blobs/global/round-000001/adapter_model.safetensors").read_bytes())
+        got = decode((global_adapter_dir(data_dir, 1) / ADAPTER_FILE).read_bytes())
         for name, module in expected.modules.items():
             np.testing.assert_allclose(got.modules[name].delta(False), module.delta(False), rtol=1e-5, atol=1e-6)
         assert len(starts) == 3

@@ -167,9 +167,9 @@ def test_slow_loris_streams_are_cut(one_open, tiny_manifest):
         assert f"upload_{fragment}_timeout_seconds" in error.details()
         wait_for(lambda: update_files(server.config.server.data_dir) == [], what="no partial file", timeout=5)
     assert _participant_state(server, client) == ParticipantState.TRAINING
-    rejected = server.coordinator.metrics.rejected
-    wait_for(lambda: rejected.value(code="DEADLINE_EXCEEDED", reason="idle_timeout") == 2
-             and rejected.value(code="DEADLINE_EXCEEDED", reason="total_timeout") == 1,
+    metrics = server.coordinator.metrics
+    wait_for(lambda: metrics.sample("rankfed_uploads_rejected_total", code="DEADLINE_EXCEEDED", reason="idle_timeout") == 2
+             and metrics.sample("rankfed_uploads_rejected_total", code="DEADLINE_EXCEEDED", reason="total_timeout") == 1,
              what="timeouts counted", timeout=5)
     assert client.upload(task.round, _update(tiny_manifest, task, 0)).bytes_received == len(data)
 
@@ -230,7 +230,8 @@ def test_full_disk_during_upload_is_a_clear_error_and_the_round_goes_on(small_di
     assert "disk" in info.value.details().lower() or "space" in info.value.details().lower()
     assert update_files(small_disk / "data") == []
     # The status reaches the client a moment before the servicer's bookkeeping finishes.
-    wait_for(lambda: server.coordinator.metrics.rejected.value(code="UNAVAILABLE", reason="disk_full") == 1,
+    wait_for(lambda: server.coordinator.metrics.sample(
+        "rankfed_uploads_rejected_total", code="UNAVAILABLE", reason="disk_full") == 1,
              what="disk_full counted", timeout=5)
     assert _participant_state(server, client) == ParticipantState.TRAINING
 

@@ -91,15 +91,15 @@ def _config(tmp_path, manifest: dict, **overrides):
 
 
 def test_mode_and_manifest_must_agree(tmp_path):
-    from rankfed.coordinator.federation import _check_manifest_for_mode
+    from rankfed.coordinator.context import check_manifest_for_mode
 
     cfg = _config(tmp_path, personalized_manifest())
     with pytest.raises(ConfigError, match="several models can only federate with federation.mode = 'personalized'"):
-        _check_manifest_for_mode(load_manifest(cfg.model.manifest), load_config(None))
+        check_manifest_for_mode(load_manifest(cfg.model.manifest), load_config(None))
     with_head = personalized_manifest(modules_to_save=["classifier"], dense={"classifier.weight": [3, 8]})
     cfg = _config(tmp_path, with_head)
     with pytest.raises(ConfigError, match="the head is private"):
-        _check_manifest_for_mode(load_manifest(cfg.model.manifest), cfg)
+        check_manifest_for_mode(load_manifest(cfg.model.manifest), cfg)
 
 
 def _shared_update(rank: int, alpha: float, seed: int) -> Adapter:

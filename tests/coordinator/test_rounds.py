@@ -11,7 +11,9 @@ import pytest
 
 from rankfed.aggregation import get_method
 from rankfed.coordinator.admin_client import AdminClient
+from rankfed.coordinator.export import global_adapter_dir
 from rankfed.protocol import ParticipantState, RoundPhase
+from rankfed.protocol.artifact import ADAPTER_FILE
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import common_pb2 as ProtoCommon
 from tests.coordinator.harness import (
@@ -63,7 +65,7 @@ def test_two_rounds_with_mixed_ranks(start, clients, tiny_manifest):
     assert all(p.bytes_up > 0 and p.bytes_down > 0 for p in first.participants)
 
     # The streamed aggregate equals the batch rule over the same updates.
-    global_path = server.config.server.data_dir / "blobs" / "global" / "round-000001" / "adapter_model.safetensors"
+    global_path = global_adapter_dir(server.config.server.data_dir, 1) / ADAPTER_FILE
     streamed = decode(global_path.read_bytes())
     batch = get_method("rbla").aggregate(
         [u for u, _ in updates], [w for _, w in updates], global_rank=16, previous=_initial(server)
@@ -88,7 +90,7 @@ def test_two_rounds_with_mixed_ranks(start, clients, tiny_manifest):
 
 
 def _initial(server):
-    path = server.config.server.data_dir / "blobs" / "global" / "round-000000" / "adapter_model.safetensors"
+    path = global_adapter_dir(server.config.server.data_dir, 0) / ADAPTER_FILE
     return decode(path.read_bytes())
 
 
@@ -227,7 +229,7 @@ def test_every_method_completes_a_round(start, clients, tiny_manifest, method):
 
 
 def _global_path(server, round_no):
-    return server.config.server.data_dir / "blobs" / "global" / f"round-{round_no:06d}" / "adapter_model.safetensors"
+    return global_adapter_dir(server.config.server.data_dir, round_no) / ADAPTER_FILE
 
 
 def test_retry_replaces_a_broken_upload_still_registered(start, clients, tiny_manifest):
@@ -255,7 +257,7 @@ def test_retry_replaces_a_broken_upload_still_registered(start, clients, tiny_ma
         yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=64, data=data[64:]))
 
     first = client.stub.UploadUpdate.future(stalled(), metadata=client.metadata, timeout=30)
-    wait_for(lambda: server.call(lambda: client.client_id in server.federation._uploading), what="first stream")
+    wait_for(lambda: server.call(lambda: client.client_id in server.federation.ctx.state.uploading), what="first stream")
     receipt = client.upload_bytes(task.round, task.assignment.lora.rank, data)
     assert receipt.sha256 == hashlib.sha256(data).hexdigest()
     release.set()
@@ -286,3 +288,19 @@ def test_a_long_poll_keeps_a_client_online(start, clients):
     (client,) = clients(server.address, "alone")
     assert client.get_task(3.0).WhichOneof("kind") == "wait"  # 3 s without any other call
     assert status(server.address).clients_online == 1
+
+
+def test_a_rejoin_with_a_wobbling_speed_keeps_its_tier(start, tiny_manifest):
+    """Over real gRPC: the hysteresis band (rank_policy.hysteresis, default 0.1) holds a
+    device re-measured at 47 GFLOP/s in cpu-fast (threshold 50); 44 is past the band."""
+    from tests.coordinator.harness import EdgeTestClient
+
+    server = start()
+    tiers = []
+    for gflops in (51.0, 47.0, 44.0):
+        client = EdgeTestClient(server.address, "laptop", gflops=gflops, memory_gb=16.0)
+        try:
+            tiers.append(client.join(tiny_manifest.weights_sha256).assignment.tier)
+        finally:
+            client.close()
+    assert tiers == ["cpu-fast", "cpu-fast", "cpu"]

@@ -140,3 +140,10 @@ def test_adapter_spec() -> None:
     assert isinstance(spec, AdapterSpec)
     assert dict(spec.modules) == m.modules
     assert dict(spec.dense) == m.dense
+
+
+def test_labels_are_optional_and_must_match_num_labels(tmp_path: Path) -> None:
+    path = tmp_path / "labelled.json"
+    path.write_text(json.dumps(_with(labels=["a", "b", "c"])))
+    assert load_manifest(path).labels == ("a", "b", "c")
+    assert "labels lists 2 names for num_labels = 3" in load_error(tmp_path, _with(labels=["a", "b"]))
