@@ -25,9 +25,10 @@ and uses n_k for dense tensors). A fold with weight 0 counts but contributes not
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from .adapter import Adapter, AdapterSpec
 from .errors import AggregationError
@@ -173,7 +174,7 @@ class ComponentAccumulator(_Base):
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values(), self._scratch]
+        arrays: list[npt.NDArray[np.floating[Any]]] = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values(), self._scratch]
         if self._top:
             arrays += [*self._top_a.values(), *self._top_b.values()]
         return int(sum(x.nbytes for x in arrays))
