@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.context import FederationContext
@@ -167,7 +167,7 @@ class Federation:
     def status(self, history_limit: int = 0) -> FederationStatus:
         return self.view.status(history_limit)
 
-    def watch(self, history_limit: int = 0) -> AsyncIterator[FederationStatus]:
+    def watch(self, history_limit: int = 0) -> AsyncGenerator[FederationStatus, None]:
         return self.view.watch(history_limit)
 
     def list_clients(self) -> list[ClientInfo]:
