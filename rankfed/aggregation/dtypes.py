@@ -6,12 +6,12 @@ as its bit pattern: the upper 16 bits of an IEEE float32.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["F32Array", "WireArray", "WIRE_DTYPES", "to_wire", "from_wire", "bf16_bits_from_f32", "f32_from_bf16_bits"]
+__all__ = ["F32Array", "F64Array", "FloatArray", "WireArray", "WIRE_DTYPES", "to_wire", "from_wire", "bf16_bits_from_f32", "f32_from_bf16_bits"]
 
 # our name -> (safetensors header dtype, serialize() dtype name, bytes per element)
 WIRE_DTYPES: dict[str, tuple[str, str, int]] = {
@@ -23,6 +23,10 @@ HEADER_TO_WIRE = {header: name for name, (header, _, _) in WIRE_DTYPES.items()}
 
 F32Array: TypeAlias = npt.NDArray[np.float32]
 """A float32 array: what every tensor of an adapter is in memory."""
+F64Array: TypeAlias = npt.NDArray[np.float64]
+"""A float64 array: weights, and factors while they are being combined."""
+FloatArray: TypeAlias = npt.NDArray[np.floating[Any]]
+"""A float32 or float64 array."""
 WireArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
 """An encoded tensor: float32, float16, or bfloat16 as its uint16 bit pattern."""
 
