@@ -28,6 +28,7 @@ from rankfed.protocol import (
     ErrorReason,
     ParticipantState,
     UploadHeader,
+    limits,
 )
 
 log = logging.getLogger("rankfed.coordinator")
@@ -66,6 +67,8 @@ class Ingest:
                 f"(state {part.state.value})"
             )
         check_header(header, part, max_upload_bytes=ctx.config.server.max_upload_bytes, homogeneous=ctx.homogeneous)
+        # Metrics are stored and shown to operators: bounded before anything is written.
+        limits.check_metrics(header.metrics.eval)
         uploading = ctx.state.uploading
         previous = uploading.get(client_id)
         if previous is not None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from rankfed.coordinator.rank_planner import plan_round
 from rankfed.coordinator.registry import ClientRegistry
 from rankfed.coordinator.store.blobs import round_dir
 from rankfed.protocol import ParticipantState, RoundPhase
+from rankfed.protocol.limits import MAX_METRICS
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -274,12 +276,18 @@ class RoundLoop:
         return self.fatal
 
 
+def _common_keys(receipts: list[Receipt]) -> list[str]:
+    """The evaluation metrics most devices report, at most MAX_METRICS of them: each device
+    may send its own names, and a round's record must stay bounded whatever they send."""
+    counts = Counter(key for r in receipts for key in r.metrics.eval)
+    return sorted(sorted(counts, key=lambda k: (-counts[k], k))[:MAX_METRICS])
+
+
 def personal_metrics(receipts: list[Receipt]) -> dict[str, float]:
     """Unweighted mean, spread, min and max across clients of each eval metric: pFedLoRA
     reports each client's accuracy on its own held-out data, every client counting once."""
     out: dict[str, float] = {}
-    keys = sorted(set().union(*(r.metrics.eval.keys() for r in receipts))) if receipts else []
-    for key in keys:
+    for key in _common_keys(receipts):
         values = np.array([r.metrics.eval[key] for r in receipts if key in r.metrics.eval], dtype=np.float64)
         out[f"personal_{key}_mean"] = float(values.mean())
         out[f"personal_{key}_std"] = float(values.std())
@@ -300,8 +308,7 @@ def round_metrics(receipts: list[Receipt], parts: list[Participant]) -> dict[str
     if total:
         metrics["loss_first"] = sum(r.metrics.loss_first * r.num_examples for r in receipts) / total
         metrics["loss_last"] = sum(r.metrics.loss_last * r.num_examples for r in receipts) / total
-        keys = set().union(*(r.metrics.eval.keys() for r in receipts))
-        for key in sorted(keys):
+        for key in _common_keys(receipts):
             having = [r for r in receipts if key in r.metrics.eval]
             weight = sum(r.num_examples for r in having)
             metrics[f"eval_{key}"] = sum(r.metrics.eval[key] * r.num_examples for r in having) / weight

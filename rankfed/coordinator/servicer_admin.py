@@ -54,7 +54,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: ProtoAdmin.GetRoundStatusRequest, context: ServicerContext
     ) -> ProtoAdmin.FederationStatus:
         self._authorize(context)
-        return serde.federation_status_to_proto(self._fed.status(request.history_limit))
+        return serde.federation_status_to_proto(
+            self._fed.status(request.history_limit, page_size=request.page_size, page_token=request.page_token)
+        )
 
     @streaming
     async def WatchRounds(
@@ -69,6 +71,4 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: ProtoAdmin.ListClientsRequest, context: ServicerContext
     ) -> ProtoAdmin.ListClientsResponse:
         self._authorize(context)
-        return ProtoAdmin.ListClientsResponse(
-            clients=[serde.client_info_to_proto(c) for c in self._fed.list_clients()]
-        )
+        return serde.client_page_to_proto(self._fed.client_page(request.page_size, request.page_token))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rankfed.protocol import ClientInfo, FederationStatus, RoundPhase
+from rankfed.protocol.limits import DEVICE_NAME
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,6 +105,12 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
+def _safe(text: str) -> str:
+    """A device-supplied name as it may be printed to a terminal: names registered before
+    names were restricted (or from a newer server) are escaped, never printed raw."""
+    return text if DEVICE_NAME.fullmatch(text) else ascii(text)
+
+
 def _when(unix_s: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(unix_s)) if unix_s else "-"
 
@@ -129,7 +136,7 @@ def format_status(status: FederationStatus) -> str:
         out.append(_table(
             ["client", "device", "class", "state", "rank", "down", "up", "examples", "loss", "accuracy"],
             [
-                [p.client_id, p.device_name, p.device_class.value if p.device_class else "?", p.state.value, p.rank,
+                [p.client_id, _safe(p.device_name), p.device_class.value if p.device_class else "?", p.state.value, p.rank,
                  _bytes(p.bytes_down), _bytes(p.bytes_up), p.num_examples or "-",
                  f"{p.metrics.loss_last:.4f}" if p.metrics and p.metrics.steps else "-",
                  f"{p.metrics.eval['accuracy']:.3f}" if p.metrics and "accuracy" in p.metrics.eval else "-"]
@@ -141,7 +148,7 @@ def format_status(status: FederationStatus) -> str:
         out.append(_table(
             ["round", "phase", "method", "updates", "up", "down", "loss", "accuracy", "agg s", "finished"],
             [
-                [r.round, r.phase.value, r.method, f"{r.metrics.get('updates', 0):.0f}/{len(r.participants)}",
+                [r.round, r.phase.value, r.method, f"{r.metrics.get('updates', 0):.0f}/{r.metrics.get('participants', 0):.0f}",
                  _bytes(int(r.metrics.get("bytes_up", 0))), _bytes(int(r.metrics.get("bytes_down", 0))),
                  f"{r.metrics['loss_last']:.4f}" if "loss_last" in r.metrics else "-",
                  f"{r.metrics['eval_accuracy']:.3f}" if "eval_accuracy" in r.metrics else "-",
@@ -157,7 +164,7 @@ def format_clients(clients: list[ClientInfo]) -> str:
     return _table(
         ["client", "device", "class", "online", "rank", "tier", "GFLOP/s", "memory", "rounds", "missed"],
         [
-            [c.client_id, c.device_name, c.capability.device_class.value, "yes" if c.online else "no",
+            [c.client_id, _safe(c.device_name), c.capability.device_class.value, "yes" if c.online else "no",
              c.rank, c.tier, f"{c.capability.compute_gflops:.0f}", _bytes(c.capability.memory_total_bytes),
              c.rounds_completed, c.deadlines_missed]
             for c in clients
