@@ -23,17 +23,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .dtypes import F32Array, F64Array, FloatArray
 from .errors import AggregationError
 
 __all__ = ["factored_svd", "factored_svd_parts"]
 
 
 def factored_svd_parts(
-    bs: Sequence[np.ndarray],
-    as_: Sequence[np.ndarray],
+    bs: Sequence[FloatArray],
+    as_: Sequence[FloatArray],
     weights: Sequence[float] | None = None,
     rank: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[F64Array, F64Array, F64Array]:
     """(U (d_out, k), σ (k,), Vᵀ (k, d_in)) in float64, σ descending, of Σ w_k B_k A_k.
 
     ``k = min(rank, min(d_out, d_in, Σ r_k))``; ``rank=None`` keeps every component.
@@ -72,11 +73,11 @@ def factored_svd_parts(
 
 
 def factored_svd(
-    bs: Sequence[np.ndarray],
-    as_: Sequence[np.ndarray],
+    bs: Sequence[FloatArray],
+    as_: Sequence[FloatArray],
     weights: Sequence[float] | None = None,
     rank: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[F32Array, F32Array]:
     """Rank-``rank`` truncated SVD of Σ_k w_k B_k A_k as ``(U·Σ (d_out, k), Vᵀ (k, d_in))``.
 
     The product of the two (float32) factors is the best rank-k approximation of the sum

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import operator
 import os
 import tomllib
 import types
@@ -462,6 +463,7 @@ def _build(
         cli = name in from_cli
         tp = types_[key]
         n_before = len(errors)
+        converted: Any  # a field value: its type is the field's, known only at run time
         if key == "tiers":
             converted = _convert_tiers(value, name, errors)
         else:
@@ -586,10 +588,10 @@ def _check_rules(f: dataclasses.Field[Any], value: Any, name: str, errors: list[
         )
         return
     bounds = [
-        ("ge", lambda v, b: v >= b, "≥"),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "≤"),
-        ("lt", lambda v, b: v < b, "<"),
+        ("ge", operator.ge, "≥"),
+        ("gt", operator.gt, ">"),
+        ("le", operator.le, "≤"),
+        ("lt", operator.lt, "<"),
     ]
     for rule, ok, sym in bounds:
         if rule in meta and not ok(value, meta[rule]):

@@ -15,9 +15,11 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from rankfed.aggregation import (
     Adapter,
+    Method,
     decode_adapter,
     encode_adapter,
     peft_adapter_config,
@@ -41,7 +43,7 @@ def _round_dir(round_no: int) -> str:
 
 
 class GlobalAdapters:
-    def __init__(self, blobs: BlobStore, manifest: ModelManifest, method, *, seed: int = 0) -> None:
+    def __init__(self, blobs: BlobStore, manifest: ModelManifest, method: Method, *, seed: int = 0) -> None:
         self._blobs = blobs
         self._seed = seed
         self._manifest = manifest
@@ -95,7 +97,7 @@ class GlobalAdapters:
                 del self._rank_files[old]
             return entry
 
-    def open(self, relpath: str):
+    def open(self, relpath: str) -> BinaryIO:
         return open(self._blobs.path(relpath), "rb")
 
     def _metadata(self, round_no: int) -> dict[str, str]:

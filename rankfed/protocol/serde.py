@@ -15,7 +15,7 @@ from google.protobuf.any_pb2 import Any as ProtoAny
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2 as ProtoErrorDetails
+from google.rpc import error_details_pb2 as ProtoErrorDetails  # type: ignore[import-untyped]  # .pyi, no py.typed
 from google.rpc import status_pb2 as ProtoStatus
 
 from rankfed.v1 import admin_pb2 as ProtoAdmin
