@@ -22,12 +22,11 @@ from rankfed.aggregation import (
     Method,
     decode_adapter,
     encode_adapter,
-    peft_adapter_config,
     revive_inert,
 )
 from rankfed.coordinator.store import BlobStore
 from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
-from rankfed.protocol.artifact import AdapterCard
+from rankfed.protocol.artifact import AdapterCard, peft_config
 from rankfed.protocol.manifest import ModelManifest
 
 
@@ -57,13 +56,7 @@ class GlobalAdapters:
     def save(self, round_no: int, adapter: Adapter) -> str:
         """Write (fsynced) the global adapter of a round and its peft config; return its sha256."""
         data = encode_adapter(adapter, metadata=self._metadata(round_no))
-        config = peft_adapter_config(
-            adapter,
-            base_model_name_or_path=self._manifest.model_id,
-            target_modules=list(self._manifest.target_modules),
-            task_type="SEQ_CLS" if self._manifest.task == "sequence-classification" else "CAUSAL_LM",
-            modules_to_save=list(self._manifest.modules_to_save) or None,
-        )
+        config = peft_config(adapter, self._card(round_no))
         self._blobs.write_bytes(global_config_relpath(round_no), json.dumps(config, indent=2).encode())
         sha, _ = self._blobs.write_bytes(self.relpath(round_no), data)
         return sha
@@ -100,15 +93,18 @@ class GlobalAdapters:
     def open(self, relpath: str) -> BinaryIO:
         return open(self._blobs.path(relpath), "rb")
 
-    def _metadata(self, round_no: int) -> dict[str, str]:
+    def _card(self, round_no: int) -> AdapterCard:
         m = self._manifest
-        card = AdapterCard(
+        return AdapterCard(
             task=m.task, target_modules=tuple(m.target_modules), labels=m.labels, num_labels=m.num_labels,
             modules_to_save=tuple(m.modules_to_save), base_model_id=m.model_id, base_model_sha256=m.weights_sha256,
             round=round_no, method=self._method.name,
         )
+
+    def _metadata(self, round_no: int) -> dict[str, str]:
+        m = self._manifest
         return {"round": str(round_no), "base_model_id": m.model_id, "base_model_sha256": m.weights_sha256,
-                **card.to_metadata()}
+                **self._card(round_no).to_metadata()}
 
 
 def directory_of(blobs: BlobStore, round_no: int) -> Path:

@@ -55,6 +55,7 @@ from rankfed.protocol import (
     UploadReceipt,
     WaitTask,
 )
+from rankfed.protocol.artifact import ADAPTER_FILE, write_adapter_dir
 
 from .data import (
     TextDataset,
@@ -530,11 +531,10 @@ class EdgeRunner:
         if self.config.out_dir is None:
             return ""
         _, blob = self.transport.download(0, expected_sha256=task.final_adapter_sha256, full=True)
-        out = Path(self.config.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "adapter_model.safetensors"
-        path.write_bytes(blob)
-        return str(path)
+        # The adapter describes itself (task, labels, target modules): the directory loads with
+        # PeftModel.from_pretrained and exports with nothing but the base model.
+        write_adapter_dir(self.config.out_dir, blob)
+        return str(Path(self.config.out_dir) / ADAPTER_FILE)
 
 
 def _capability_fields(cap: Capability) -> dict[str, Any]:
