@@ -9,8 +9,9 @@ what `infer.py` needs in its metadata_props: the task, label names, the tokenize
 Exporter (issue 16): BERT-family encoders go through the TorchScript exporter with eager
 attention, whose graph onnxruntime's transformer optimizer fuses into its Attention,
 SkipLayerNormalization and BiasGelu kernels (`optimize.py`); the fused graph is what is
-saved. Everything else (causal LMs) uses `dynamo=True`, on which that optimizer fused no
-attention.
+saved. A BertForSequenceClassification is exported with a last layer that computes only the
+[CLS] row its head reads (`cls_only.py`). Everything else (causal LMs) uses `dynamo=True`,
+on which that optimizer fused no attention.
 
 Every file is written to a temporary name and renamed only after onnxruntime matched torch
 on several random batches (max abs difference <= tolerance, default 1e-4). Lossy exports
@@ -76,6 +77,7 @@ class ExportReport:
     parity_batches: int
     exporter: str = "dynamo"
     fused_ops: dict[str, int] = field(default_factory=dict)
+    cls_only_last_layer: bool = False  # `cls_only.py`: the last layer computes the [CLS] row only
     validation_path: str = ""
     validation_examples: int = 0
     accuracy: float | None = None  # fp32 held-out accuracy (validation file given)
@@ -219,9 +221,12 @@ def choose_exporter(model: torch.nn.Module, task: str, exporter: str) -> str:
     return "torchscript" if task == "sequence-classification" and model_type in FUSABLE_MODEL_TYPES else "dynamo"
 
 
-def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_length: int) -> None:
-    """``model`` (logits only) to the ONNX file ``path``, dynamic batch and sequence axes."""
+def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_length: int, cls_only: bool) -> None:
+    """``model`` (logits only) to the ONNX file ``path``, dynamic batch and sequence axes;
+    ``cls_only``: a BERT classifier whose last layer computes the [CLS] row only."""
     import torch
+
+    from .cls_only import ClsOnlyLastLayer
 
     example = (torch.randint(0, model.config.vocab_size, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
     names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
@@ -233,8 +238,9 @@ def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_
                 # The optimizer's attention patterns are those of eager attention, not SDPA.
                 model.set_attn_implementation("eager")
                 axes = {0: "batch", 1: "seq"}
+                wrapper = ClsOnlyLastLayer(model).eval() if cls_only else logits_only(model, task)
                 torch.onnx.export(
-                    logits_only(model, task), example, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET,
+                    wrapper, example, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET,
                     dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}}
                     if task == "sequence-classification" else
                     {"input_ids": axes, "attention_mask": axes, "logits": axes},
@@ -329,9 +335,13 @@ def export_onnx(
         "rankfed.adapter_sha256": _sha256_file(adapter_bytes),
         "rankfed.exporter": exporter,
     }
+    from .cls_only import supports_cls_only  # imports torch
+
     fused: dict[str, int] = {}
+    cls_only = optimize and exporter == "torchscript" and supports_cls_only(model)
+    props["rankfed.cls_only_last_layer"] = str(cls_only).lower()
     try:
-        _trace(model, task, tmp, exporter=exporter, max_length=max_length)
+        _trace(model, task, tmp, exporter=exporter, max_length=max_length, cls_only=cls_only)
         _set_metadata(tmp, props)
         if optimize and exporter == "torchscript":
             cfg = model.config
@@ -345,7 +355,7 @@ def export_onnx(
         fused_tmp.unlink(missing_ok=True)
     report = ExportReport(
         path=str(out), task=task, bytes=out.stat().st_size, export_seconds=export_seconds, max_abs_diff=diff,
-        parity_batches=len(PARITY_SHAPES), exporter=exporter, fused_ops=fused,
+        parity_batches=len(PARITY_SHAPES), exporter=exporter, fused_ops=fused, cls_only_last_layer=cls_only,
         max_accuracy_drop=max_accuracy_drop,
     )
     heldout: HeldoutSet | None = None

@@ -38,8 +38,9 @@ def _padded_batch(seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 def test_bert_is_fused_and_keeps_parity_with_torch(bert_dir, exported):
     report, adapter = exported
-    assert report.exporter == "torchscript"
-    assert report.fused_ops.get("Attention") == 2 and report.fused_ops.get("SkipLayerNormalization") == 4
+    assert report.exporter == "torchscript" and report.cls_only_last_layer
+    # Two layers: the first fused whole; the last, [CLS]-row-only, keeps its LayerNorms fused.
+    assert report.fused_ops.get("Attention") == 1 and report.fused_ops.get("SkipLayerNormalization") == 4
     ops = {n.op_type for n in onnx.load(report.path).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= ops  # the fused ops are what is saved
     ids, mask = _padded_batch()
@@ -52,11 +53,26 @@ def test_bert_is_fused_and_keeps_parity_with_torch(bert_dir, exported):
     assert report.max_abs_diff <= 1e-4
 
 
+def test_cls_only_last_layer_matches_the_full_model_and_leaves_it_whole(bert_dir, exported):
+    from rankfed.edge_client.cls_only import ClsOnlyLastLayer, supports_cls_only
+
+    _, adapter = exported
+    model = merged_model(bert_dir, read_adapter(adapter), "sequence-classification")
+    assert supports_cls_only(model)
+    fast = ClsOnlyLastLayer(model).eval()
+    ids, mask = (torch.from_numpy(x) for x in _padded_batch(13))
+    with torch.no_grad():
+        full = logits_only(model, "sequence-classification")(ids, mask)
+        torch.testing.assert_close(fast(ids, mask), full, atol=1e-5, rtol=0)
+    assert len(model.bert.encoder.layer) == 2 and model.bert.pooler is not None  # not cut by the wrapper
+    assert len(fast.trunk.encoder.layer) == 1
+
+
 def test_no_optimize_keeps_standard_onnx_ops(bert_dir, exported, tmp_path):
     _, adapter = exported
     report = export_onnx(bert_dir, adapter, tmp_path / "plain.onnx", max_length=64, optimize=False)
     domains = {n.domain for n in onnx.load(report.path).graph.node}
-    assert report.fused_ops == {} and domains <= {"", "ai.onnx"}
+    assert report.fused_ops == {} and not report.cls_only_last_layer and domains <= {"", "ai.onnx"}
 
 
 def test_ort_format_loads_and_matches_the_onnx_file(exported):
