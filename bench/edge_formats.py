@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -109,9 +110,10 @@ def latency_table(model_dir: Path, adapter: Path, files: dict[str, Path], *, seq
             mask = np.ones_like(ids)
             feed = {"input_ids": ids, "attention_mask": mask}
             tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
-            calls: dict[str, Callable[[], Any]] = {"torch eager": lambda: torch_model(tids, tmask)}
+            calls: dict[str, Callable[[], Any]] = {
+                "torch eager": lambda t=tids, m=tmask: torch_model(t, m)}
             for name, s in sessions.items():
-                calls[name] = lambda s=s: s.run(["logits"], feed)
+                calls[name] = lambda s=s, feed=feed: s.run(["logits"], feed)
             wall: dict[str, list[float]] = {k: [] for k in calls}
             cpu: dict[str, list[float]] = {k: [] for k in calls}
             load0 = os.getloadavg()[0]
@@ -139,4 +141,4 @@ def latency_table(model_dir: Path, adapter: Path, files: dict[str, Path], *, seq
 
 
 def _quantile(xs: list[float], q: float) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return sorted(xs)[min(len(xs) - 1, round(q * (len(xs) - 1)))]

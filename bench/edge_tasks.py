@@ -90,7 +90,7 @@ def wordnet_task(work: Path, *, train: int = 6000, heldout: int = 1000, calibrat
     texts, labels, names = read_wordnet_nouns()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))  # a uniform sample keeps the class frequencies
-    take = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+    take = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     test_idx, train_idx = order[:heldout], order[heldout : heldout + train]
     return Task(
         name="wordnet", labels=names,
@@ -103,13 +103,18 @@ def wordnet_task(work: Path, *, train: int = 6000, heldout: int = 1000, calibrat
 
 def train_adapter(model_dir: Path, task: Task, out: Path, *, seed: int = 0) -> Path:
     """LoRA r=8 on query,value + head, AdamW lr 2e-3, bs 16, `task.train_steps` steps."""
+    import torch
+
     from rankfed.aggregation import encode_adapter
     from rankfed.edge_client.data import load_dataset
-    from rankfed.edge_client.model import adapter_from_peft, build_peft_model, load_base_model, load_tokenizer
+    from rankfed.edge_client.model import (
+        adapter_from_peft,
+        build_peft_model,
+        load_base_model,
+        load_tokenizer,
+    )
     from rankfed.edge_client.protocol import LoraSettings
     from rankfed.edge_client.train import TrainConfig, train_local
-
-    import torch
 
     torch.manual_seed(seed)
     settings = LoraSettings(rank=8, alpha=16.0, target_modules=("query", "value"), modules_to_save=("classifier",))

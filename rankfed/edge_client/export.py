@@ -34,9 +34,20 @@ import numpy as np
 
 from rankfed.aggregation import Adapter, decode_adapter
 
-from .errors import AccuracyGateError, AdapterError, ConfigError, ExportError, ParityError
+from .errors import (
+    AccuracyGateError,
+    AdapterError,
+    ConfigError,
+    ExportError,
+    ParityError,
+)
 from .evaluate import DEFAULT_EVAL_MAX_LENGTH, accuracy_gate
-from .model import load_base_model, load_tokenizer, peft_model_for_adapter, weights_sha256
+from .model import (
+    load_base_model,
+    load_tokenizer,
+    peft_model_for_adapter,
+    weights_sha256,
+)
 from .optimize import FUSABLE_MODEL_TYPES, fuse_transformer, to_ort_format
 from .protocol import LoraSettings
 from .quantize import quantize_int8
@@ -229,14 +240,14 @@ def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_
     from .cls_only import ClsOnlyLastLayer
 
     example = (torch.randint(0, model.config.vocab_size, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
-    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
     try:
         with warnings.catch_warnings():
             for message, category in _HARMLESS_EXPORT_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
             if exporter == "torchscript":
                 # The optimizer's attention patterns are those of eager attention, not SDPA.
-                model.set_attn_implementation("eager")
+                model.set_attn_implementation("eager")  # type: ignore[operator]
                 axes = {0: "batch", 1: "seq"}
                 wrapper = ClsOnlyLastLayer(model).eval() if cls_only else logits_only(model, task)
                 torch.onnx.export(
@@ -244,15 +255,18 @@ def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_
                     dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}}
                     if task == "sequence-classification" else
                     {"input_ids": axes, "attention_mask": axes, "logits": axes},
-                    **names,
+                    input_names=inputs, output_names=outputs,
                 )
                 return
             batch = torch.export.Dim("batch", min=1, max=1024)
             seq = torch.export.Dim("seq", min=2, max=max_length)
             program = torch.onnx.export(
                 logits_only(model, task), example, dynamo=True, verbose=False,
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, **names,
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                input_names=inputs, output_names=outputs,
             )
+            if program is None:
+                raise ExportError("torch.onnx.export (dynamo) returned no program")
             program.save(str(path), external_data=False)
     except Exception as err:  # the exporter raises many types; name the step that failed
         raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(err).__name__}: {err}") from err

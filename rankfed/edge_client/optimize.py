@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from .errors import ExportError
 
 # config.model_type values whose encoder the "bert" fusion patterns cover (measured: bert).

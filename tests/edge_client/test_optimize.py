@@ -8,7 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from rankfed.edge_client.export import export_onnx, logits_only, merged_model, read_adapter
+from rankfed.edge_client.export import (
+    export_onnx,
+    logits_only,
+    merged_model,
+    read_adapter,
+)
 from rankfed.edge_client.infer import OnnxModel
 from rankfed.edge_client.protocol import LoraSettings
 
@@ -85,7 +90,7 @@ def test_ort_format_loads_and_matches_the_onnx_file(exported):
     mobile = OnnxModel(report.mobile_path)  # metadata (tokenizer, labels) survives the conversion
     np.testing.assert_allclose(mobile.logits(ids, mask), onnx_logits, atol=1e-5)
     assert mobile.labels == ["neg", "pos", "sport"]
-    assert [p.label for p in mobile.classify(["good movie"])][0] in mobile.labels
+    assert mobile.classify(["good movie"])[0].label in mobile.labels
     assert report.mobile_accuracy == report.quantized_accuracy
 
 
