@@ -236,12 +236,12 @@ def _phase_train(model_dir: Path, data: Path, steps: int) -> dict:
     return {"steps": r.steps, "loss_first": r.loss_first, "loss_last": r.loss_last, "seconds": round(r.seconds, 2)}
 
 
-def _phase_export(model_dir: Path, adapter: Path, out: Path, validation: Path) -> dict:
+def _phase_export(model_dir: Path, adapter: Path, out: Path, validation: Path, labels: str) -> dict:
     from rankfed.edge_client.export import export_onnx
 
     t = time.perf_counter()
-    report = export_onnx(model_dir, adapter, out, quantize=True, validation=validation, eval_max_length=64,
-                         max_length=512, force=True)
+    report = export_onnx(model_dir, adapter, out, labels=labels.split(","), quantize=True, validation=validation,
+                         eval_max_length=64, max_length=512, mobile=True, force=True)
     return {**report.__dict__, "total_seconds": round(time.perf_counter() - t, 2)}
 
 
@@ -270,7 +270,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     if a.phase:
-        result = _phase_train(Path(a.args[0]), Path(a.args[1]), int(a.args[2])) if a.phase == "train" else _phase_export(*map(Path, a.args))
+        result = _phase_train(Path(a.args[0]), Path(a.args[1]), int(a.args[2])) if a.phase == "train" else _phase_export(*map(Path, a.args[:4]), a.args[4])
         result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         print(json.dumps(result))
         return
@@ -317,11 +317,12 @@ def main() -> None:
             model_dir, files_for_latency[0], files_for_latency[1], seqs=(16, 32, 128),
             threads=tuple(sorted({a.threads, 2})), runs=20 if a.quick else 50,
         )
+        Path(a.out).write_text(json.dumps(results, indent=2, default=str) + "\n")  # a partial result survives
         print("3/3 export + peak RSS (child processes) ...", file=sys.stderr, flush=True)
         results["train_phase"] = run_phase("train", str(model_dir), str(data), "5" if a.quick else "10", threads=a.threads)
         bbc = tasks["bbc"]
         results["export"] = run_phase("export", str(model_dir), str(files_for_latency[0]), str(tmp_path / "rss.onnx"),
-                                      str(bbc.heldout), threads=a.threads)
+                                      str(bbc.heldout), ",".join(bbc.labels), threads=a.threads)
     results["machine"]["load_avg_end"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
