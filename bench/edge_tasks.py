@@ -113,8 +113,8 @@ def train_adapter(model_dir: Path, task: Task, out: Path, *, seed: int = 0) -> P
         load_base_model,
         load_tokenizer,
     )
-    from rankfed.edge_client.protocol import LoraSettings
     from rankfed.edge_client.train import TrainConfig, train_local
+    from rankfed.protocol import LoraSettings
 
     torch.manual_seed(seed)
     settings = LoraSettings(rank=8, alpha=16.0, target_modules=("query", "value"), modules_to_save=("classifier",))

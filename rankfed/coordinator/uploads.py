@@ -17,15 +17,20 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from rankfed.aggregation import Adapter, AdapterError, AdapterSpec, decode_adapter
-from rankfed.coordinator.errors import InvalidArgumentError, PreconditionError, TooLargeError
-from rankfed.coordinator.models import Participant, UploadHeader
+from rankfed.coordinator.errors import (
+    InvalidArgumentError,
+    PreconditionError,
+    TooLargeError,
+)
+from rankfed.coordinator.models import Participant
 from rankfed.coordinator.store import BlobWriter
+from rankfed.protocol import UploadHeader
+from rankfed.protocol.limits import MAX_NUM_EXAMPLES
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOW = 2  # chunks written behind the network, per stream
 
 
-MAX_NUM_EXAMPLES = 10**9  # an aggregation weight beyond this is a mistake or an attack
 
 
 def check_header(

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rankfed.aggregation import Adapter, decode_adapter
+from rankfed.protocol import LoraSettings
 
 from .errors import (
     AccuracyGateError,
@@ -49,7 +50,6 @@ from .model import (
     weights_sha256,
 )
 from .optimize import FUSABLE_MODEL_TYPES, fuse_transformer, to_ort_format
-from .protocol import LoraSettings
 from .quantize import quantize_int8
 
 if TYPE_CHECKING:

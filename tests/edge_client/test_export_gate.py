@@ -10,7 +10,7 @@ from rankfed.cli import main
 from rankfed.edge_client.errors import AccuracyGateError, ConfigError
 from rankfed.edge_client.evaluate import accuracy_gate
 from rankfed.edge_client.export import export_onnx
-from rankfed.edge_client.protocol import LoraSettings
+from rankfed.protocol import LoraSettings
 
 from .conftest import write_cls_data
 from .test_export import _adapter_file

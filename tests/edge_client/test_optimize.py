@@ -15,7 +15,7 @@ from rankfed.edge_client.export import (
     read_adapter,
 )
 from rankfed.edge_client.infer import OnnxModel
-from rankfed.edge_client.protocol import LoraSettings
+from rankfed.protocol import LoraSettings
 
 from .conftest import write_cls_data
 from .test_export import _adapter_file

@@ -1,0 +1,190 @@
+"""Uploads: one core call takes an update's header and its chunks, stores and verifies them,
+fsyncs the file, commits the receipt and folds the update into the round's running
+aggregate; only then does it return the receipt. A broken, cancelled, late or rejected
+stream leaves no trace. Every transport (gRPC, in-process) drives `Ingest.upload`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterable
+from dataclasses import replace
+
+from rankfed.aggregation import Adapter, decode_adapter
+from rankfed.coordinator.context import FederationContext
+from rankfed.coordinator.dispatch import TaskDispatcher
+from rankfed.coordinator.errors import (
+    DuplicateError,
+    PreconditionError,
+    RetryLaterError,
+)
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt
+from rankfed.coordinator.store.blobs import update_relpath
+from rankfed.coordinator.uploads import UploadSession, check_header
+from rankfed.protocol import (
+    Chunk,
+    ErrorDetail,
+    ErrorReason,
+    ParticipantState,
+    UploadHeader,
+    limits,
+)
+
+log = logging.getLogger("rankfed.coordinator")
+
+# A device may upload only after downloading its round's adapter (it trains from it).
+_DOWNLOADED_STATES = (ParticipantState.TRAINING, ParticipantState.UPLOADING, ParticipantState.DROPPED)
+
+
+class Ingest:
+    def __init__(self, ctx: FederationContext, dispatch: TaskDispatcher) -> None:
+        self._ctx = ctx
+        self._dispatch = dispatch
+        self._decode_slots = asyncio.Semaphore(2)  # bounds transient memory of concurrent decodes
+
+    async def upload(self, client_id: str, header: UploadHeader, chunks: AsyncIterable[Chunk]) -> Receipt:
+        """Store, verify, persist and fold one update; the receipt means it counts."""
+        session = self._begin(client_id, header)
+        try:
+            async for chunk in chunks:
+                await session.add_chunk(chunk.offset, chunk.data)
+            return await self._finish(session)
+        except BaseException:
+            # Broken stream, cancelled call, timeout or rejected content: leave no trace.
+            self._abort(session)
+            raise
+
+    def _begin(self, client_id: str, header: UploadHeader) -> UploadSession:
+        ctx = self._ctx
+        # Checked first, even for a closed round: a client whose receipt was lost retries, and
+        # ALREADY_EXISTS (with the digest we hold) tells it the update counted.
+        self._reject_duplicate(client_id, header.round)
+        part = self._dispatch.training_participant(client_id, header.round, action="upload")
+        if part.bytes_down == 0 or part.state not in _DOWNLOADED_STATES:
+            raise PreconditionError(
+                f"upload before download: download the round {header.round} global adapter first "
+                f"(state {part.state.value})"
+            )
+        check_header(header, part, max_upload_bytes=ctx.config.server.max_upload_bytes, homogeneous=ctx.homogeneous)
+        # Metrics are stored and shown to operators: bounded before anything is written.
+        limits.check_metrics(header.metrics.eval)
+        uploading = ctx.state.uploading
+        previous = uploading.get(client_id)
+        if previous is not None:
+            if previous.accepting:
+                raise RetryLaterError(
+                    f"this client's previous upload for round {previous.round} is being stored; retry in a moment "
+                    "(a retry of the same update will then be answered ALREADY_EXISTS)"
+                )
+            # A client only retries when its stream broke, perhaps before we noticed: the new
+            # stream replaces the old one, whose handler stops at its next chunk.
+            previous.supersede()
+            log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
+        writer = ctx.blobs.open_writer(update_relpath(header.round, client_id))
+        session = UploadSession(header, part, writer, max_chunk_bytes=ctx.config.server.max_chunk_bytes)
+        uploading[client_id] = session
+        if part.state is not ParticipantState.UPLOADING:
+            ctx.store.put_participant(replace(part, state=ParticipantState.UPLOADING))
+            ctx.changes.notify()
+        return session
+
+    def _reject_duplicate(self, client_id: str, round_no: int) -> None:
+        if round_no >= 2**63:
+            return  # no such round (SQLite integers are signed 64-bit); the round check refuses it
+        receipt = self._ctx.store.get_receipt(round_no, client_id)
+        if receipt is not None:
+            raise DuplicateError(
+                f"an update for round {round_no} was already accepted from this client "
+                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})",
+                detail=ErrorDetail(ErrorReason.UPDATE_ALREADY_ACCEPTED, {
+                    "round": str(round_no), "sha256": receipt.sha256, "receipt_id": receipt.receipt_id,
+                }),
+            )
+
+    def _abort(self, session: UploadSession) -> None:
+        if session.accepting:
+            return  # _finish's shielded task owns the session from here on
+        session.abort()
+        if self._ctx.state.uploading.get(session.client_id) is session:
+            del self._ctx.state.uploading[session.client_id]
+            self._revert_uploading(session)
+
+    def _forget(self, session: UploadSession) -> None:
+        if self._ctx.state.uploading.get(session.client_id) is session:
+            del self._ctx.state.uploading[session.client_id]
+
+    def _revert_uploading(self, session: UploadSession) -> None:
+        store = self._ctx.store
+        part = store.get_participant(session.round, session.client_id)
+        if (
+            part is not None
+            and part.state is ParticipantState.UPLOADING
+            and store.get_receipt(session.round, session.client_id) is None
+        ):
+            store.put_participant(replace(part, state=ParticipantState.TRAINING))
+            self._ctx.changes.notify()
+
+    async def _finish(self, session: UploadSession) -> Receipt:
+        """Verify, then persist (fsync), record and fold as one shielded task: a client that
+        cancels or drops the call after its last chunk cannot leave a receipt whose update
+        was never folded."""
+        await session.drain()
+        async with self._decode_slots:
+            adapter = await asyncio.to_thread(session.verify, self._ctx.spec, homogeneous=self._ctx.homogeneous)
+        session.accepting = True
+        return await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
+
+    async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
+        ctx, state, header = self._ctx, self._ctx.state, session.header
+        try:
+            async with state.lock:
+                self._reject_duplicate(session.client_id, session.round)
+                part = self._dispatch.training_participant(session.client_id, session.round, action="upload")
+                relpath = await asyncio.to_thread(session.commit)
+                receipt = Receipt(
+                    round=session.round, client_id=session.client_id, receipt_id="r-" + secrets.token_hex(8),
+                    rank=header.rank, num_examples=header.num_examples, nbytes=session.received,
+                    sha256=header.sha256, blob_path=relpath, accepted_at=ctx.clock(), metrics=header.metrics,
+                )
+                client = ctx.require_client(session.client_id)
+                try:
+                    self._record_receipt(receipt, part, client, session)
+                except BaseException:
+                    ctx.blobs.delete(relpath)  # no receipt, so no file either
+                    raise
+                if state.accumulator is None:
+                    raise RuntimeError(f"round {session.round} is open but has no accumulator")
+                try:
+                    await asyncio.to_thread(state.accumulator.fold, adapter, float(header.num_examples))
+                except Exception as exc:  # validated input should always fold: a bug, not a client error
+                    log.exception("could not fold an accepted update", extra={"round": session.round})
+                    state.fold_failures.append(f"{session.client_id}: {exc}")
+        except BaseException:
+            session.abort()  # a no-op once committed
+            self._revert_uploading(session)
+            raise
+        finally:
+            self._forget(session)
+        log.info("update accepted", extra={
+            "round": session.round, "client_id": session.client_id, "rank": header.rank, "bytes": session.received,
+        })
+        ctx.changes.notify()
+        return receipt
+
+    def _record_receipt(self, receipt: Receipt, part: Participant, client: ClientRecord, session: UploadSession) -> None:
+        ctx, header = self._ctx, session.header
+        with ctx.store.transaction():
+            ctx.store.add_receipt(receipt)
+            ctx.store.put_participant(replace(
+                part, state=ParticipantState.UPLOADED, bytes_up=part.bytes_up + session.received,
+                num_examples=header.num_examples, metrics=header.metrics,
+            ))
+            ctx.store.upsert_client(replace(
+                client, rounds_completed=client.rounds_completed + 1, deadlines_missed=0, last_seen_at=ctx.clock()
+            ))
+
+
+def load_update(ctx: FederationContext, receipt: Receipt) -> Adapter:
+    """An acknowledged update, decoded from its blob (crash resume refolds these)."""
+    return decode_adapter(ctx.blobs.read_bytes(receipt.blob_path), spec=ctx.spec)
