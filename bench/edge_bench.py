@@ -45,8 +45,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]  # edge_tasks/edge_formats; this checkout's rankfed
 
-import edge_formats
-import edge_tasks
+import edge_formats  # noqa: E402  (found through the sys.path line above)
+import edge_tasks  # noqa: E402
 
 TASK = "sequence-classification"
 LABELS = ("business", "entertainment", "politics", "sport", "tech")

@@ -90,7 +90,10 @@ def wordnet_task(work: Path, *, train: int = 6000, heldout: int = 1000, calibrat
     texts, labels, names = read_wordnet_nouns()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))  # a uniform sample keeps the class frequencies
-    take = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
+
+    def take(idx: np.ndarray) -> tuple[list[str], list[int]]:
+        return [texts[i] for i in idx], [labels[i] for i in idx]
+
     test_idx, train_idx = order[:heldout], order[heldout : heldout + train]
     return Task(
         name="wordnet", labels=names,
