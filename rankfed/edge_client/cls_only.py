@@ -59,4 +59,5 @@ class ClsOnlyLastLayer(torch.nn.Module):
         ffn = self.last.output
         y = ffn.LayerNorm(ffn.dense(self.last.intermediate(a)) + a)  # (b, 1, d)
         pooled = self.model.bert.pooler(y)  # tanh(dense(y[:, 0]))
-        return self.model.classifier(pooled)  # (b, num_labels)
+        logits: torch.Tensor = self.model.classifier(pooled)  # (b, num_labels)
+        return logits

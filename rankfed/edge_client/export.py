@@ -239,7 +239,7 @@ def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_
 
     from .cls_only import ClsOnlyLastLayer
 
-    example = (torch.randint(0, model.config.vocab_size, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
+    example = (torch.randint(0, _config(model).vocab_size, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
     inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
     try:
         with warnings.catch_warnings():
@@ -272,6 +272,11 @@ def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_
         raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(err).__name__}: {err}") from err
 
 
+def _config(model: torch.nn.Module) -> Any:
+    """The transformers config (typed Any: torch types ``Module.__getattr__`` as Tensor | Module)."""
+    return model.config
+
+
 def _set_metadata(path: Path, props: dict[str, str]) -> None:
     import onnx
 
@@ -282,7 +287,7 @@ def _set_metadata(path: Path, props: dict[str, str]) -> None:
 
 def _check_parity(model: torch.nn.Module, task: str, path: Path, *, tolerance: float, seed: int,
                   threads: int, what: str) -> float:
-    diff, _ = compare(model, task, str(path), vocab_size=model.config.vocab_size, seed=seed, threads=threads)
+    diff, _ = compare(model, task, str(path), vocab_size=_config(model).vocab_size, seed=seed, threads=threads)
     if not diff <= tolerance:
         raise ParityError(
             f"onnxruntime ({what}) differs from torch by {diff:.3g} (> {tolerance:g}); the export was not written",
@@ -358,7 +363,7 @@ def export_onnx(
         _trace(model, task, tmp, exporter=exporter, max_length=max_length, cls_only=cls_only)
         _set_metadata(tmp, props)
         if optimize and exporter == "torchscript":
-            cfg = model.config
+            cfg = _config(model)
             fused = fuse_transformer(tmp, fused_tmp, num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size).fused
             os.replace(fused_tmp, tmp)
         export_seconds = time.perf_counter() - started
@@ -402,7 +407,7 @@ def _quantize(
     tmp = out.with_name(f".{qpath.name}.partial")
     try:
         quantize_int8(out, tmp)
-        diff, agreement = compare(model, task, str(tmp), vocab_size=model.config.vocab_size, seed=seed,
+        diff, agreement = compare(model, task, str(tmp), vocab_size=_config(model).vocab_size, seed=seed,
                                   threads=threads)
         report = replace(report, quantized_max_abs_diff=diff, quantized_argmax_agreement=agreement)
         if heldout is not None and fp32_score is not None:
