@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.context import FederationContext
@@ -168,7 +168,7 @@ class Federation:
     def status(self, history_limit: int = 0, *, page_size: int = 0, page_token: str = "") -> FederationStatus:
         return self.view.status(history_limit, page_size=page_size, page_token=page_token)
 
-    def watch(self, history_limit: int = 0) -> AsyncIterator[FederationStatus]:
+    def watch(self, history_limit: int = 0) -> AsyncGenerator[FederationStatus, None]:
         return self.view.watch(history_limit)
 
     def list_clients(self) -> list[ClientInfo]:

@@ -16,7 +16,7 @@ from rankfed.protocol import ClientInfo, FederationStatus, RoundPhase
 from rankfed.protocol.limits import DEVICE_NAME
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("status", help="show the round status of a running coordinator")
     parser.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -3,7 +3,7 @@ stream of it that follows every change."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from rankfed.coordinator.context import FederationContext
 from rankfed.coordinator.errors import InvalidArgumentError
@@ -113,7 +113,7 @@ class StatusView:
             return int(record.metrics["participants"])
         return len(self._ctx.store.list_participants(record.round))
 
-    async def watch(self, history_limit: int = 0) -> AsyncIterator[FederationStatus]:
+    async def watch(self, history_limit: int = 0) -> AsyncGenerator[FederationStatus, None]:
         """The status now, then again after every change (coalesced), until the federation is done."""
         changes = self._ctx.changes
         while True:

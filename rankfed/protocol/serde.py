@@ -15,7 +15,7 @@ from google.protobuf.any_pb2 import Any as ProtoAny
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2 as ProtoErrorDetails
+from google.rpc import error_details_pb2 as ProtoErrorDetails  # type: ignore[import-untyped]  # .pyi, no py.typed
 from google.rpc import status_pb2 as ProtoStatus
 
 from rankfed.v1 import admin_pb2 as ProtoAdmin
@@ -80,6 +80,7 @@ PARTICIPANT_STATE_TO_PROTO = {
     ParticipantState.UPLOADED: ProtoCommon.PARTICIPANT_STATE_UPLOADED,
     ParticipantState.LATE: ProtoCommon.PARTICIPANT_STATE_LATE,
     ParticipantState.DROPPED: ProtoCommon.PARTICIPANT_STATE_DROPPED,
+    ParticipantState.REJECTED: ProtoCommon.PARTICIPANT_STATE_REJECTED,
 }
 PARTICIPANT_STATE_FROM_PROTO = {v: k for k, v in PARTICIPANT_STATE_TO_PROTO.items()}
 ROUND_PHASE_TO_PROTO = {
@@ -127,7 +128,7 @@ def timestamp_to_proto(unix_s: float) -> Timestamp | None:
 
 def timestamp_from_proto(ts: Timestamp) -> float:
     # One correctly rounded division of an exact integer: the float that was sent comes back.
-    return (ts.seconds * 1_000_000_000 + ts.nanos) / 1e9
+    return (ts.seconds * 1_000_000_000 + ts.nanos) / 1_000_000_000  # int / int: correctly rounded
 
 
 def duration_to_proto(seconds: float) -> Duration:
@@ -138,7 +139,7 @@ def duration_to_proto(seconds: float) -> Duration:
 
 
 def duration_from_proto(d: Duration) -> float:
-    return (d.seconds * 1_000_000_000 + d.nanos) / 1e9
+    return (d.seconds * 1_000_000_000 + d.nanos) / 1_000_000_000
 
 
 def _finite(values: Mapping[str, float], prefix: str) -> None:

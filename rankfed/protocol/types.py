@@ -33,6 +33,7 @@ class ParticipantState(enum.StrEnum):
     UPLOADED = "uploaded"
     LATE = "late"
     DROPPED = "dropped"
+    REJECTED = "rejected"  # its stored update could not be aggregated; the round went on without it
 
 
 class RoundPhase(enum.StrEnum):
