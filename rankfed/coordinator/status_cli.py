@@ -21,11 +21,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--watch", action="store_true", help="follow status changes until the federation is done")
-    parser.add_argument("--history", type=int, default=0, help="past rounds to show (0: all)")
+    parser.add_argument("--history", type=_count, default=0, help="past rounds to show (0: the newest page of 100)")
     parser.add_argument("--clients", action="store_true", help="list the registered clients instead")
     parser.add_argument("--admin-token", default="",
                         help="operator token, if the coordinator requires one (default: $RANKFED_ADMIN_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the coordinator")
+    parser.add_argument("--reconnect-for", type=_seconds, default=300.0, metavar="SECONDS",
+                        help="with --watch: keep reconnecting this long while the coordinator is unreachable "
+                             "(a restart), then give up")
+    parser.add_argument("--schema", action="store_true",
+                        help="print the JSON Schema of --json's output (docs/status-schema.json) and exit")
     parser.add_argument("--tls-ca", help="CA PEM that signed the coordinator's certificate (turns TLS on)")
     parser.add_argument("--tls-cert", help="operator certificate PEM, for mutual TLS")
     parser.add_argument("--tls-key", help="private key PEM of --tls-cert")
@@ -33,7 +38,39 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.set_defaults(func=_run)
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.schema:
+        print(json.dumps(status_schema(), indent=2, sort_keys=True))
+        return 0
+    try:
+        return _query(args)
+    except BrokenPipeError:
+        # `rankfed status --json | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _query(args: argparse.Namespace) -> int:
     from rankfed.coordinator.admin_client import AdminClient, AdminError
     from rankfed.tls import TlsError, TlsOptions
 
@@ -55,17 +92,80 @@ def _run(args: argparse.Namespace) -> int:
                 status = admin.status(args.history)
                 _emit(args, to_json(status), lambda: format_status(status))
                 return 0
-            for status in admin.watch(args.history):
-                if not args.json and sys.stdout.isatty():
-                    sys.stdout.write("\x1b[2J\x1b[H")
-                _emit(args, to_json(status), lambda: format_status(status))
-                sys.stdout.flush()
-            return 0
+            return _watch(admin, args)
         except AdminError as exc:
             print(f"rankfed status: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
+
+
+def _watch(admin: Any, args: argparse.Namespace) -> int:
+    """Follow the status until the federation is done, reconnecting across coordinator
+    restarts for up to --reconnect-for seconds of unreachability."""
+    from rankfed.coordinator.admin_client import AdminError
+
+    lost_since: float | None = None
+    delay = 0.5
+    while True:
+        try:
+            for status in admin.watch(args.history):
+                lost_since, delay = None, 0.5
+                if not args.json and sys.stdout.isatty():
+                    sys.stdout.write("\x1b[2J\x1b[H")
+                _emit(args, to_json(status), lambda: format_status(status))
+                sys.stdout.flush()
+                if status.done:
+                    return 0
+            return 0
+        except AdminError as exc:
+            if exc.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                raise
+            now = time.monotonic()
+            lost_since = now if lost_since is None else lost_since
+            if now - lost_since > args.reconnect_for:
+                raise
+            print(f"rankfed status: coordinator unreachable, reconnecting ({exc.code})", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def status_schema() -> dict[str, Any]:
+    """The JSON Schema of `rankfed status --json` (and of each line of --watch --json), and
+    of `--clients --json`: derived from the protocol dataclasses, so it cannot drift."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "rankfed status --json",
+        "oneOf": [
+            _schema_of(FederationStatus),
+            {"type": "object", "required": ["clients"], "additionalProperties": False,
+             "properties": {"clients": {"type": "array", "items": _schema_of(ClientInfo)}}},
+        ],
+    }
+
+
+def _schema_of(tp: Any) -> dict[str, Any]:
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        fields = dataclasses.fields(tp)
+        return {"type": "object", "additionalProperties": False, "required": [f.name for f in fields],
+                "properties": {f.name: _schema_of(hints[f.name]) for f in fields}}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_schema_of(arg) for arg in typing.get_args(tp)]}
+    if tp is type(None):
+        return {"type": "null"}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return {"enum": [m.value for m in tp]}
+    if origin is tuple:
+        return {"type": "array", "items": _schema_of(typing.get_args(tp)[0])}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _schema_of(typing.get_args(tp)[1])}
+    return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"},
+            str: {"type": "string"}}[tp]
 
 
 def to_json(value: object) -> Any:
