@@ -2,6 +2,7 @@
 
     rankfed coordinator serve   run the coordinator daemon
     rankfed status              show round status of a running coordinator
+    rankfed admin ACTION        operator controls (pause, resume, close-round, stop, remove-device)
     rankfed edge ...            edge-device commands (probe, run, export, infer, manifest)
     rankfed demo                a real federation on localhost
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 _ROLES = (
     ("coordinator", "rankfed.coordinator.cli"),
     ("status", "rankfed.coordinator.status_cli"),
+    ("admin", "rankfed.coordinator.admin_cli"),
     ("edge", "rankfed.edge_client.cli"),
     ("demo", "rankfed.demo.cli"),
 )

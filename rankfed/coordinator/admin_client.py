@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -92,6 +93,34 @@ class AdminClient:
             if not page.next_page_token:
                 return out
             token = page.next_page_token
+
+    # -- operator controls: each returns what the coordinator did, for a person
+
+    def _control(self, what: str, call: Any, request: Any) -> str:
+        try:
+            reply = call(request, metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise self._error(err, what) from None
+        return str(reply.message)
+
+    def pause(self, reason: str = "") -> str:
+        return self._control("PauseFederation", self._stub.PauseFederation, ProtoAdmin.ControlRequest(reason=reason))
+
+    def resume(self, reason: str = "") -> str:
+        return self._control("ResumeFederation", self._stub.ResumeFederation, ProtoAdmin.ControlRequest(reason=reason))
+
+    def close_round(self, reason: str = "") -> str:
+        return self._control("CloseRound", self._stub.CloseRound, ProtoAdmin.ControlRequest(reason=reason))
+
+    def stop(self, reason: str = "") -> str:
+        return self._control("StopFederation", self._stub.StopFederation, ProtoAdmin.ControlRequest(reason=reason))
+
+    def remove_device(self, device_name: str, *, ban: bool = False, reason: str = "") -> str:
+        request = ProtoAdmin.RemoveDeviceRequest(device_name=device_name, ban=ban, reason=reason)
+        return self._control("RemoveDevice", self._stub.RemoveDevice, request)
+
+    def allow_device(self, device_name: str) -> str:
+        return self._control("AllowDevice", self._stub.AllowDevice, ProtoAdmin.AllowDeviceRequest(device_name=device_name))
 
     def history(self) -> list[RoundStatus]:
         """Every finished round, oldest first (all pages of GetRoundStatus's history)."""

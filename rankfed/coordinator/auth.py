@@ -2,8 +2,9 @@
 its devices: the signing key lives in the state store, not in memory.
 
 A token is `base64url(payload).base64url(signature)` with payload
-`{"sub": client_id, "aud": audience, "exp": unix_seconds, "jti": random}`. The audience
-keeps a device token from being accepted anywhere but the edge service.
+`{"sub": client_id, "aud": audience, "exp": unix_seconds, "jti": random, "gen": n}`. The
+audience keeps a device token from being accepted anywhere but the edge service; the
+generation revokes a device's older tokens when it joins again or an operator removes it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TokenClaims:
     client_id: str
     audience: str
     expires_at: float
+    generation: int = 0  # bumped by a re-join or an operator's removal: older tokens are revoked
 
 
 class TokenSigner:
@@ -47,10 +49,12 @@ class TokenSigner:
     def new_key() -> bytes:
         return secrets.token_bytes(32)
 
-    def issue(self, client_id: str, *, audience: str, ttl_seconds: float, now: float | None = None) -> tuple[str, float]:
+    def issue(self, client_id: str, *, audience: str, ttl_seconds: float, now: float | None = None,
+              generation: int = 0) -> tuple[str, float]:
         expires_at = (time.time() if now is None else now) + ttl_seconds
         payload = json.dumps(
-            {"sub": client_id, "aud": audience, "exp": round(expires_at, 3), "jti": secrets.token_hex(8)},
+            {"sub": client_id, "aud": audience, "exp": round(expires_at, 3), "jti": secrets.token_hex(8),
+             "gen": generation},
             separators=(",", ":"),
         ).encode()
         body = _b64(payload)
@@ -65,13 +69,14 @@ class TokenSigner:
         try:
             claims = json.loads(_unb64(body))
             client_id, aud, exp = str(claims["sub"]), str(claims["aud"]), float(claims["exp"])
+            generation = int(claims.get("gen", 0))
         except (ValueError, KeyError, TypeError) as exc:
             raise AuthError("malformed session token payload; join again") from exc
         if aud != audience:
             raise AuthError(f"token was issued for the {aud!r} service, not {audience!r}")
         if exp < (time.time() if now is None else now):
             raise AuthError("session token expired; join again with the same device name to keep your client id")
-        return TokenClaims(client_id=client_id, audience=aud, expires_at=exp)
+        return TokenClaims(client_id=client_id, audience=aud, expires_at=exp, generation=generation)
 
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())

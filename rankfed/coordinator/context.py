@@ -76,6 +76,7 @@ class RoundState:
     fold_failures: dict[str, str] = field(default_factory=dict)
     uploading: dict[str, UploadSession] = field(default_factory=dict)  # open upload streams by client
     done: bool = False
+    close_now: bool = False  # an operator asked to close the open round (CloseRound, StopFederation)
     # Held while an update is committed and folded, and while a round closes.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -81,6 +81,8 @@ class TaskDispatcher:
         )
 
     def _wait_reason(self) -> str:
+        if self._ctx.store.get_meta("operator.paused") == "1":
+            return "the operator paused the federation; wait"
         record = self._ctx.state.open
         if record is None:
             online = self._registry.online_count()

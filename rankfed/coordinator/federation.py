@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callab
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.context import FederationContext
+from rankfed.coordinator.controls import Controls
 from rankfed.coordinator.dispatch import TaskDispatcher
 from rankfed.coordinator.ingest import Ingest
 from rankfed.coordinator.models import ClientRecord, Receipt, RoundRecord
@@ -59,7 +60,8 @@ class Federation:
         self.registry = ClientRegistry(self.ctx)
         self.dispatch = TaskDispatcher(self.ctx, self.registry)
         self.ingest = Ingest(self.ctx, self.dispatch)
-        self.rounds = RoundLoop(self.ctx, self.registry, self.dispatch)
+        self.controls = Controls(self.ctx, self.registry)
+        self.rounds = RoundLoop(self.ctx, self.registry, self.dispatch, self.controls)
         self.view = StatusView(self.ctx, self.registry)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -178,6 +180,26 @@ class Federation:
     def client_page(self, page_size: int = 0, page_token: str = "") -> ClientPage:
         """One page of the registered devices (ListClients)."""
         return self.registry.client_page(page_size, page_token)
+
+    # ------------------------------------------------------------------ AdminService: operator controls
+
+    def pause(self, operator: str, reason: str = "") -> str:
+        return self.controls.pause(operator, reason)
+
+    def resume(self, operator: str, reason: str = "") -> str:
+        return self.controls.resume(operator, reason)
+
+    def close_round(self, operator: str, reason: str = "") -> str:
+        return self.controls.close_round(operator, reason)
+
+    def stop_federation(self, operator: str, reason: str = "") -> str:
+        return self.controls.stop(operator, reason)
+
+    def remove_device(self, operator: str, device_name: str, *, ban: bool = False, reason: str = "") -> str:
+        return self.controls.remove_device(operator, device_name, ban=ban, reason=reason)
+
+    def allow_device(self, operator: str, device_name: str) -> str:
+        return self.controls.allow_device(operator, device_name)
 
     def client(self, client_id: str) -> ClientRecord:
         """The registered device behind a client id (NotFoundError if unknown)."""

@@ -4,6 +4,7 @@ uploads count as signs of life), and the client list operators see."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
@@ -39,6 +40,7 @@ from rankfed.protocol import (
 
 log = logging.getLogger("rankfed.coordinator")
 
+BANNED_KEY = "operator.banned"
 MAX_CLIENT_PAGE = 500  # devices per ListClients reply: ~200 bytes each, far below the message limit
 
 
@@ -84,7 +86,10 @@ class ClientRegistry:
         if client is None:
             raise AuthError("session token names an unknown client; join again")
         if client.left:
-            raise AuthError("this client left the federation; join again to come back")
+            raise AuthError("this client left the federation (or an operator removed it); join again to come back")
+        if claims.generation != self._generation(client.client_id):
+            raise AuthError("this session token was revoked (the device joined again, or an operator removed it); "
+                            "use the token of the latest Join")
         self.touch(client.client_id)
         return client.client_id
 
@@ -103,6 +108,8 @@ class ClientRegistry:
                 and not secrets.compare_digest(secret, cfg.server.enrollment_secret.encode())):
             raise PermissionDeniedError("enrollment secret is wrong; ask the operator for the federation's secret")
         name = limits.check_device_name(info.device_name)
+        if name in self.banned():
+            raise PermissionDeniedError(f"device {name!r} was banned by the operator; ask them to allow it again")
         _check_join(info)
         model = ctx.manifest.model_for(info.base_model_sha256)
         if model is None:
@@ -134,8 +141,11 @@ class ClientRegistry:
                 rank=rank, tier=tier, online=True, left=False,
             )
         ctx.store.upsert_client(client)
+        # A new Join revokes the device's earlier tokens: whoever held them must join again.
+        generation = self._next_generation(client.client_id) if existing is not None else self._generation(client.client_id)
         token, expires = self._signer().issue(
-            client.client_id, audience=EDGE_AUDIENCE, ttl_seconds=cfg.server.token_ttl_seconds, now=now
+            client.client_id, audience=EDGE_AUDIENCE, ttl_seconds=cfg.server.token_ttl_seconds, now=now,
+            generation=generation,
         )
         self.touch(client.client_id)
         ctx.changes.notify()
@@ -187,6 +197,27 @@ class ClientRegistry:
             if not self._polling[client_id]:
                 del self._polling[client_id]
             self.touch(client_id)
+
+    def _generation(self, client_id: str) -> int:
+        return int(self._ctx.store.get_meta(f"token_generation:{client_id}") or 0)
+
+    def _next_generation(self, client_id: str) -> int:
+        generation = self._generation(client_id) + 1
+        self._ctx.store.set_meta(f"token_generation:{client_id}", str(generation))
+        return generation
+
+    def revoke(self, client_id: str) -> None:
+        """An operator removed the device: its tokens stop working and it leaves the open round."""
+        self._next_generation(client_id)
+        self._last_seen.pop(client_id, None)
+        self.mark_gone(client_id)
+
+    def banned(self) -> list[str]:
+        """Device names an operator banned (they may not join)."""
+        return sorted(json.loads(self._ctx.store.get_meta(BANNED_KEY) or "[]"))
+
+    def set_banned(self, names: list[str]) -> None:
+        self._ctx.store.set_meta(BANNED_KEY, json.dumps(sorted(set(names))))
 
     # ------------------------------------------------------------------ liveness
 

@@ -19,6 +19,7 @@ import numpy as np
 from rankfed.aggregation import Accumulator, AdapterError, AggregationError
 from rankfed.aggregation.robust import clip_factors, scale_update
 from rankfed.coordinator.context import OPEN_STATES, FederationContext
+from rankfed.coordinator.controls import Controls
 from rankfed.coordinator.dispatch import TaskDispatcher
 from rankfed.coordinator.errors import StorageError
 from rankfed.coordinator.ingest import fold_update, load_update
@@ -33,10 +34,12 @@ log = logging.getLogger("rankfed.coordinator")
 
 
 class RoundLoop:
-    def __init__(self, ctx: FederationContext, registry: ClientRegistry, dispatch: TaskDispatcher) -> None:
+    def __init__(self, ctx: FederationContext, registry: ClientRegistry, dispatch: TaskDispatcher,
+                 controls: Controls) -> None:
         self._ctx = ctx
         self._registry = registry
         self._dispatch = dispatch
+        self._controls = controls
         self.fatal: BaseException | None = None
         # Called with each closed round's record (DONE or FAILED); the metrics use it.
         self.on_round_closed: Callable[[RoundRecord], None] | None = None
@@ -67,7 +70,7 @@ class RoundLoop:
         ctx, state = self._ctx, self._ctx.state
         latest = ctx.store.latest_round()
         if latest is None or latest.phase in (RoundPhase.DONE, RoundPhase.FAILED):
-            state.done = latest is not None and latest.round >= ctx.config.federation.rounds
+            state.done = (latest is not None and latest.round >= ctx.config.federation.rounds) or self._controls.stopped
             return
         if latest.phase is RoundPhase.WAITING_FOR_CLIENTS:
             return  # nothing was assigned yet: the loop starts this round afresh
@@ -108,12 +111,16 @@ class RoundLoop:
             while True:
                 if state.open is None:
                     round_no = self._next_round_number()
-                    if round_no > ctx.config.federation.rounds:
+                    if round_no > ctx.config.federation.rounds or self._controls.stopped:
                         state.done = True
                         log.info("federation done", extra={"rounds": round_no - 1, "global_round": state.global_round})
                         ctx.changes.notify()
                         return
-                    await self._start_round(round_no)
+                    if self._controls.paused:
+                        await ctx.changes.wait(1.0)
+                        continue
+                    if not await self._start_round(round_no):
+                        continue  # paused or stopped while waiting for clients
                 await self._wait_round_end()
                 await self._close_round()
         except asyncio.CancelledError:
@@ -134,7 +141,7 @@ class RoundLoop:
             return 1
         return latest.round if latest.phase is RoundPhase.WAITING_FOR_CLIENTS else latest.round + 1
 
-    async def _start_round(self, round_no: int) -> None:
+    async def _start_round(self, round_no: int) -> bool:
         ctx, fed = self._ctx, self._ctx.config.federation
         now = ctx.clock()
         waiting = RoundRecord(
@@ -144,6 +151,8 @@ class RoundLoop:
         ctx.store.put_round(waiting)
         ctx.changes.notify()
         online = await self._wait_for_clients()
+        if online is None:
+            return False
         chosen = online
         if fed.clients_per_round and len(online) > fed.clients_per_round:
             # Sampled in device-name order (client ids are random tokens), so a seed picks the
@@ -170,13 +179,17 @@ class RoundLoop:
             "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
         })
         ctx.changes.notify()
+        return True
 
-    async def _wait_for_clients(self) -> list[str]:
+    async def _wait_for_clients(self) -> list[str] | None:
         """Online clients, once min_clients are and either every active device (or
-        clients_per_round) is, or wait_for_clients_seconds have passed since the quorum."""
+        clients_per_round) is, or wait_for_clients_seconds have passed since the quorum.
+        None when an operator paused or stopped the federation meanwhile."""
         ctx, fed = self._ctx, self._ctx.config.federation
         enough_since: float | None = None
         while True:
+            if self._controls.paused or self._controls.stopped:
+                return None
             online = self._registry.online_ids()
             now = ctx.clock()
             if len(online) >= fed.min_clients:
@@ -199,7 +212,7 @@ class RoundLoop:
             uploaded = sum(p.state is ParticipantState.UPLOADED for p in parts)
             pending = [p for p in parts if p.state in OPEN_STATES or p.client_id in ctx.state.uploading]
             now = ctx.clock()
-            if not pending or now >= record.deadline:
+            if not pending or now >= record.deadline or ctx.state.close_now:
                 return
             if uploaded >= fed.min_clients:
                 quorum_since = now if quorum_since is None else quorum_since
@@ -228,7 +241,8 @@ class RoundLoop:
             state.open, state.accumulator = None, None
             state.fold_failures, state.norms = {}, {}
             state.uploading.clear()
-            state.done = record.round >= ctx.config.federation.rounds
+            state.close_now = False
+            state.done = record.round >= ctx.config.federation.rounds or self._controls.stopped
             ctx.changes.notify()
         if self.on_round_closed is not None:
             self.on_round_closed(record)

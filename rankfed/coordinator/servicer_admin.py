@@ -15,7 +15,7 @@ from rankfed.coordinator.errors import AuthError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import ServicerContext, streaming, unary
-from rankfed.protocol import serde
+from rankfed.protocol import limits, serde
 from rankfed.tls import OPERATOR_OU, peer_identity, peer_is_loopback
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import admin_pb2_grpc
@@ -27,14 +27,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._token = admin_token
         self.metrics = metrics or CoordinatorMetrics()
 
-    def _authorize(self, context: ServicerContext) -> None:
+    def _authorize(self, context: ServicerContext) -> str:
+        """Who the operator is (for the log of operator actions); AuthError otherwise."""
         identity = peer_identity(context.auth_context())
         if identity is not None and identity.is_operator:
-            return
+            return f"certificate {identity.common_name}"
         token = bearer_token(dict(context.invocation_metadata() or ()))
         if self._token:
             if token is not None and secrets.compare_digest(token.encode(), self._token.encode()):
-                return
+                return f"admin token from {context.peer()}"
             raise AuthError(
                 "the operator API needs 'authorization: Bearer <admin token>' (server.admin_token) "
                 f"or an operator certificate (OU={OPERATOR_OU}); device session tokens are not accepted"
@@ -48,6 +49,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 "server.admin_token is not set, so the operator API answers only loopback callers and "
                 f"operator certificates (OU={OPERATOR_OU}); set an admin token to manage it remotely"
             )
+        return f"loopback {context.peer()}"
 
     @unary
     async def GetRoundStatus(
@@ -72,3 +74,43 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> ProtoAdmin.ListClientsResponse:
         self._authorize(context)
         return serde.client_page_to_proto(self._fed.client_page(request.page_size, request.page_token))
+
+    # ------------------------------------------------------------------ operator controls
+
+    @unary
+    async def PauseFederation(self, request: ProtoAdmin.ControlRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        return ProtoAdmin.ControlResponse(message=self._fed.pause(operator, _reason(request.reason)))
+
+    @unary
+    async def ResumeFederation(self, request: ProtoAdmin.ControlRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        return ProtoAdmin.ControlResponse(message=self._fed.resume(operator, _reason(request.reason)))
+
+    @unary
+    async def CloseRound(self, request: ProtoAdmin.ControlRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        return ProtoAdmin.ControlResponse(message=self._fed.close_round(operator, _reason(request.reason)))
+
+    @unary
+    async def StopFederation(self, request: ProtoAdmin.ControlRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        return ProtoAdmin.ControlResponse(message=self._fed.stop_federation(operator, _reason(request.reason)))
+
+    @unary
+    async def RemoveDevice(
+        self, request: ProtoAdmin.RemoveDeviceRequest, context: ServicerContext
+    ) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        message = self._fed.remove_device(operator, request.device_name, ban=request.ban, reason=_reason(request.reason))
+        return ProtoAdmin.ControlResponse(message=message)
+
+    @unary
+    async def AllowDevice(self, request: ProtoAdmin.AllowDeviceRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        return ProtoAdmin.ControlResponse(message=self._fed.allow_device(operator, request.device_name))
+
+
+def _reason(text: str) -> str:
+    limits.check_text(text, "reason", limits.MAX_REASON_CHARS)
+    return text

@@ -82,6 +82,8 @@ class StatusView:
                 for e in m.allowed_models()
             ),
             next_page_token=str(page[0].round) if older and page else "",
+            paused=ctx.store.get_meta("operator.paused") == "1",
+            banned_devices=tuple(self._registry.banned()),
         )
 
     def round_status(self, record: RoundRecord, *, participants: int = MAX_PARTICIPANTS_SHOWN) -> RoundStatus:

@@ -447,6 +447,7 @@ def federation_status_to_proto(s: FederationStatus) -> ProtoAdmin.FederationStat
         history=[round_status_to_proto(r) for r in s.history], done=s.done, clients_online=s.clients_online,
         base_model=base_model_to_proto(s.base_model), mode=MODE_TO_PROTO[s.mode],
         models=[base_model_to_proto(m) for m in s.models], next_page_token=s.next_page_token,
+        paused=s.paused, banned_devices=list(s.banned_devices),
     )
 
 
@@ -457,6 +458,7 @@ def federation_status_from_proto(p: ProtoAdmin.FederationStatus) -> FederationSt
         history=tuple(round_status_from_proto(r) for r in p.history), done=p.done, clients_online=p.clients_online,
         mode=MODE_FROM_PROTO.get(p.mode, FederationMode.RANK_HETEROGENEOUS),
         models=tuple(base_model_from_proto(m) for m in p.models), next_page_token=p.next_page_token,
+        paused=p.paused, banned_devices=tuple(p.banned_devices),
     )
 
 

@@ -297,6 +297,8 @@ class FederationStatus:
     mode: FederationMode = FederationMode.RANK_HETEROGENEOUS
     models: tuple[BaseModel, ...] = ()  # every admitted base model
     next_page_token: str = ""  # older history: pass it back as page_token ("": none left)
+    paused: bool = False  # an operator paused it: no new round starts
+    banned_devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

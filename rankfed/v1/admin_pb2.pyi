@@ -23,6 +23,90 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ControlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the log (at most 1024 characters)."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlRequest: _TypeAlias = ControlRequest  # noqa: Y015
+
+@_typing.final
+class RemoveDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    BAN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device_name: _builtins.str
+    ban: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_name: _builtins.str = ...,
+        ban: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ban", b"ban", "device_name", b"device_name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveDeviceRequest: _TypeAlias = RemoveDeviceRequest  # noqa: Y015
+
+@_typing.final
+class AllowDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    device_name: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_name", b"device_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllowDeviceRequest: _TypeAlias = AllowDeviceRequest  # noqa: Y015
+
+@_typing.final
+class ControlResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """What was done, for a person."""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlResponse: _TypeAlias = ControlResponse  # noqa: Y015
+
+@_typing.final
 class GetRoundStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -217,6 +301,8 @@ class FederationStatus(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    BANNED_DEVICES_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     total_rounds: _builtins.int
     done: _builtins.bool
@@ -224,6 +310,8 @@ class FederationStatus(_message.Message):
     mode: _common_pb2.FederationMode.ValueType
     next_page_token: _builtins.str
     """More (older) history: pass it as GetRoundStatusRequest.page_token. "" when none is left."""
+    paused: _builtins.bool
+    """An operator paused the federation: no new round starts until it is resumed."""
     @_builtins.property
     def current(self) -> Global___RoundStatus:
         """The open round, or the last one when the federation is done."""
@@ -240,6 +328,10 @@ class FederationStatus(_message.Message):
         is base_model.
         """
 
+    @_builtins.property
+    def banned_devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Devices an operator banned (they may not join)."""
+
     def __init__(
         self,
         *,
@@ -253,10 +345,12 @@ class FederationStatus(_message.Message):
         mode: _common_pb2.FederationMode.ValueType = ...,
         models: _abc.Iterable[_common_pb2.BaseModel] | None = ...,
         next_page_token: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        banned_devices: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "current", b"current"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "clients_online", b"clients_online", "current", b"current", "done", b"done", "federation_id", b"federation_id", "history", b"history", "mode", b"mode", "models", b"models", "next_page_token", b"next_page_token", "total_rounds", b"total_rounds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["banned_devices", b"banned_devices", "base_model", b"base_model", "clients_online", b"clients_online", "current", b"current", "done", b"done", "federation_id", b"federation_id", "history", b"history", "mode", b"mode", "models", b"models", "next_page_token", b"next_page_token", "paused", b"paused", "total_rounds", b"total_rounds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,36 @@ class AdminServiceStub:
                 request_serializer=rankfed_dot_v1_dot_admin__pb2.ListClientsRequest.SerializeToString,
                 response_deserializer=rankfed_dot_v1_dot_admin__pb2.ListClientsResponse.FromString,
                 _registered_method=True)
+        self.PauseFederation = channel.unary_unary(
+                '/rankfed.v1.AdminService/PauseFederation',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.ResumeFederation = channel.unary_unary(
+                '/rankfed.v1.AdminService/ResumeFederation',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.CloseRound = channel.unary_unary(
+                '/rankfed.v1.AdminService/CloseRound',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.StopFederation = channel.unary_unary(
+                '/rankfed.v1.AdminService/StopFederation',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.RemoveDevice = channel.unary_unary(
+                '/rankfed.v1.AdminService/RemoveDevice',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.RemoveDeviceRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.AllowDevice = channel.unary_unary(
+                '/rankfed.v1.AdminService/AllowDevice',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.AllowDeviceRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -73,6 +103,48 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseFederation(self, request, context):
+        """Operator controls. Each needs operator credentials and is logged with who asked.
+        Pause: no new round starts (an open round runs to its close); devices wait.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeFederation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseRound(self, request, context):
+        """Close the open round now: aggregate what is in if it makes the quorum, else fail it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopFederation(self, request, context):
+        """Close the open round now and start no other: the federation is done, devices get DONE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveDevice(self, request, context):
+        """Remove a device: its session tokens stop working and it leaves the open round; with
+        ban, it may not join again until AllowDevice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllowDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +162,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListClients,
                     request_deserializer=rankfed_dot_v1_dot_admin__pb2.ListClientsRequest.FromString,
                     response_serializer=rankfed_dot_v1_dot_admin__pb2.ListClientsResponse.SerializeToString,
+            ),
+            'PauseFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseFederation,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'ResumeFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeFederation,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'CloseRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseRound,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'StopFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopFederation,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'RemoveDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDevice,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.RemoveDeviceRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'AllowDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowDevice,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.AllowDeviceRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +275,168 @@ class AdminService:
             '/rankfed.v1.AdminService/ListClients',
             rankfed_dot_v1_dot_admin__pb2.ListClientsRequest.SerializeToString,
             rankfed_dot_v1_dot_admin__pb2.ListClientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/PauseFederation',
+            rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/ResumeFederation',
+            rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/CloseRound',
+            rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/StopFederation',
+            rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/RemoveDevice',
+            rankfed_dot_v1_dot_admin__pb2.RemoveDeviceRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/AllowDevice',
+            rankfed_dot_v1_dot_admin__pb2.AllowDeviceRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,20 @@ class AdminServiceStub:
     WatchRounds: _grpc.UnaryStreamMultiCallable[_admin_pb2.WatchRoundsRequest, _admin_pb2.FederationStatus]
     """Server stream: the current status at once, then every change."""
     ListClients: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListClientsRequest, _admin_pb2.ListClientsResponse]
+    PauseFederation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]
+    """Operator controls. Each needs operator credentials and is logged with who asked.
+    Pause: no new round starts (an open round runs to its close); devices wait.
+    """
+    ResumeFederation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]
+    CloseRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]
+    """Close the open round now: aggregate what is in if it makes the quorum, else fail it."""
+    StopFederation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]
+    """Close the open round now and start no other: the federation is done, devices get DONE."""
+    RemoveDevice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveDeviceRequest, _admin_pb2.ControlResponse]
+    """Remove a device: its session tokens stop working and it leaves the open round; with
+    ban, it may not join again until AllowDevice.
+    """
+    AllowDevice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AllowDeviceRequest, _admin_pb2.ControlResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -45,6 +59,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     WatchRounds: _aio.UnaryStreamMultiCallable[_admin_pb2.WatchRoundsRequest, _admin_pb2.FederationStatus]  # type: ignore[assignment]
     """Server stream: the current status at once, then every change."""
     ListClients: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListClientsRequest, _admin_pb2.ListClientsResponse]  # type: ignore[assignment]
+    PauseFederation: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    """Operator controls. Each needs operator credentials and is logged with who asked.
+    Pause: no new round starts (an open round runs to its close); devices wait.
+    """
+    ResumeFederation: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    CloseRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    """Close the open round now: aggregate what is in if it makes the quorum, else fail it."""
+    StopFederation: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    """Close the open round now and start no other: the federation is done, devices get DONE."""
+    RemoveDevice: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveDeviceRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    """Remove a device: its session tokens stop working and it leaves the open round; with
+    ban, it may not join again until AllowDevice.
+    """
+    AllowDevice: _aio.UnaryUnaryMultiCallable[_admin_pb2.AllowDeviceRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -68,5 +96,55 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListClientsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListClientsResponse, _abc.Awaitable[_admin_pb2.ListClientsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseFederation(
+        self,
+        request: _admin_pb2.ControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]:
+        """Operator controls. Each needs operator credentials and is logged with who asked.
+        Pause: no new round starts (an open round runs to its close); devices wait.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeFederation(
+        self,
+        request: _admin_pb2.ControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CloseRound(
+        self,
+        request: _admin_pb2.ControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]:
+        """Close the open round now: aggregate what is in if it makes the quorum, else fail it."""
+
+    @_abc_1.abstractmethod
+    def StopFederation(
+        self,
+        request: _admin_pb2.ControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]:
+        """Close the open round now and start no other: the federation is done, devices get DONE."""
+
+    @_abc_1.abstractmethod
+    def RemoveDevice(
+        self,
+        request: _admin_pb2.RemoveDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]:
+        """Remove a device: its session tokens stop working and it leaves the open round; with
+        ban, it may not join again until AllowDevice.
+        """
+
+    @_abc_1.abstractmethod
+    def AllowDevice(
+        self,
+        request: _admin_pb2.AllowDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -146,7 +146,8 @@ PAIRS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], Any], Callable[[A
         st.builds(FederationStatus, federation_id=TEXT, total_rounds=U64, base_model=base_models,
                   current=st.none() | rounds, history=st.lists(rounds, max_size=2).map(tuple), done=st.booleans(),
                   clients_online=U32, mode=st.sampled_from(FederationMode),
-                  models=st.lists(base_models, max_size=2).map(tuple), next_page_token=TEXT),
+                  models=st.lists(base_models, max_size=2).map(tuple), next_page_token=TEXT,
+                  paused=st.booleans(), banned_devices=st.lists(TEXT, max_size=3).map(tuple)),
         serde.federation_status_to_proto, serde.federation_status_from_proto,
     ),
     "client_info": (

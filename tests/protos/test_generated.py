@@ -38,5 +38,8 @@ def test_services_have_the_agreed_methods():
     assert edge.methods_by_name["DownloadAdapter"].server_streaming
     assert edge.methods_by_name["UploadUpdate"].client_streaming
     admin = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
-    assert [m.name for m in admin.methods] == ["GetRoundStatus", "WatchRounds", "ListClients"]
+    assert [m.name for m in admin.methods] == [
+        "GetRoundStatus", "WatchRounds", "ListClients",
+        "PauseFederation", "ResumeFederation", "CloseRound", "StopFederation", "RemoveDevice", "AllowDevice",
+    ]
     assert admin.methods_by_name["WatchRounds"].server_streaming
