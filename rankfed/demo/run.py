@@ -9,8 +9,9 @@
 4. A live view from the operator API (WatchRounds): round, phase, each device's state, rank
    and bytes; after every round the global adapter in the coordinator's data directory is
    scored on the held-out set here, in the demo process.
-5. `rankfed edge export` of the final global adapter to ONNX, then `rankfed edge infer`
-   (onnxruntime) on a few held-out articles.
+5. `rankfed edge export --quantize` of the final global adapter to ONNX, fp32 and int8, with
+   both held-out accuracies (int8 refused when it loses more than a point), then
+   `rankfed edge infer` (onnxruntime) on a few held-out articles.
 
 `--in-process` runs the same federation through `rankfed.simulation` (no processes, no
 sockets) for runs with many clients.
@@ -418,14 +419,26 @@ def run_in_process(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
 def export_and_predict(opts: DemoOptions, split: FederatedSplit, adapter: Path, say: Console) -> dict[str, Any]:
     onnx_path = opts.out / "model.onnx"
     labels = ",".join(split.label_names)
+    heldout = write_jsonl(opts.out / "data" / "heldout.jsonl", split.test)
     argv = [sys.executable, "-m", "rankfed", "edge", "export", "--model", str(model_dir()), "--adapter", str(adapter),
-            "--out", str(onnx_path), "--labels", labels, "--max-length", "512", "--threads", "2", "--json"]
-    say(f"exporting the final global adapter to ONNX: rankfed edge export --adapter {adapter} --out {onnx_path}")
+            "--out", str(onnx_path), "--labels", labels, "--max-length", "512", "--threads", "2", "--json",
+            "--quantize", "--validation", str(heldout), "--eval-max-length", str(opts.max_length)]
+    say(f"exporting the final global adapter to ONNX, fp32 and int8: rankfed edge export --adapter {adapter} "
+        f"--out {onnx_path} --quantize --validation {heldout}")
     done = subprocess.run(argv, capture_output=True, text=True, env=child_env(2))
-    if done.returncode != 0:
+    refused = done.returncode != 0 and "held-out accuracy" in done.stderr and onnx_path.is_file()
+    if done.returncode != 0 and not refused:
         raise RuntimeError(f"rankfed edge export failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    say(f"wrote {onnx_path} ({_mib(report['bytes'])}); onnxruntime vs torch max |diff| {report['max_abs_diff']:.2g}")
+    if refused:  # the int8 gate said no; the fp32 file passed its parity check and stays
+        say(f"int8 refused by the accuracy gate: {done.stderr.strip().splitlines()[-1]}")
+        report: dict[str, Any] = {"bytes": onnx_path.stat().st_size, "max_abs_diff": None, "int8_refused": True}
+    else:
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        say(f"wrote {onnx_path} ({_mib(report['bytes'])}); onnxruntime vs torch max |diff| "
+            f"{report['max_abs_diff']:.2g}")
+        say(f"held-out accuracy ({report['validation_examples']} articles): fp32 {report['accuracy']:.3f}, "
+            f"int8 {report['quantized_accuracy']:.3f} ({_mib(report['quantized_bytes'])}; same prediction as fp32 "
+            f"on {report['quantized_heldout_agreement']:.1%})")
     picks = [int(i) for i in _spread(len(split.test), opts.predictions)]
     texts = [" ".join(split.test.texts[i].split()[:60]) for i in picks]
     argv = [sys.executable, "-m", "rankfed", "edge", "infer", "--onnx", str(onnx_path), "--json", "--threads", "1"]
@@ -444,6 +457,8 @@ def export_and_predict(opts: DemoOptions, split: FederatedSplit, adapter: Path, 
         mark = "ok " if p["label"] == truth else "MISS"
         say(f"  [{mark}] {p['label']:13s} (true {truth:13s}) {p['text'][:70]}...")
     return {"onnx": str(onnx_path), "bytes": report["bytes"], "max_abs_diff": report["max_abs_diff"],
+            "accuracy_fp32": report.get("accuracy"), "accuracy_int8": report.get("quantized_accuracy"),
+            "int8_bytes": report.get("quantized_bytes"), "int8_refused": report.get("int8_refused", False),
             "predictions": predictions}
 
 

@@ -251,19 +251,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         tolerance=args.tolerance,
         quantize=args.quantize,
+        validation=args.validation,
+        max_accuracy_drop=args.max_accuracy_drop,
+        eval_max_length=args.eval_max_length,
+        force=args.force,
+        mobile=args.mobile,
+        exporter=args.exporter,
+        optimize=not args.no_optimize,
         threads=args.threads or 1,
     )
     data = dict(report.__dict__)
     if args.json:
         print(json.dumps(data))
-    else:
-        print(f"wrote {report.path} ({report.bytes} bytes, {report.export_seconds:.1f}s)")
-        print(f"parity: max |torch - onnxruntime| = {report.max_abs_diff:.3g} over {report.parity_batches} batches")
-        if report.quantized_path:
-            print(
-                f"int8: {report.quantized_path} ({report.quantized_bytes} bytes), max abs diff "
-                f"{report.quantized_max_abs_diff:.3g}, argmax agreement {report.quantized_argmax_agreement:.1%}"
-            )
+        return 0
+    fused = ", ".join(f"{n} {op}" for op, n in report.fused_ops.items()) or "none"
+    print(f"wrote {report.path} ({report.bytes} bytes, {report.export_seconds:.1f}s; {report.exporter} exporter, "
+          f"fused: {fused})")
+    print(f"parity: max |torch - onnxruntime| = {report.max_abs_diff:.3g} over {report.parity_batches} batches")
+    if report.accuracy is not None:
+        print(f"held-out accuracy on {report.validation_path} ({report.validation_examples} examples): "
+              f"fp32 {report.accuracy:.1%}")
+    if report.quantized_path:
+        acc = (f"held-out accuracy {report.quantized_accuracy:.1%} (agrees with fp32 on "
+               f"{report.quantized_heldout_agreement:.1%})" if report.quantized_accuracy is not None
+               else "held-out accuracy not checked (--force without --validation)")
+        print(f"int8: {report.quantized_path} ({report.quantized_bytes} bytes), {acc}"
+              f"{'; FORCED past the accuracy gate' if report.forced else ''}")
+    if report.mobile_path:
+        acc = f", held-out accuracy {report.mobile_accuracy:.1%}" if report.mobile_accuracy is not None else ""
+        print(f"ORT format (mobile): {report.mobile_path} ({report.mobile_bytes} bytes){acc}")
     return 0
 
 
@@ -409,7 +425,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--labels", type=_csv, help="label names in id order (stored in the file)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |torch - onnxruntime| allowed (default 1e-4)")
-    p.add_argument("--quantize", action="store_true", help="also write an int8 dynamic-quantized FILE.int8.onnx")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto (default): TorchScript for BERT-family classifiers (fusable), dynamo otherwise")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="skip onnxruntime's transformer fusions (the file then holds standard ONNX ops only)")
+    q = p.add_argument_group("int8 and mobile formats (lossy: gated on held-out accuracy)")
+    q.add_argument("--quantize", action="store_true", help="also write FILE.int8.onnx (dynamic int8, per-channel)")
+    q.add_argument("--validation", metavar="FILE", help="held-out examples (JSONL/CSV, as the training data) "
+                   "scored by fp32 and int8")
+    q.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help="refuse int8 when it is more than this many points below fp32 (default 1)")
+    q.add_argument("--eval-max-length", type=int, default=128, help="tokens per validation example (default 128)")
+    q.add_argument("--force", action="store_true", help="write int8 even when the accuracy gate refuses it "
+                   "(or without --validation)")
+    q.add_argument("--mobile", action="store_true", help="also write the ORT format (.ort) of the final model "
+                   "(int8 with --quantize) for onnxruntime mobile builds")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_guarded(cmd_export))

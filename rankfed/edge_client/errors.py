@@ -8,7 +8,8 @@ EdgeError
 ├── AdapterError           an adapter does not fit the model (names the key)
 ├── TrainingError          local training failed (non-finite loss, empty data)
 ├── ExportError            ONNX export or its parity check failed
-│   └── ParityError        onnxruntime differs from torch by more than the tolerance
+│   ├── ParityError        onnxruntime differs from torch by more than the tolerance
+│   └── AccuracyGateError  a lossy export (int8) lost more held-out accuracy than allowed
 └── TransportError         talking to the coordinator failed (after retries where they apply)
     ├── UnavailableError   the coordinator cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED)
     ├── AuthError          the session token or enrollment secret was refused
@@ -65,6 +66,16 @@ class ParityError(ExportError):
     def __init__(self, message: str, *, max_abs_diff: float) -> None:
         super().__init__(message)
         self.max_abs_diff = max_abs_diff
+
+
+class AccuracyGateError(ExportError):
+    """Accuracies are fractions in [0, 1]; ``max_drop`` is in points (percent)."""
+
+    def __init__(self, message: str, *, fp32_accuracy: float, int8_accuracy: float, max_drop: float) -> None:
+        super().__init__(message)
+        self.fp32_accuracy = fp32_accuracy
+        self.int8_accuracy = int8_accuracy
+        self.max_drop = max_drop
 
 
 class TransportError(EdgeError):

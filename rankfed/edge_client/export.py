@@ -1,13 +1,22 @@
 """Merge an adapter into the base model and export it to one self-contained ONNX file.
 
 Recipe (engineering.md §3): `merge_and_unload`, a logits-only wrapper (no ModelOutput, no KV
-cache), `torch.onnx.export(dynamo=True)` with dynamic batch and sequence axes and
-`external_data=False`. The file carries what `infer.py` needs in its metadata_props: the task,
-label names, the tokenizer (tokenizer.json text) and the identities of base model and adapter,
-so `rankfed edge infer --onnx model.onnx` needs neither torch nor the model directory.
+cache), `torch.onnx.export` with dynamic batch and sequence axes, one file. The file carries
+what `infer.py` needs in its metadata_props: the task, label names, the tokenizer
+(tokenizer.json text) and the identities of base model and adapter, so
+`rankfed edge infer --onnx model.onnx` needs neither torch nor the model directory.
 
-The export is written to a temporary name and renamed only after onnxruntime matched torch
-on several random batches (max abs difference <= tolerance, default 1e-4).
+Exporter (issue 16): BERT-family encoders go through the TorchScript exporter with eager
+attention, whose graph onnxruntime's transformer optimizer fuses into its Attention,
+SkipLayerNormalization and BiasGelu kernels (`optimize.py`); the fused graph is what is
+saved. A BertForSequenceClassification is exported with a last layer that computes only the
+[CLS] row its head reads (`cls_only.py`). Everything else (causal LMs) uses `dynamo=True`,
+on which that optimizer fused no attention.
+
+Every file is written to a temporary name and renamed only after onnxruntime matched torch
+on several random batches (max abs difference <= tolerance, default 1e-4). Lossy exports
+(`quantize`: int8) are gated on held-out accuracy instead (`evaluate.py`): refused when they
+fall more than ``max_accuracy_drop`` points below fp32 on the validation file, unless forced.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,25 +35,46 @@ import numpy as np
 from rankfed.aggregation import Adapter, decode_adapter
 from rankfed.protocol import LoraSettings
 
-from .errors import AdapterError, ExportError, ParityError
+from .errors import (
+    AccuracyGateError,
+    AdapterError,
+    ConfigError,
+    ExportError,
+    ParityError,
+)
+from .evaluate import DEFAULT_EVAL_MAX_LENGTH, accuracy_gate
 from .model import (
     load_base_model,
     load_tokenizer,
     peft_model_for_adapter,
     weights_sha256,
 )
+from .optimize import FUSABLE_MODEL_TYPES, fuse_transformer, to_ort_format
+from .quantize import quantize_int8
 
 if TYPE_CHECKING:
     import torch
 
+    from .evaluate import HeldoutSet, Score
+
 ONNX_FORMAT = "rankfed-onnx/1"
 DEFAULT_TOLERANCE = 1e-4
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of held-out accuracy an int8 export may lose
+EXPORTERS = ("auto", "dynamo", "torchscript")
+TORCHSCRIPT_OPSET = 17  # LayerNormalization is one op from 17 on
 # (batch, seq) of the parity batches; rows get random lengths (padding) where seq > 2.
 PARITY_SHAPES = ((1, 8), (3, 17), (2, 64), (4, 5))
 # Known harmless exporter warnings (engineering.md §3): silenced around the export only.
 _HARMLESS_EXPORT_WARNINGS = (
     (r"# The axis name: .* will not be used", UserWarning),
     (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
+    # TorchScript path: the exporter announces its own deprecation, the tracer flags Python
+    # bools on shapes in transformers' mask code (fixed for the traced length; parity runs
+    # other lengths and padded rows), and advanced indexing is lowered to Gather.
+    (r"You are using the legacy TorchScript-based ONNX export", DeprecationWarning),
+    (r"The feature will be removed", DeprecationWarning),
+    (r"Converting a tensor to a Python boolean", Warning),
+    (r"Exporting aten::index operator", UserWarning),
 )
 
 
@@ -56,10 +86,23 @@ class ExportReport:
     export_seconds: float
     max_abs_diff: float
     parity_batches: int
+    exporter: str = "dynamo"
+    fused_ops: dict[str, int] = field(default_factory=dict)
+    cls_only_last_layer: bool = False  # `cls_only.py`: the last layer computes the [CLS] row only
+    validation_path: str = ""
+    validation_examples: int = 0
+    accuracy: float | None = None  # fp32 held-out accuracy (validation file given)
     quantized_path: str = ""
     quantized_bytes: int = 0
     quantized_max_abs_diff: float = 0.0
-    quantized_argmax_agreement: float = 0.0
+    quantized_argmax_agreement: float = 0.0  # on the random parity batches
+    quantized_accuracy: float | None = None
+    quantized_heldout_agreement: float | None = None  # argmax agreement with fp32, held-out set
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    forced: bool = False  # written although the accuracy gate refused it
+    mobile_path: str = ""
+    mobile_bytes: int = 0
+    mobile_accuracy: float | None = None
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -180,6 +223,79 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def choose_exporter(model: torch.nn.Module, task: str, exporter: str) -> str:
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if exporter != "auto":
+        return exporter
+    model_type = getattr(model.config, "model_type", "")
+    return "torchscript" if task == "sequence-classification" and model_type in FUSABLE_MODEL_TYPES else "dynamo"
+
+
+def _trace(model: torch.nn.Module, task: str, path: Path, *, exporter: str, max_length: int, cls_only: bool) -> None:
+    """``model`` (logits only) to the ONNX file ``path``, dynamic batch and sequence axes;
+    ``cls_only``: a BERT classifier whose last layer computes the [CLS] row only."""
+    import torch
+
+    from .cls_only import ClsOnlyLastLayer
+
+    example = (torch.randint(0, _config(model).vocab_size, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+    try:
+        with warnings.catch_warnings():
+            for message, category in _HARMLESS_EXPORT_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            if exporter == "torchscript":
+                # The optimizer's attention patterns are those of eager attention, not SDPA.
+                model.set_attn_implementation("eager")  # type: ignore[operator]
+                axes = {0: "batch", 1: "seq"}
+                wrapper = ClsOnlyLastLayer(model).eval() if cls_only else logits_only(model, task)
+                torch.onnx.export(
+                    wrapper, example, str(path), dynamo=False, opset_version=TORCHSCRIPT_OPSET,
+                    dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}}
+                    if task == "sequence-classification" else
+                    {"input_ids": axes, "attention_mask": axes, "logits": axes},
+                    input_names=inputs, output_names=outputs,
+                )
+                return
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            seq = torch.export.Dim("seq", min=2, max=max_length)
+            program = torch.onnx.export(
+                logits_only(model, task), example, dynamo=True, verbose=False,
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                input_names=inputs, output_names=outputs,
+            )
+            if program is None:
+                raise ExportError("torch.onnx.export (dynamo) returned no program")
+            program.save(str(path), external_data=False)
+    except Exception as err:  # the exporter raises many types; name the step that failed
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(err).__name__}: {err}") from err
+
+
+def _config(model: torch.nn.Module) -> Any:
+    """The transformers config (typed Any: torch types ``Module.__getattr__`` as Tensor | Module)."""
+    return model.config
+
+
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in props.items())
+    onnx.save(model, str(path))
+
+
+def _check_parity(model: torch.nn.Module, task: str, path: Path, *, tolerance: float, seed: int,
+                  threads: int, what: str) -> float:
+    diff, _ = compare(model, task, str(path), vocab_size=_config(model).vocab_size, seed=seed, threads=threads)
+    if not diff <= tolerance:
+        raise ParityError(
+            f"onnxruntime ({what}) differs from torch by {diff:.3g} (> {tolerance:g}); the export was not written",
+            max_abs_diff=diff,
+        )
+    return diff
+
+
 def export_onnx(
     model_dir: str | Path,
     adapter_path: str | Path,
@@ -190,14 +306,26 @@ def export_onnx(
     max_length: int = 512,
     tolerance: float = DEFAULT_TOLERANCE,
     quantize: bool = False,
+    validation: str | Path | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    eval_max_length: int = DEFAULT_EVAL_MAX_LENGTH,
+    force: bool = False,
+    mobile: bool = False,
+    exporter: str = "auto",
+    optimize: bool = True,
     threads: int = 1,
     seed: int = 0,
 ) -> ExportReport:
-    """Merge, export, check parity, optionally quantize. Raises ParityError above ``tolerance``."""
-    import torch
-
+    """Merge, export, optimize, check parity; optionally quantize (accuracy-gated) and write
+    the ORT format. Raises ParityError above ``tolerance``, AccuracyGateError when int8 loses
+    more than ``max_accuracy_drop`` points of held-out accuracy (unless ``force``)."""
     adapter = read_adapter(adapter_path)
     task = task or infer_task(adapter)
+    if quantize and validation is None and not force:
+        raise ConfigError("--quantize needs --validation FILE (held-out examples) to check int8 accuracy; "
+                          "pass --force to write int8 unchecked")
+    if validation is not None and task != "sequence-classification":
+        raise ConfigError(f"--validation scores classification accuracy; a {task} model has no such metric here")
     model = merged_model(model_dir, adapter, task)
     tokenizer = load_tokenizer(model_dir)
     if labels is None and task == "sequence-classification":
@@ -205,32 +333,13 @@ def export_onnx(
         labels = [str(id2label.get(i, i)) for i in range(num_labels_of(adapter))]
     max_positions = int(getattr(model.config, "max_position_embeddings", max_length) or max_length)
     max_length = min(max_length, max_positions)
+    exporter = choose_exporter(model, task, exporter)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
+    fused_tmp = out.with_name(f".{out.name}.fused.partial")
 
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=max_length)
-    example = (
-        torch.randint(0, model.config.vocab_size, (2, 16)),
-        torch.ones(2, 16, dtype=torch.int64),
-    )
     started = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            for message, category in _HARMLESS_EXPORT_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=category)
-            program = torch.onnx.export(
-                logits_only(model, task),
-                example,
-                dynamo=True,
-                verbose=False,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            )
-    except Exception as err:  # the exporter raises many types; name the step that failed
-        raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     adapter_bytes = Path(adapter_path)
     adapter_bytes = adapter_bytes / "adapter_model.safetensors" if adapter_bytes.is_dir() else adapter_bytes
     props = {
@@ -243,71 +352,92 @@ def export_onnx(
         "rankfed.eos_token_id": str(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1),
         "rankfed.base_weights_sha256": weights_sha256(model_dir),
         "rankfed.adapter_sha256": _sha256_file(adapter_bytes),
+        "rankfed.exporter": exporter,
     }
-    program.model.metadata_props.update(props)
-    program.save(str(tmp), external_data=False)
-    export_seconds = time.perf_counter() - started
+    from .cls_only import supports_cls_only  # imports torch
+
+    fused: dict[str, int] = {}
+    cls_only = optimize and exporter == "torchscript" and supports_cls_only(model)
+    props["rankfed.cls_only_last_layer"] = str(cls_only).lower()
     try:
-        diff, _ = compare(model, task, str(tmp), vocab_size=model.config.vocab_size, seed=seed, threads=threads)
-        if not diff <= tolerance:
-            raise ParityError(
-                f"onnxruntime differs from torch by {diff:.3g} (> {tolerance:g}); the export was not written",
-                max_abs_diff=diff,
-            )
+        _trace(model, task, tmp, exporter=exporter, max_length=max_length, cls_only=cls_only)
+        _set_metadata(tmp, props)
+        if optimize and exporter == "torchscript":
+            cfg = _config(model)
+            fused = fuse_transformer(tmp, fused_tmp, num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size).fused
+            os.replace(fused_tmp, tmp)
+        export_seconds = time.perf_counter() - started
+        diff = _check_parity(model, task, tmp, tolerance=tolerance, seed=seed, threads=threads, what="fp32")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        fused_tmp.unlink(missing_ok=True)
     report = ExportReport(
-        path=str(out),
-        task=task,
-        bytes=out.stat().st_size,
-        export_seconds=export_seconds,
-        max_abs_diff=diff,
-        parity_batches=len(PARITY_SHAPES),
+        path=str(out), task=task, bytes=out.stat().st_size, export_seconds=export_seconds, max_abs_diff=diff,
+        parity_batches=len(PARITY_SHAPES), exporter=exporter, fused_ops=fused, cls_only_last_layer=cls_only,
+        max_accuracy_drop=max_accuracy_drop,
     )
+    heldout: HeldoutSet | None = None
+    fp32_score: Score | None = None
+    if validation is not None:
+        from .evaluate import load_heldout, score
+        from .infer import OnnxModel
+
+        fp32 = OnnxModel(out, threads=threads)
+        heldout = load_heldout(validation, fp32, max_length=eval_max_length)
+        fp32_score = score(fp32, heldout)
+        report = replace(report, validation_path=str(validation), validation_examples=len(heldout.labels),
+                         accuracy=fp32_score.accuracy)
+    final = out
     if quantize:
-        report = _quantize(model, task, out, report, threads=threads, seed=seed)
+        report = _quantize(model, task, out, report, heldout, fp32_score,
+                           force=force, threads=threads, seed=seed)
+        final = Path(report.quantized_path)
+    if mobile:
+        report = _mobile(final, report, heldout, threads=threads)
     return report
 
 
 def _quantize(
-    model: torch.nn.Module, task: str, out: Path, report: ExportReport, *, threads: int, seed: int
+    model: torch.nn.Module, task: str, out: Path, report: ExportReport, heldout: HeldoutSet | None,
+    fp32_score: Score | None, *, force: bool, threads: int, seed: int,
 ) -> ExportReport:
-    """int8 dynamic quantization next to ``out`` (``*.int8.onnx``); parity reported, not enforced."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """int8 (``*.int8.onnx``, `quantize.py`) next to ``out``; gated on held-out accuracy."""
     qpath = out.with_name(out.stem + ".int8.onnx")
-    # The dynamo exporter's value_info trips the quantizer's shape inference ("Inferred shape
-    # and existing shape differ"); the quantizer re-infers shapes, so quantize a copy without it.
-    plain = onnx.load(str(out))
-    del plain.graph.value_info[:]
-    tmp = out.with_name(f".{out.stem}.novalueinfo.onnx")
+    tmp = out.with_name(f".{qpath.name}.partial")
     try:
-        onnx.save(plain, str(tmp))
-        quantize_dynamic(str(tmp), str(qpath), weight_type=QuantType.QInt8)
+        quantize_int8(out, tmp)
+        diff, agreement = compare(model, task, str(tmp), vocab_size=_config(model).vocab_size, seed=seed,
+                                  threads=threads)
+        report = replace(report, quantized_max_abs_diff=diff, quantized_argmax_agreement=agreement)
+        if heldout is not None and fp32_score is not None:
+            from .evaluate import score
+            from .infer import OnnxModel
+
+            int8_score = score(OnnxModel(tmp, threads=threads), heldout)
+            report = replace(report, quantized_accuracy=int8_score.accuracy,
+                             quantized_heldout_agreement=int8_score.agreement(fp32_score))
+            try:
+                accuracy_gate(fp32_score.accuracy, int8_score.accuracy, max_drop=report.max_accuracy_drop,
+                              what=f"int8 ({qpath.name})", where=f"{heldout.path} ({len(heldout.labels)} examples)")
+            except AccuracyGateError:
+                if not force:
+                    raise
+                report = replace(report, forced=True)
+        os.replace(tmp, qpath)
     finally:
         tmp.unlink(missing_ok=True)
-    _copy_metadata(out, qpath)
-    diff, agreement = compare(model, task, str(qpath), vocab_size=model.config.vocab_size, seed=seed, threads=threads)
-    return ExportReport(
-        **{
-            **report.__dict__,
-            "quantized_path": str(qpath),
-            "quantized_bytes": qpath.stat().st_size,
-            "quantized_max_abs_diff": diff,
-            "quantized_argmax_agreement": agreement,
-        }
-    )
+    return replace(report, quantized_path=str(qpath), quantized_bytes=qpath.stat().st_size)
 
 
-def _copy_metadata(src: Path, dst: Path) -> None:
-    import onnx
+def _mobile(src: Path, report: ExportReport, heldout: HeldoutSet | None, *, threads: int) -> ExportReport:
+    """``src`` in ORT format (``*.ort``), for onnxruntime's mobile and minimal builds."""
+    dst = src.with_suffix(".ort")
+    to_ort_format(src, dst)
+    report = replace(report, mobile_path=str(dst), mobile_bytes=dst.stat().st_size)
+    if heldout is not None:
+        from .evaluate import score
+        from .infer import OnnxModel
 
-    source = onnx.load(str(src), load_external_data=False)
-    target = onnx.load(str(dst))
-    have = {p.key for p in target.metadata_props}
-    for prop in source.metadata_props:
-        if prop.key not in have:
-            target.metadata_props.add(key=prop.key, value=prop.value)
-    onnx.save(target, str(dst))
+        report = replace(report, mobile_accuracy=score(OnnxModel(dst, threads=threads), heldout).accuracy)
+    return report

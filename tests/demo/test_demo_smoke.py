@@ -42,7 +42,11 @@ def test_demo_end_to_end_small(tmp_path):
 
     export = summary["export"]
     assert (out / "model.onnx").stat().st_size == export["bytes"] > 10_000_000
-    assert export["max_abs_diff"] < 1e-3
+    if export["int8_refused"]:  # 40 articles: one changed prediction is 2.5 points, past the 1-point gate
+        assert export["accuracy_int8"] is None and not (out / "model.int8.onnx").exists()
+    else:
+        assert export["max_abs_diff"] < 1e-3 and 0.0 <= export["accuracy_int8"] <= 1.0
+        assert (out / "model.int8.onnx").stat().st_size == export["int8_bytes"] < export["bytes"]
     labels = {"business", "entertainment", "politics", "sports", "tech"}
     assert len(export["predictions"]) == 5
     assert all(p["predicted"] in labels and 0.0 <= p["score"] <= 1.0 for p in export["predictions"])
