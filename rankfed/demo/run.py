@@ -418,10 +418,10 @@ def run_in_process(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
 
 def export_and_predict(opts: DemoOptions, split: FederatedSplit, adapter: Path, say: Console) -> dict[str, Any]:
     onnx_path = opts.out / "model.onnx"
-    labels = ",".join(split.label_names)
     heldout = write_jsonl(opts.out / "data" / "heldout.jsonl", split.test)
+    # No --labels: the global adapter's card carries the label names (from the manifest).
     argv = [sys.executable, "-m", "rankfed", "edge", "export", "--model", str(model_dir()), "--adapter", str(adapter),
-            "--out", str(onnx_path), "--labels", labels, "--max-length", "512", "--threads", "2", "--json",
+            "--out", str(onnx_path), "--max-length", "512", "--threads", "2", "--json",
             "--quantize", "--validation", str(heldout), "--eval-max-length", str(opts.max_length)]
     say(f"exporting the final global adapter to ONNX, fp32 and int8: rankfed edge export --adapter {adapter} "
         f"--out {onnx_path} --quantize --validation {heldout}")

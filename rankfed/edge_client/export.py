@@ -34,6 +34,8 @@ import numpy as np
 
 from rankfed.aggregation import Adapter, decode_adapter
 from rankfed.protocol import LoraSettings
+from rankfed.protocol.artifact import AdapterCard
+from rankfed.protocol.artifact import read_card as read_adapter_card
 
 from .errors import (
     AccuracyGateError,
@@ -131,6 +133,13 @@ def settings_for_adapter(adapter: Adapter) -> LoraSettings:
         use_rslora=adapter.use_rslora,
         modules_to_save=tuple(sorted({n.rsplit(".", 1)[0] for n in adapter.dense})),
     )
+
+
+def read_card(path: str | Path) -> AdapterCard | None:
+    try:
+        return read_adapter_card(path)
+    except (OSError, ValueError) as err:  # DecodeError is a ValueError; a bad card is a bad adapter
+        raise AdapterError(f"{path}: {err}") from None
 
 
 def infer_task(adapter: Adapter) -> str:
@@ -320,7 +329,12 @@ def export_onnx(
     the ORT format. Raises ParityError above ``tolerance``, AccuracyGateError when int8 loses
     more than ``max_accuracy_drop`` points of held-out accuracy (unless ``force``)."""
     adapter = read_adapter(adapter_path)
-    task = task or infer_task(adapter)
+    # A global adapter describes itself (task, labels): what the user does not pass comes
+    # from its card, and only an adapter without one falls back to guessing.
+    card = read_card(adapter_path)
+    task = task or (card.task if card is not None else infer_task(adapter))
+    if labels is None and card is not None and card.labels:
+        labels = list(card.labels)
     if quantize and validation is None and not force:
         raise ConfigError("--quantize needs --validation FILE (held-out examples) to check int8 accuracy; "
                           "pass --force to write int8 unchecked")

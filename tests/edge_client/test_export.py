@@ -151,3 +151,22 @@ def test_parity_failure_writes_nothing(bert_dir, bert_export, tmp_path, monkeypa
         export_onnx(bert_dir, adapter_path, tmp_path / "bad.onnx", max_length=32)
     assert info.value.max_abs_diff == 0.5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_global_adapter_directory_exports_with_only_the_base_model(bert_dir, tmp_path):
+    """The card in the adapter (task, labels) replaces --task/--labels: a device's final
+    directory, as `rankfed edge run --out` writes it, exports with the base model alone."""
+    from rankfed.protocol.artifact import AdapterCard, write_adapter_dir
+
+    settings = LoraSettings(rank=2, alpha=4.0, target_modules=("query", "value"), modules_to_save=("classifier",))
+    base = load_base_model(bert_dir, "sequence-classification", num_labels=3)
+    model = build_peft_model(base, settings, "sequence-classification")
+    randomize_lora(model, scale=0.3)
+    card = AdapterCard(task="sequence-classification", target_modules=("query", "value"), labels=("cats", "dogs", "eels"),
+                       num_labels=3, modules_to_save=("classifier",), base_model_id="tiny-bert", round=3)
+    write_adapter_dir(tmp_path / "final", encode_adapter(adapter_from_peft(model), metadata=card.to_metadata()))
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    report = export_onnx(bert_dir, tmp_path / "final", tmp_path / "model.onnx", max_length=32)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert report.task == "sequence-classification"
+    assert json.loads(props["rankfed.labels"]) == ["cats", "dogs", "eels"]
