@@ -1,6 +1,6 @@
 """The two tasks the edge benchmark scores exported models on, all offline.
 
-- ``bbc``: BBC News, 5 classes, the demo's own split (`rankfed.demo.data.federated_split`
+- ``bbc``: BBC News, 5 classes, the demo's own split (`rankfed.datasets.federated_split`
   with the demo's defaults): the same 250 held-out articles the demo reports; training data
   is every client's share pooled, calibration data is client 0's share (one device's data).
 - ``wordnet``: WordNet 3.0 noun supersenses (Debian `wordnet-base`): text = synset gloss,
@@ -48,7 +48,7 @@ def _write(path: Path, texts: list[str], labels: list[int], names: tuple[str, ..
 
 
 def bbc_task(work: Path, *, train_steps: int = 60) -> Task:
-    from rankfed.demo.data import federated_split, load_bbc, write_jsonl
+    from rankfed.datasets import federated_split, load_bbc, write_jsonl
     from rankfed.demo.run import DemoOptions
 
     opts = DemoOptions()

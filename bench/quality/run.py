@@ -155,7 +155,7 @@ def _patch_svd_redistribution():
 
 
 def _split(setup: Setup, alpha: float, seed: int):
-    from rankfed.demo.data import federated_split, load_bbc
+    from rankfed.datasets import federated_split, load_bbc
 
     return federated_split(load_bbc(), num_clients=NUM_CLIENTS, alpha=alpha, seed=seed,
                            train_limit=setup.train_limit, test_limit=setup.test_limit, min_per_client=8)
@@ -202,7 +202,7 @@ def run_job(job: Job, setup: Setup, out_dir: Path, threads: int) -> dict[str, An
 
 
 def _federated(job: Job, split: Any, setup: Setup) -> dict[str, Any]:
-    from rankfed.demo.data import model_dir, write_jsonl
+    from rankfed.datasets import model_dir, write_jsonl
     from rankfed.demo.evaluate import Evaluator
     from rankfed.simulation.engine import (
         RANK_PROFILE,
@@ -249,7 +249,7 @@ def _centralized(split: Any, setup: Setup, seed: int) -> dict[str, Any]:
     scored after each 'round' worth of steps (clients x local steps)."""
     import numpy as np
 
-    from rankfed.demo.data import TextCorpus, model_dir, write_jsonl
+    from rankfed.datasets import TextCorpus, model_dir, write_jsonl
     from rankfed.demo.evaluate import Evaluator
     from rankfed.edge_client.data import load_dataset
     from rankfed.edge_client.model import (
@@ -296,7 +296,7 @@ def _tfidf(split: Any, setup: Setup) -> dict[str, Any]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from rankfed.demo.data import model_dir
+    from rankfed.datasets import model_dir
     from rankfed.edge_client.model import load_tokenizer
 
     train_texts = [t for c in split.clients for t in c.texts]

@@ -53,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .data import DemoDataError
+    from rankfed.datasets import DemoDataError
+
     from .run import DemoOptions, run_demo
 
     profiles = tuple(s.strip() for s in args.profiles.split(",") if s.strip())

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from rankfed.aggregation import Adapter, decode_adapter
-
-from .data import TextCorpus
+from rankfed.datasets import TextCorpus
 
 TASK = "sequence-classification"
 

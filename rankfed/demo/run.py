@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .data import (
+from rankfed.datasets import (
     FederatedSplit,
     federated_split,
     label_histogram,

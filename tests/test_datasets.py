@@ -1,4 +1,4 @@
-"""Data preparation: BBC News read deterministically from files, held-out split, Dirichlet split."""
+"""The bundled datasets (rankfed.datasets): splits, shards and determinism."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rankfed.demo.data import (
+from rankfed.datasets import (
     DemoDataError,
     dirichlet_split,
     federated_split,

