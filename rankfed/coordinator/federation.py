@@ -26,12 +26,10 @@ from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import (
     AuthError,
     ConfigError,
-    DuplicateError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
-    RetryLaterError,
     StorageError,
 )
 from rankfed.coordinator.global_adapters import GlobalAdapters, RankFile
@@ -59,13 +57,13 @@ from rankfed.coordinator.models import (
     WaitTask,
 )
 from rankfed.coordinator.store import BlobStore, StateStore
-from rankfed.coordinator.store.blobs import round_dir, update_relpath
-from rankfed.coordinator.uploads import UploadSession, check_header
+from rankfed.coordinator.store.blobs import round_dir
+from rankfed.coordinator.ingest import Chunks, Ingest, RoundHooks
+from rankfed.coordinator.uploads import UploadSession
 
 log = logging.getLogger("rankfed.coordinator")
 
 _OPEN_STATES = (ParticipantState.ASSIGNED, ParticipantState.DOWNLOADING, ParticipantState.TRAINING, ParticipantState.UPLOADING)
-_DOWNLOADED_STATES = (ParticipantState.TRAINING, ParticipantState.UPLOADING, ParticipantState.DROPPED)
 
 
 class Federation:
@@ -91,12 +89,11 @@ class Federation:
         self._spec = manifest.adapter_spec()
         self._globals = GlobalAdapters(blobs, manifest, self._method, seed=config.federation.seed)
         self._last_seen: dict[str, float] = {}
-        self._uploading: dict[str, UploadSession] = {}  # open upload streams by client
+        self._uploading: dict[str, UploadSession] = {}  # open upload streams by client (ingest's)
         self._polling: dict[str, int] = {}  # clients inside a GetTask long-poll: they are alive
         self._event = asyncio.Event()
         self._version = 0
         self._round_lock = asyncio.Lock()
-        self._decode_slots = asyncio.Semaphore(2)  # bounds transient memory of concurrent decodes
         self._tasks: list[asyncio.Task[None]] = []
         self._open: RoundRecord | None = None
         self._accumulator = None
@@ -111,6 +108,18 @@ class Federation:
         self._signer: TokenSigner | None = None
         # Called with each closed round's record (DONE or FAILED); the metrics use it.
         self.on_round_closed: Callable[[RoundRecord], None] | None = None
+        self._ingest = Ingest(
+            server=config.server, store=store, blobs=blobs, spec=self._spec, homogeneous=self._homogeneous,
+            uploading=self._uploading, hooks=RoundHooks(
+                round_lock=self._round_lock,
+                participant=lambda cid, round_no: self._training_participant(cid, round_no, action="upload"),
+                accumulator=lambda: self._accumulator,
+                client=self._require_client,
+                fold_failed=lambda reason: self._fold_failures.append(reason),
+                notify=self._notify,
+                clock=lambda: self._clock(),
+            ),
+        )
 
     # ------------------------------------------------------------------ life cycle
 
@@ -142,6 +151,7 @@ class Federation:
             except Exception:  # noqa: BLE001 - already logged, and reported through `fatal`
                 pass
         self._tasks = []
+        self._ingest.close()
         self._notify()
 
     @property
@@ -535,127 +545,9 @@ class Federation:
 
     # ------------------------------------------------------------------ uploads
 
-    def begin_upload(self, client_id: str, header: UploadHeader) -> UploadSession:
-        # Checked first, even for a closed round: a client whose receipt was lost retries, and
-        # ALREADY_EXISTS (with the digest we hold) tells it the update counted.
-        self._reject_duplicate(client_id, header.round)
-        part = self._training_participant(client_id, header.round, action="upload")
-        if part.bytes_down == 0 or part.state not in _DOWNLOADED_STATES:
-            raise PreconditionError(
-                f"upload before download: download the round {header.round} global adapter first (state {part.state.value})"
-            )
-        check_header(header, part, max_upload_bytes=self.config.server.max_upload_bytes, homogeneous=self._homogeneous)
-        previous = self._uploading.get(client_id)
-        if previous is not None:
-            if previous.accepting:
-                raise RetryLaterError(
-                    f"this client's previous upload for round {previous.round} is being stored; retry in a moment "
-                    "(a retry of the same update will then be answered ALREADY_EXISTS)"
-                )
-            # A client only retries when its stream broke, perhaps before we noticed: the new
-            # stream replaces the old one, whose handler stops at its next chunk.
-            previous.supersede()
-            log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
-        writer = self._blobs.open_writer(update_relpath(header.round, client_id))
-        session = UploadSession(header, part, writer, max_chunk_bytes=self.config.server.max_chunk_bytes)
-        self._uploading[client_id] = session
-        if part.state is not ParticipantState.UPLOADING:
-            self._store.put_participant(replace(part, state=ParticipantState.UPLOADING))
-            self._notify()
-        return session
-
-    def _forget_upload(self, session: UploadSession) -> None:
-        if self._uploading.get(session.client_id) is session:
-            del self._uploading[session.client_id]
-
-    def _reject_duplicate(self, client_id: str, round_no: int) -> None:
-        if round_no >= 2**63:
-            return  # no such round (SQLite integers are signed 64-bit); the round check refuses it
-        receipt = self._store.get_receipt(round_no, client_id)
-        if receipt is not None:
-            raise DuplicateError(
-                f"an update for round {round_no} was already accepted from this client "
-                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})"
-            )
-
-    def abort_upload(self, session: UploadSession) -> None:
-        if session.accepting:
-            return  # finish_upload's shielded task owns the session from here on
-        session.abort()
-        if self._uploading.get(session.client_id) is session:
-            del self._uploading[session.client_id]
-            self._revert_uploading(session)
-
-    def _revert_uploading(self, session: UploadSession) -> None:
-        part = self._store.get_participant(session.round, session.client_id)
-        if (
-            part is not None
-            and part.state is ParticipantState.UPLOADING
-            and self._store.get_receipt(session.round, session.client_id) is None
-        ):
-            self._store.put_participant(replace(part, state=ParticipantState.TRAINING))
-            self._notify()
-
-    async def finish_upload(self, session: UploadSession) -> Receipt:
-        """Verify, persist (fsync), record and fold one update; only then is it acknowledged.
-
-        Commit, receipt and fold run as one shielded task: a client that cancels or drops
-        the call after its last chunk cannot leave a receipt whose update was never folded.
-        """
-        await session.drain()
-        async with self._decode_slots:
-            adapter = await asyncio.to_thread(session.verify, self._spec, homogeneous=self._homogeneous)
-        session.accepting = True
-        return await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
-
-    async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
-        header = session.header
-        try:
-            async with self._round_lock:
-                self._reject_duplicate(session.client_id, session.round)
-                part = self._training_participant(session.client_id, session.round, action="upload")
-                relpath = await asyncio.to_thread(session.commit)
-                receipt = Receipt(
-                    round=session.round, client_id=session.client_id, receipt_id="r-" + secrets.token_hex(8),
-                    rank=header.rank, num_examples=header.num_examples, nbytes=session.received,
-                    sha256=header.sha256, blob_path=relpath, accepted_at=self._clock(), metrics=header.metrics,
-                )
-                client = self._require_client(session.client_id)
-                try:
-                    self._record_receipt(receipt, part, client, session)
-                except BaseException:
-                    self._blobs.delete(relpath)  # no receipt, so no file either
-                    raise
-                if self._accumulator is None:
-                    raise RuntimeError(f"round {session.round} is open but has no accumulator")
-                try:
-                    await asyncio.to_thread(self._accumulator.fold, adapter, float(header.num_examples))
-                except Exception as exc:  # validated input should always fold: a bug, not a client error
-                    log.exception("could not fold an accepted update", extra={"round": session.round})
-                    self._fold_failures.append(f"{session.client_id}: {exc}")
-        except BaseException:
-            session.abort()  # a no-op once committed
-            self._revert_uploading(session)
-            raise
-        finally:
-            self._forget_upload(session)
-        log.info("update accepted", extra={
-            "round": session.round, "client_id": session.client_id, "rank": header.rank, "bytes": session.received,
-        })
-        self._notify()
-        return receipt
-
-    def _record_receipt(self, receipt: Receipt, part: Participant, client: ClientRecord, session: UploadSession) -> None:
-        header = session.header
-        with self._store.transaction():
-            self._store.add_receipt(receipt)
-            self._store.put_participant(replace(
-                part, state=ParticipantState.UPLOADED, bytes_up=part.bytes_up + session.received,
-                num_examples=header.num_examples, metrics=header.metrics,
-            ))
-            self._store.upsert_client(replace(
-                client, rounds_completed=client.rounds_completed + 1, deadlines_missed=0, last_seen_at=self._clock()
-            ))
+    async def upload(self, client_id: str, header: UploadHeader, chunks: Chunks) -> Receipt:
+        """One update from header to receipt: the whole UploadUpdate call (see ingest)."""
+        return await self._ingest.upload(client_id, header, chunks)
 
     # ------------------------------------------------------------------ rounds
 

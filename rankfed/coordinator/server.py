@@ -20,10 +20,10 @@ from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.manifest import load_manifest
 from rankfed.coordinator.metrics import CoordinatorMetrics, start_metrics_server
 from rankfed.coordinator.servicer_admin import AdminServicer
-from rankfed.coordinator.servicer_edge import EdgeServicer
+from rankfed.coordinator.servicer_edge import EdgeServicer, add_edge_service
 from rankfed.coordinator.store import open_store
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
-from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2, edge_pb2_grpc
+from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -97,7 +97,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     metrics = CoordinatorMetrics()
     metrics.bind(federation)
     server = grpc.aio.server(options=server_options(config))
-    edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(federation, metrics), server)
+    add_edge_service(EdgeServicer(federation, metrics), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(federation, config.server.admin_token, metrics), server
     )

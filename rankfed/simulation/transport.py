@@ -12,7 +12,6 @@ gives it back when it uploads, or at its next GetTask/Leave if it abandoned the 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import threading
 from collections.abc import Callable
 
@@ -161,18 +160,14 @@ class InProcessTransport:
         fed = self._host.fed()
         chunk = fed.config.server.max_chunk_bytes
 
+        async def chunks():
+            view = memoryview(blob)
+            for offset in range(0, len(blob), chunk):
+                yield offset, view[offset : offset + chunk]
+
         async def call():
-            session = fed.begin_upload(self._client_id(), coordinator_serde.upload_header_from_proto(message.header))
-            try:
-                for offset in range(0, len(blob), chunk):
-                    pending = session.add_chunk(offset, blob[offset : offset + chunk])
-                    if inspect.isawaitable(pending):  # async since the coordinator writes on a thread
-                        await pending
-                receipt = await fed.finish_upload(session)
-            except BaseException:
-                fed.abort_upload(session)
-                raise
-            return receipt
+            core_header = coordinator_serde.upload_header_from_proto(message.header)
+            return await fed.upload(self._client_id(), core_header, chunks())
 
         try:
             receipt = self._run("UploadUpdate", call)

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 
 import pytest
 
 from rankfed.aggregation import AggregationError, encode_adapter
+from rankfed.coordinator.errors import DuplicateError, PreconditionError, RetryLaterError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.models import Capability, DeviceClass, JoinInfo, RoundPhase, TrainTask, UploadHeader
 from rankfed.coordinator.store import MemoryStore
 from rankfed.coordinator.store.blobs import BlobStore
+from rankfed.coordinator.uploads import UploadSession
 from tests.coordinator.harness import make_config, manifest, random_adapter, update_files
 
 
@@ -39,13 +42,17 @@ async def _joined_participant(fed: Federation) -> tuple[str, TrainTask]:
     return joined.client_id, task
 
 
-async def _upload_session(fed: Federation, client_id: str, task: TrainTask):
-    data = encode_adapter(random_adapter(fed.manifest, task.assignment.lora.rank, task.assignment.lora.alpha, 0))
+def _update(fed: Federation, task: TrainTask, seed: int = 0) -> tuple[UploadHeader, bytes]:
+    data = encode_adapter(random_adapter(fed.manifest, task.assignment.lora.rank, task.assignment.lora.alpha, seed))
     header = UploadHeader(round=task.round, rank=task.assignment.lora.rank, num_examples=5,
                           total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    session = fed.begin_upload(client_id, header)
-    await session.add_chunk(0, data)
-    return session
+    return header, data
+
+
+async def _chunks(data: bytes, size: int = 1 << 20):
+    """The core's chunk iterator: (offset, data) pairs."""
+    for offset in range(0, len(data), size):
+        yield offset, data[offset : offset + size]
 
 
 async def _wait(predicate, timeout=10.0):
@@ -56,24 +63,25 @@ async def _wait(predicate, timeout=10.0):
         await asyncio.sleep(0.02)
 
 
-def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path):
+def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path, monkeypatch):
     async def scenario():
         fed = await _federation(tmp_path, **{"federation.rounds": 1})
         client_id, task = await _joined_participant(fed)
-        session = await _upload_session(fed, client_id, task)
-        commit = session.commit
+        header, data = _update(fed, task)
+        commit = UploadSession.commit
+        committing = threading.Event()
 
-        def slow_commit():
+        def slow_commit(session):
+            committing.set()
             time.sleep(0.3)  # the client gives up while the update is being fsynced
-            return commit()
+            return commit(session)
 
-        session.commit = slow_commit
-        call = asyncio.ensure_future(fed.finish_upload(session))
-        await asyncio.sleep(0.1)
+        monkeypatch.setattr(UploadSession, "commit", slow_commit)
+        call = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data)))
+        await _wait(committing.is_set)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        fed.abort_upload(session)  # what the servicer does on cancellation: must not undo the accept
         await _wait(lambda: fed.done)
         record = fed._store.get_round(1)
         assert record.phase is RoundPhase.DONE and record.metrics["updates"] == 1
@@ -99,8 +107,8 @@ def test_failed_aggregation_fails_the_round_and_the_federation_goes_on(tmp_path,
 
         monkeypatch.setattr(fed, "_new_accumulator", failing_accumulator)
         client_id, task = await _joined_participant(fed)
-        session = await _upload_session(fed, client_id, task)
-        await fed.finish_upload(session)
+        header, data = _update(fed, task)
+        await fed.upload(client_id, header, _chunks(data))
         await _wait(lambda: fed._store.get_round(2) is not None)
         first = fed._store.get_round(1)
         assert first.phase is RoundPhase.FAILED
@@ -137,6 +145,109 @@ def test_fedit_budget_lowers_everyone_alike(tmp_path):
         fed = await _federation(tmp_path, **{"federation.method": "fedit", "rank_policy.round_budget_bytes": budget})
         _, task = await _joined_participant(fed)
         assert task.assignment.lora.rank == 4 and "round budget" in task.assignment.reason
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+async def _gated_chunks(data: bytes, gate: asyncio.Event, *, after: int, size: int = 64):
+    """Chunks of `size` bytes; waits for `gate` once `after` bytes have gone."""
+    for offset in range(0, len(data), size):
+        if offset == after:
+            await gate.wait()
+        yield offset, data[offset : offset + size]
+
+
+def test_retry_replaces_a_stream_that_is_still_sending(tmp_path):
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        gate = asyncio.Event()
+        first = asyncio.ensure_future(fed.upload(client_id, header, _gated_chunks(data, gate, after=128)))
+        await _wait(lambda: client_id in fed._uploading and fed._uploading[client_id].received == 128)
+        receipt = await fed.upload(client_id, header, _chunks(data))  # the retry
+        gate.set()
+        with pytest.raises(PreconditionError, match="replaced by a newer one"):
+            await first
+        assert fed._store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
+        await _wait(lambda: fed.done)
+        assert fed._store.get_round(1).metrics["updates"] == 1
+        assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+def test_retry_while_the_first_stream_is_being_stored_is_told_to_retry(tmp_path, monkeypatch):
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        verify = UploadSession.verify
+        verifying, release = threading.Event(), threading.Event()
+
+        def slow_verify(session, *args, **kwargs):
+            verifying.set()
+            release.wait(10)
+            return verify(session, *args, **kwargs)
+
+        monkeypatch.setattr(UploadSession, "verify", slow_verify)
+        first = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data, 64)))
+        await _wait(verifying.is_set)  # every byte is in: the first stream is sealed
+        with pytest.raises(RetryLaterError, match="retry in a moment"):
+            await fed.upload(client_id, header, _chunks(data))
+        release.set()
+        receipt = await first
+        with pytest.raises(DuplicateError, match=header.sha256):  # the retry's retry learns it counted
+            await fed.upload(client_id, header, _chunks(data))
+        assert fed._store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
+        await _wait(lambda: fed.done)
+        assert fed._store.get_round(1).metrics["updates"] == 1
+        assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+outcomes_seen: set[tuple[str, str]] = set()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_retry_racing_the_end_of_the_first_stream_counts_once(tmp_path, seed):
+    """Whatever the interleaving, each stream ends with a documented outcome (a receipt,
+    FAILED_PRECONDITION, UNAVAILABLE or ALREADY_EXISTS) and exactly one update counts."""
+    import random
+
+    documented = (PreconditionError, RetryLaterError, DuplicateError)
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        rng = random.Random(seed)
+
+        async def jittered():
+            for offset in range(0, len(data), 64):
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0.001)
+                yield offset, data[offset : offset + 64]
+
+        async def attempt(delay: float):
+            await asyncio.sleep(delay)
+            try:
+                return await fed.upload(client_id, header, jittered())
+            except documented as exc:
+                return exc
+
+        outcomes = await asyncio.gather(attempt(0.0), attempt(rng.uniform(0.0, 0.05)))
+        receipts = [o for o in outcomes if not isinstance(o, Exception)]
+        stored = fed._store.get_receipt(task.round, client_id)
+        assert stored is not None and [r.receipt_id for r in receipts] == [stored.receipt_id]
+        outcomes_seen.add(tuple(type(o).__name__ for o in outcomes))
+        await _wait(lambda: fed.done)
+        assert fed._store.get_round(1).metrics["updates"] == 1
+        assert len(update_files(tmp_path / "data")) == 1
         await fed.stop()
 
     asyncio.run(scenario())
