@@ -190,6 +190,11 @@ class CoordinatorMetrics:
             "rankfed_rpc_duration_seconds", "RPC latency by method (GetTask includes its long-poll).",
             LATENCY_BUCKETS, ("method",),
         )
+        self.get_task_overrun = Histogram(
+            "rankfed_get_task_overrun_seconds",
+            "GetTask answered WAIT: how long after its long-poll was due (the coordinator's own delay).",
+            LATENCY_BUCKETS,
+        )
         self.upload_seconds = Histogram(
             "rankfed_upload_duration_seconds", "Accepted uploads: first message to receipt.", LATENCY_BUCKETS
         )
@@ -231,7 +236,7 @@ class CoordinatorMetrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.rpcs, self.rpc_seconds, self.upload_seconds, self.rejected, self.bytes_in,
+        for metric in (self.rpcs, self.rpc_seconds, self.get_task_overrun, self.upload_seconds, self.rejected, self.bytes_in,
                        self.bytes_out, self.rounds, self.aggregation_seconds):
             lines.extend(metric.render())
         if self._federation is not None:
