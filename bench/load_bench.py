@@ -130,6 +130,7 @@ async def device(name: str, stub, stats: Stats, update: bytes, work: Path, args,
             stats.error("Join", exc.code().name)
             await asyncio.sleep(0.5 * (attempt + 1))
     else:
+        (work / "gave_up" / name).touch()  # the driver stops waiting for this one
         return
     stats.add("Join", time.perf_counter() - started)
     (work / "joined" / name).touch()
@@ -167,7 +168,10 @@ async def device(name: str, stub, stats: Stats, update: bytes, work: Path, args,
                 while time.monotonic() < stop_at and not (work / "stop").exists():
                     await asyncio.sleep(2.0)
                 break
-            if kind != "train" or state["round"] == task.train.round:
+            if kind != "train":
+                continue
+            if state["round"] == task.train.round:  # our upload for it failed: a device retries later,
+                await asyncio.sleep(args.long_poll)  # not in a tight loop of TRAIN answers
                 continue
             state["round"] = task.train.round
             await participate(stub, metadata, task.train.round, state, stats, update, work)
@@ -210,6 +214,7 @@ async def participate(stub, metadata, round_no: int, state: dict, stats: Stats, 
     except grpc.aio.AioRpcError as exc:
         stats.error("UploadUpdate", exc.code().name)
     state["state"] = ProtoCommon.PARTICIPANT_STATE_UPLOADED
+    (work / "uploaded" / str(id(state))).touch()  # the driver counts finished uploads, OK or not
 
 
 def worker(index: int, names: list[str], address: str, work: Path, args: argparse.Namespace, stop_at: float) -> None:
@@ -335,6 +340,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rankfed-load-") as tmp:
         work = Path(tmp)
         (work / "joined").mkdir()
+        (work / "gave_up").mkdir()
+        (work / "uploaded").mkdir()
         config = write_setup(work, args)
         port_file = work / "port"
         log = open(work / "coordinator.log", "wb")
@@ -359,23 +366,31 @@ def main() -> int:
                      for i in range(args.workers)]
             for p in procs:
                 p.start()
-            while len(os.listdir(work / "joined")) < args.devices and time.monotonic() < stop_at:
-                time.sleep(0.2)
+            while (len(os.listdir(work / "joined")) + len(os.listdir(work / "gave_up")) < args.devices
+                   and time.monotonic() < stop_at):
+                time.sleep(0.5)
             joined_at = time.monotonic()
             joined = len(os.listdir(work / "joined"))
             print(f"{joined} devices joined in {joined_at - wall0:.1f} s; uploads start",
                   flush=True)
             (work / "go").touch()
+            go_wall = time.time()
             round_s = None
+            # Neither GetRoundStatus (1,000 participants: ~60 ms of coordinator CPU) nor
+            # /metrics (its gauges list every client: ~0.4 s at 10,000) may be polled while we
+            # measure: wait for the uploaders' own markers, then read the round's finished_at.
+            while len(os.listdir(work / "uploaded")) < args.uploaders and time.monotonic() < stop_at:
+                time.sleep(0.5)
             while time.monotonic() < stop_at:
                 st = admin_status(address)
                 if st.history:
-                    round_s = time.monotonic() - joined_at
+                    finished = st.history[0].finished_at
+                    round_s = finished.seconds + finished.nanos / 1e9 - go_wall
                     break
-                time.sleep(0.2)
+                time.sleep(1.0)
             online = admin_status(address).clients_online
-            print(f"round closed {round_s:.1f} s after the barrier; {online} clients online; holding "
-                  f"{args.hold_seconds:.0f} s", flush=True)
+            closed = f"closed {round_s:.1f} s after the barrier" if round_s is not None else "NOT closed by --max-seconds"
+            print(f"round {closed}; {online} clients online; holding {args.hold_seconds:.0f} s", flush=True)
             time.sleep(args.hold_seconds)
             cpu1, wall1 = proc_cpu_seconds(coordinator.pid), time.monotonic()
             busy1, total1 = machine_busy()
@@ -450,8 +465,9 @@ def main() -> int:
     overrun = result["server_get_task_overrun_ms"]
     print(f"{'GetTask(WAIT) late':<20} {'':>7} {overrun['p50']:>9.1f} {overrun['p99']:>9.1f}   "
           "(past the long-poll's due time)")
-    print(f"\nround: {result['round_updates']:.0f}/{args.uploaders} updates of {args.update_mib} MiB, closed "
-          f"{round_s:.1f} s after the barrier; {final.clients_online}/{args.devices} online at the end")
+    closed = f"closed {round_s:.1f} s after the barrier" if round_s is not None else "not closed"
+    print(f"\nround: {result['round_updates']:.0f}/{args.uploaders} updates of {args.update_mib} MiB, {closed}; "
+          f"{final.clients_online}/{args.devices} online at the end")
     print(f"coordinator: {result['coordinator_cpu_seconds']:.1f} CPU s over {result['coordinator_wall_seconds']:.1f} s "
           f"({result['coordinator_mean_cores']:.2f} cores), peak RSS {hwm:.0f} MiB; errors: {errors or 'none'}")
     print(f"generator: {len(workers_cpu)} processes, {result['generator_mean_cores']:.2f} cores in all, busiest process "

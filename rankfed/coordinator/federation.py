@@ -92,6 +92,8 @@ class Federation:
         self._uploading: dict[str, UploadSession] = {}  # open upload streams by client (ingest's)
         self._polling: dict[str, int] = {}  # clients inside a GetTask long-poll: they are alive
         self._event = asyncio.Event()
+        self._task_event = asyncio.Event()  # set when a long-poll's answer may have changed
+        self._task_phase: tuple[object, ...] = ()
         self._version = 0
         self._round_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -227,6 +229,14 @@ class Federation:
         self._version += 1
         self._event.set()
         self._event = asyncio.Event()
+        # Long-polls wake only when what GetTask can answer changed (a round was published or
+        # closed, the federation finished), not on every join, heartbeat or chunk: with
+        # 10,000 devices polling, waking all of them per change is the whole event loop.
+        phase = (self._done, self._open.round if self._open else 0, self._open.phase if self._open else None)
+        if phase != self._task_phase:
+            self._task_phase = phase
+            self._task_event.set()
+            self._task_event = asyncio.Event()
 
     async def _wait_change(self, timeout: float) -> None:
         event = self._event
@@ -393,7 +403,11 @@ class Federation:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return WaitTask(retry_after=0.0, reason=self._wait_reason())
-                await self._wait_change(remaining)
+                event = self._task_event
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=remaining)
+                except TimeoutError:
+                    pass
         finally:
             self._polling[client_id] -= 1
             if not self._polling[client_id]:
@@ -713,6 +727,10 @@ class Federation:
             if quorum_since is not None:
                 wake = min(wake, quorum_since + fed.straggler_grace_seconds - now)
             await self._wait_change(min(wake, 1.0))
+            # Every join and heartbeat notifies; re-reading the round's participants after each
+            # one took most of the event loop with 10,000 devices joining (bench/load_bench.py):
+            # look again at most every _ROUND_END_POLL seconds.
+            await asyncio.sleep(_ROUND_END_POLL)
 
     async def _close_round(self) -> None:
         fed = self.config.federation
@@ -819,6 +837,7 @@ class Federation:
                 await event.wait()
 
 
+_ROUND_END_POLL = 0.05
 _SHARED_REASON = "personalized: every client shares one adapter at lora.max_rank {rank}"
 
 

@@ -5,6 +5,7 @@ when configured, plus the Prometheus endpoint on its own HTTP port."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -150,6 +151,7 @@ async def serve(
     that systemd or Kubernetes restart the daemon and it resumes from its data directory
     instead of answering health checks while no round can progress."""
     coordinator = await start_coordinator(config)
+    gc.freeze()  # the manifest, global adapter and modules stay: no collection needs to scan them again
     if port_file is not None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")
         tmp.write_text(f"{coordinator.port}\n")
