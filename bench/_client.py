@@ -27,8 +27,8 @@ import grpc
 import numpy as np
 
 from rankfed.aggregation import Adapter, LoraModule, encode_adapter
-from rankfed.v1 import admin_pb2 as ProtoAdmin
-from rankfed.v1 import admin_pb2_grpc
+from rankfed.coordinator.admin_client import AdminClient
+from rankfed.protocol import FederationStatus, RoundPhase, RoundStatus
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from rankfed.v1 import edge_pb2_grpc
@@ -317,28 +317,22 @@ class EdgeClient:
         return receipt, t1 - marks.get("first", t_call), t1 - marks.get("last", t1)
 
 
-def round_status(address: str, history_limit: int = 0) -> ProtoAdmin.FederationStatus:
-    with grpc.insecure_channel(address) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        return stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(history_limit=history_limit), timeout=60)
+def round_status(address: str, history_limit: int = 0) -> FederationStatus:
+    with AdminClient(address, timeout_s=60) as admin:
+        return admin.status(history_limit)
 
 
-def finished_round(address: str, round_no: int, timeout: float = 600.0, interval: float = 0.02) -> ProtoAdmin.RoundStatus:
+def finished_round(address: str, round_no: int, timeout: float = 600.0, interval: float = 0.02) -> RoundStatus:
     """Poll until round `round_no` is DONE or FAILED; returns its status."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+    with AdminClient(address, timeout_s=60) as admin:
         while time.monotonic() < deadline:
-            status = stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), timeout=60)
-            for r in [*status.history, status.current]:
-                if r.round == round_no and r.phase in (ProtoCommon.ROUND_PHASE_DONE, ProtoCommon.ROUND_PHASE_FAILED):
+            status = admin.status()
+            for r in [*status.history, *([status.current] if status.current else [])]:
+                if r.round == round_no and r.phase in (RoundPhase.DONE, RoundPhase.FAILED):
                     return r
             time.sleep(interval)
     raise TimeoutError(f"round {round_no} did not finish within {timeout} s")
-
-
-def ts(timestamp) -> float:
-    return timestamp.seconds + timestamp.nanos / 1e9
 
 
 # ----------------------------------------------------------------------------- raw TCP reference

@@ -26,7 +26,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from rankfed.aggregation import METHODS, Adapter, AdapterSpec, LoraModule, factored_svd, get_method
+from rankfed.aggregation import (
+    METHODS,
+    Adapter,
+    AdapterSpec,
+    LoraModule,
+    factored_svd,
+    get_method,
+)
 
 RESULTS = Path(__file__).parent / "results" / "aggregation.json"
 # MiniLM-L6 (hidden 384, 6 layers): query and value of every layer = 12 modules of 384x384

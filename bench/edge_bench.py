@@ -61,7 +61,7 @@ def bbc_jsonl(out: Path, per_class: int) -> Path:
 
 
 def _settings(rank: int = 8):
-    from rankfed.edge_client.protocol import LoraSettings
+    from rankfed.protocol import LoraSettings
 
     return LoraSettings(rank=rank, alpha=2.0 * rank, target_modules=("query", "value"), modules_to_save=("classifier",))
 
@@ -76,7 +76,7 @@ class _NullTransport:
         self.beats = 0
 
     def heartbeat(self, round, state, progress):
-        from rankfed.edge_client.protocol import HeartbeatResult
+        from rankfed.protocol import HeartbeatResult
 
         self.beats += 1
         return HeartbeatResult(next_in_s=0.0, round_open=True)
@@ -86,7 +86,11 @@ def bench_overhead(model_dir: Path, data: Path, *, blocks: int, steps: int, batc
     import torch
 
     from rankfed.edge_client.data import load_dataset
-    from rankfed.edge_client.model import build_peft_model, load_base_model, load_tokenizer
+    from rankfed.edge_client.model import (
+        build_peft_model,
+        load_base_model,
+        load_tokenizer,
+    )
     from rankfed.edge_client.runner import Heartbeater
     from rankfed.edge_client.train import TrainConfig, train_local
 
@@ -195,7 +199,11 @@ def make_adapter(model_dir: Path, path: Path) -> Path:
     import torch
 
     from rankfed.aggregation import encode_adapter
-    from rankfed.edge_client.model import adapter_from_peft, build_peft_model, load_base_model
+    from rankfed.edge_client.model import (
+        adapter_from_peft,
+        build_peft_model,
+        load_base_model,
+    )
 
     model = build_peft_model(load_base_model(model_dir, TASK, num_labels=len(LABELS)), _settings(), TASK, copy_base=False)
     g = torch.Generator().manual_seed(0)
@@ -211,7 +219,12 @@ def bench_latency(model_dir: Path, adapter: Path, onnx_path: Path, *, runs: int,
     import numpy as np
     import torch
 
-    from rankfed.edge_client.export import logits_only, merged_model, ort_session, read_adapter
+    from rankfed.edge_client.export import (
+        logits_only,
+        merged_model,
+        ort_session,
+        read_adapter,
+    )
 
     torch.set_num_threads(threads)
     model = logits_only(merged_model(model_dir, read_adapter(adapter), TASK), TASK)
@@ -266,7 +279,11 @@ def bench_latency(model_dir: Path, adapter: Path, onnx_path: Path, *, runs: int,
 
 def _phase_train(model_dir: Path, data: Path, steps: int) -> dict:
     from rankfed.edge_client.data import load_dataset
-    from rankfed.edge_client.model import build_peft_model, load_base_model, load_tokenizer
+    from rankfed.edge_client.model import (
+        build_peft_model,
+        load_base_model,
+        load_tokenizer,
+    )
     from rankfed.edge_client.train import TrainConfig, train_local
 
     base = load_base_model(model_dir, TASK, num_labels=len(LABELS))

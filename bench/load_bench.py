@@ -269,13 +269,10 @@ def proc_hwm_mib(pid: int) -> float:
 
 
 def admin_status(address: str):
-    import grpc
+    from rankfed.coordinator.admin_client import AdminClient
 
-    from rankfed.v1 import admin_pb2 as ProtoAdmin
-    from rankfed.v1 import admin_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        return admin_pb2_grpc.AdminServiceStub(channel).GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), timeout=30)
+    with AdminClient(address, timeout_s=30) as admin:
+        return admin.status()
 
 
 def server_quantiles(metrics_text: str, q: float, name: str = "rankfed_rpc_duration_seconds") -> dict[str, float]:

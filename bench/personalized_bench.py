@@ -137,7 +137,7 @@ class Coordinator:
 
     def round_metrics(self) -> list[dict[str, float]]:
         async def get():
-            return [dict(r.record.metrics) for r in self.coordinator.federation.status().history]
+            return [dict(r.metrics) for r in self.coordinator.federation.status().history]
 
         return asyncio.run_coroutine_threadsafe(get(), self.loop).result(30)
 
@@ -226,12 +226,12 @@ def arm_pfedlora(clients, dirs, args, work: Path) -> dict[str, Any]:
 
 def arm_local(clients, dirs, args, work: Path) -> dict[str, Any]:
     """The pFedLoRA personal model and schedule on each device alone."""
-    from rankfed.coordinator.manifest import load_manifest
     from rankfed.edge_client.data import load_dataset
     from rankfed.edge_client.model import load_base_model, load_tokenizer
     from rankfed.edge_client.personal import PersonalModel, PrivateSettings
-    from rankfed.edge_client.protocol import LoraSettings
     from rankfed.edge_client.train import TrainConfig, evaluate, train_local
+    from rankfed.protocol import LoraSettings
+    from rankfed.protocol.manifest import load_manifest
 
     spec = load_manifest(work / "personalized-manifest.json").adapter_spec()
     results: dict[str, Any] = {}
@@ -266,9 +266,13 @@ def arm_global(clients, dirs, args, work: Path) -> dict[str, Any]:
     from rankfed.aggregation import decode_adapter
     from rankfed.edge_client.data import load_dataset
     from rankfed.edge_client.manifest import build_manifest, write_manifest
-    from rankfed.edge_client.model import load_base_model, load_tokenizer, peft_model_for_adapter
-    from rankfed.edge_client.protocol import LoraSettings
+    from rankfed.edge_client.model import (
+        load_base_model,
+        load_tokenizer,
+        peft_model_for_adapter,
+    )
     from rankfed.edge_client.train import evaluate
+    from rankfed.protocol import LoraSettings
 
     accuracy: dict[str, float] = {}
     for model in ("L6", "L3"):
@@ -285,7 +289,10 @@ def arm_global(clients, dirs, args, work: Path) -> dict[str, Any]:
             run_clients(server.address, group, dirs, args, work, personalized=False)
         finally:
             server.stop()
-        final = work / f"state-global-{model}" / "blobs" / "global" / f"round-{args.rounds:06d}" / "adapter_model.safetensors"
+        from rankfed.coordinator.export import global_adapter_dir
+        from rankfed.protocol.artifact import ADAPTER_FILE
+
+        final = global_adapter_dir(work / f"state-global-{model}", args.rounds) / ADAPTER_FILE
         adapter = decode_adapter(final.read_bytes())
         base = load_base_model(dirs[model], TASK, num_labels=5)
         tok = load_tokenizer(dirs[model])

@@ -113,14 +113,14 @@ def run_n(n: int, args: argparse.Namespace, ctx, raw_port: int, root: Path) -> d
                 status = B.finished_round(address, r)
                 load = B.loadavg()
                 cpu = B.cpu_seconds(coordinator.pid)
-                finished = B.ts(status.finished_at)
+                finished = status.finished_at
                 first_grpc = min(x["grpc_start"] for x in rows)
                 last_receipt = max(x["receipt"] for x in rows)
                 raw_s = max(x["raw_end"] for x in rows) - min(x["raw_start"] for x in rows)
                 total_bytes = sum(x["download_bytes"] + x["upload_bytes"] for x in rows)
                 row = {
                     "round": r,
-                    "phase": B.ProtoCommon.RoundPhase.Name(status.phase),
+                    "phase": status.phase.value,
                     "clients": n,
                     "bytes_moved": total_bytes,
                     "raw_s": raw_s,

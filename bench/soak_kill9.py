@@ -37,7 +37,15 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rankfed.aggregation import decode_adapter, encode_adapter  # noqa: E402
-from tests.coordinator.harness import MANIFEST, CoordinatorProcess, EdgeTestClient, manifest, random_adapter  # noqa: E402
+from rankfed.coordinator.export import global_adapter_dir  # noqa: E402
+from rankfed.protocol.artifact import ADAPTER_FILE  # noqa: E402
+from tests.coordinator.harness import (  # noqa: E402
+    MANIFEST,
+    CoordinatorProcess,
+    EdgeTestClient,
+    manifest,
+    random_adapter,
+)
 
 CONFIG = """
 [server]
@@ -148,7 +156,7 @@ def check_state(data_dir: Path, devices: list[Device], rounds: int) -> dict:
     for r, (phase, sha, _) in phases.items():
         if phase != "done":
             continue
-        path = data_dir / "blobs" / "global" / f"round-{r:06d}" / "adapter_model.safetensors"
+        path = global_adapter_dir(data_dir, r) / ADAPTER_FILE
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha:
             bad_globals.append((r, "sha256"))

@@ -208,3 +208,67 @@ def peer_is_loopback(peer: str) -> bool:
     if kind not in ("ipv4", "ipv6"):
         return False
     return is_loopback_address(rest)
+
+
+# --------------------------------------------------------------------------- preflight
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def transport_mismatch(address: str, tls: TlsOptions | None, *, timeout: float = 5.0) -> str | None:
+    """One line naming a TLS mismatch between this client and the server at `address`, or
+    None when they agree (or the server cannot be reached: that is retried elsewhere).
+
+    Why: gRPC reports every mismatch as UNAVAILABLE "Socket closed" or a handshake failure,
+    which a client retries for minutes. A raw TLS handshake, unverified, tells the cases
+    apart in one round trip: plaintext client vs TLS server, TLS client vs plaintext server,
+    and a mutual-TLS server that refuses a client without a certificate."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "localhost"
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only asking "does it speak TLS?"; gRPC verifies later
+    context.set_alpn_protocols(["h2"])
+    if tls is not None and tls.cert_file and tls.key_file:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError):
+            return None  # unreadable files get their own, clearer error from the channel
+    with raw:
+        try:
+            conn = context.wrap_socket(raw, server_hostname=host)
+        except (ssl.SSLError, OSError):
+            speaks_tls = False
+        else:
+            speaks_tls = True
+            with conn:
+                try:
+                    # Under TLS 1.3 a server that wants a client certificate refuses only after
+                    # the handshake: it closes (or alerts) instead of answering the HTTP/2
+                    # preface with its SETTINGS frame.
+                    conn.sendall(_H2_PREFACE)
+                    refused = conn.recv(1) == b""
+                except ssl.SSLError:
+                    refused = True
+                except OSError:
+                    refused = False  # a timeout or reset: no evidence either way
+    if tls is None and speaks_tls:
+        return (f"the coordinator at {address} speaks TLS and this client plaintext: add --tls-ca CA.pem "
+                "(the CA that signed its certificate) or --tls")
+    if tls is not None and not speaks_tls:
+        return (f"the coordinator at {address} does not speak TLS (a plaintext server, or not a coordinator): "
+                "drop the --tls* options, or configure TLS on the coordinator (server.tls_cert_file)")
+    if speaks_tls and refused:
+        if tls is not None and tls.cert_file:
+            return (f"the coordinator at {address} refused this client's certificate {tls.cert_file} (mutual TLS): "
+                    "use one signed by the CA in its server.tls_client_ca_file")
+        return (f"the coordinator at {address} requires a client certificate (mutual TLS): pass --tls-cert "
+                "and --tls-key with a certificate its CA signed (deploy/make-certs.sh --device NAME)")
+    return None

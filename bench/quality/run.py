@@ -204,7 +204,12 @@ def run_job(job: Job, setup: Setup, out_dir: Path, threads: int) -> dict[str, An
 def _federated(job: Job, split: Any, setup: Setup) -> dict[str, Any]:
     from rankfed.demo.data import model_dir, write_jsonl
     from rankfed.demo.evaluate import Evaluator
-    from rankfed.simulation.engine import RANK_PROFILE, SimClient, SimConfig, run_simulation
+    from rankfed.simulation.engine import (
+        RANK_PROFILE,
+        SimClient,
+        SimConfig,
+        run_simulation,
+    )
 
     method, max_rank, by_dist = {**RULES, **EXTRA_RULES}[job.rule]
     undo = _patch_svd_redistribution() if job.rule.endswith("+init") else None
@@ -242,14 +247,18 @@ def _federated(job: Job, split: Any, setup: Setup) -> dict[str, Any]:
 def _centralized(split: Any, setup: Setup, seed: int) -> dict[str, Any]:
     """Rank-16 LoRA on the pooled training data with the edge client's own training loop;
     scored after each 'round' worth of steps (clients x local steps)."""
+    import numpy as np
+
     from rankfed.demo.data import TextCorpus, model_dir, write_jsonl
     from rankfed.demo.evaluate import Evaluator
     from rankfed.edge_client.data import load_dataset
-    from rankfed.edge_client.model import adapter_from_peft, build_peft_model, load_tokenizer
-    from rankfed.edge_client.protocol import LoraSettings
+    from rankfed.edge_client.model import (
+        adapter_from_peft,
+        build_peft_model,
+        load_tokenizer,
+    )
     from rankfed.edge_client.train import TrainConfig, train_local
-
-    import numpy as np
+    from rankfed.protocol import LoraSettings
 
     pooled = TextCorpus(
         tuple(t for c in split.clients for t in c.texts),
@@ -283,13 +292,12 @@ def _centralized(split: Any, setup: Setup, seed: int) -> dict[str, Any]:
 def _tfidf(split: Any, setup: Setup) -> dict[str, Any]:
     """TF-IDF (1-2-grams) + logistic regression on the pooled training articles: on the full
     text, and on the same first `max_length` tokens the transformer sees."""
+    import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     from rankfed.demo.data import model_dir
     from rankfed.edge_client.model import load_tokenizer
-
-    import numpy as np
 
     train_texts = [t for c in split.clients for t in c.texts]
     train_labels = np.concatenate([c.labels for c in split.clients])

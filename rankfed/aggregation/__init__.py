@@ -13,14 +13,30 @@ See docs/aggregation.md for the formulas, choices and memory bounds.
 
 from .adapter import Adapter, AdapterSpec, LoraModule
 from .codec import FORMAT, decode_adapter, encode_adapter, read_adapter_metadata
-from .errors import AdapterError, AdapterFormatError, AdapterValidationError, AggregationError
+from .errors import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterValidationError,
+    AggregationError,
+)
 from .hetlora_client import hetlora_prune_rank, hetlora_tail_norm, hetlora_tail_penalty
 from .peft_config import peft_adapter_config
-from .redistribute import redistribute_svd, redistribute_truncate, rescale, revive_inert, truncate
+from .redistribute import (
+    redistribute_svd,
+    redistribute_truncate,
+    rescale,
+    revive_inert,
+    truncate,
+)
 from .registry import METHODS, Method, get_method
 from .rules.padding import fedit, hetlora, hetlora_norms, rbla, replication, zero_pad
 from .rules.svd_based import flexlora, flora
-from .streaming import Accumulator, ComponentAccumulator, FlexLoraAccumulator, FloraAccumulator
+from .streaming import (
+    Accumulator,
+    ComponentAccumulator,
+    FlexLoraAccumulator,
+    FloraAccumulator,
+)
 from .svd import factored_svd, factored_svd_parts
 
 __all__ = [

@@ -12,7 +12,12 @@ from typing import Any
 from .adapter import Adapter, AdapterSpec
 from .redistribute import redistribute_svd, redistribute_truncate
 from .rules import padding, svd_based
-from .streaming import Accumulator, ComponentAccumulator, FlexLoraAccumulator, FloraAccumulator
+from .streaming import (
+    Accumulator,
+    ComponentAccumulator,
+    FlexLoraAccumulator,
+    FloraAccumulator,
+)
 
 __all__ = ["Method", "METHODS", "get_method"]
 
@@ -25,6 +30,10 @@ class Method:
     ``redistribution``: ``"truncate"`` (first r components) or ``"svd"`` (rank-r SVD).
     ``merges_global``: in the paper clients merge the global ΔW into their base weights
     and start a fresh LoRA (FLoRA) instead of continuing from a redistributed adapter.
+    ``homogeneous``: averages A and B as they are, so every client must train one rank.
+    ``client_pruning``: clients may upload fewer components than assigned (HetLoRA's
+    self-pruning), and ``sticky_pruning``: that smaller rank is kept for the next round.
+    These traits are the only place the rest of RankFed learns what a rule needs.
     Options (``unowned``, ``norm``, ``fill``, ``exact_global``, ``compress_at``, ``split``)
     are keyword arguments of ``aggregate``/``accumulator``/``redistribute``; see the rule.
     """
@@ -35,6 +44,9 @@ class Method:
     batch: Callable[..., Adapter]
     make_accumulator: Callable[..., Accumulator]
     merges_global: bool = False
+    homogeneous: bool = False
+    client_pruning: bool = False
+    sticky_pruning: bool = False
     summary: str = ""
 
     def aggregate(
@@ -78,12 +90,12 @@ METHODS: Mapping[str, Method] = MappingProxyType(
     {
         m.name: m
         for m in (
-            Method("fedit", True, "truncate", padding.fedit, _component("fedit"),
+            Method("fedit", True, "truncate", padding.fedit, _component("fedit"), homogeneous=True,
                    summary="FedAvg of A and B; equal ranks only"),
             Method("zero_pad", True, "truncate", padding.zero_pad, _component("zero_pad"),
                    summary="zero-pad to the global rank, FedAvg"),
             Method("hetlora", True, "truncate", padding.hetlora, _component("hetlora"),
-                   summary="zero-pad, weights ∝ ‖B_k A_k‖_F, truncate back"),
+                   client_pruning=True, sticky_pruning=True, summary="zero-pad, weights ∝ ‖B_k A_k‖_F, truncate back"),
             Method("replication", True, "truncate", padding.replication, _component("replication"),
                    summary="pad with the high-rank clients' values, FedAvg"),
             Method("rbla", True, "truncate", padding.rbla, _component("rbla"),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,20 +25,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", type=Path, help="TOML config (see deploy/coordinator.example.toml)")
     serve.add_argument("--address", help="host:port to listen on, e.g. 127.0.0.1:50051 (port 0: any free port)")
     serve.add_argument("--data-dir", type=Path, help="state database and blob directory")
-    serve.add_argument("--manifest", type=Path, help="model manifest JSON (overrides model.manifest)")
+    serve.add_argument("--manifest", type=Path, help="model manifest JSON (overrides model.manifest; default: the bundled all-MiniLM-L6-v2 demo manifest)")
     serve.add_argument("--insecure", action="store_true", default=None,
                        help="serve plaintext on a non-loopback address (server.insecure); prefer TLS")
     serve.add_argument("--tls-cert", type=Path, help="server certificate PEM (server.tls_cert_file)")
     serve.add_argument("--tls-key", type=Path, help="server private key PEM (server.tls_key_file)")
     serve.add_argument("--tls-client-ca", type=Path,
                        help="CA PEM for client certificates: mutual TLS (server.tls_client_ca_file)")
-    serve.add_argument("--metrics-address", help="host:port for Prometheus /metrics (server.metrics_address)")
+    serve.add_argument("--metrics-address", help="host:port for Prometheus /metrics and the live dashboard at /dashboard (server.metrics_address)")
+    serve.add_argument("--tensorboard", metavar="DIR",
+                       help="write round and device metrics as TensorBoard event files here (tracking.tensorboard_dir)")
+    serve.add_argument("--mlflow", metavar="URI",
+                       help="log round and device metrics to MLflow: a tracking URI or a directory (tracking.mlflow_uri)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     serve.add_argument("--exit-when-done", action="store_true", help="exit after the last round instead of idling")
     serve.add_argument("--log-format", choices=("json", "text"), default="json")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     serve.set_defaults(func=_serve)
+    export = commands.add_parser(
+        "export",
+        help="write one global adapter (a round, the last or the best) as a PEFT-loadable directory",
+        description="Copy a round's global adapter out of a coordinator's data directory: "
+                    "adapter_model.safetensors (its metadata names the task, labels and target modules), "
+                    "adapter_config.json and rankfed-export.json. Safe beside a running coordinator.",
+    )
+    export.add_argument("--data-dir", type=Path, default=Path("rankfed-data"), help="the coordinator's data directory")
+    export.add_argument("--round", default="last", help="a round number, 'last' or 'best' (default: last)")
+    export.add_argument("--metric", default="eval_accuracy",
+                        help="round metric that ranks rounds for --round best (devices' reported evaluation)")
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.set_defaults(func=_export)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -59,6 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["server.insecure"] = True
     if args.metrics_address:
         overrides["server.metrics_address"] = args.metrics_address
+    if args.tensorboard:
+        overrides["tracking.tensorboard_dir"] = args.tensorboard
+    if args.mlflow:
+        overrides["tracking.mlflow_uri"] = args.mlflow
     if args.address:
         overrides["server.address"] = args.address
     if args.data_dir:
@@ -83,8 +105,32 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
     except ConfigError as exc:
+        # Exit 2: the unit file (RestartPreventExitStatus=2) does not restart into the same error.
         print(f"rankfed: config error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, the traceback in the log
+        logging.getLogger("rankfed.coordinator").debug("coordinator failed", exc_info=True)
+        print(f"rankfed: error: {type(exc).__name__}: {exc} (run with --log-level debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rankfed.coordinator.errors import ConfigError, NotFoundError
+    from rankfed.coordinator.export import export_global_adapter
+
+    try:
+        result = export_global_adapter(args.data_dir, args.round, args.out, metric=args.metric)
+    except ConfigError as exc:
+        print(f"rankfed coordinator export: {exc}", file=sys.stderr)
+        return 2
+    except (NotFoundError, OSError) as exc:
+        print(f"rankfed coordinator export: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote round {result.round} ({result.chosen_by}) to {result.out_dir}, sha256 {result.sha256[:16]}…")
+    return 0
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

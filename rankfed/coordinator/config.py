@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankfed.aggregation.registry import METHODS
 from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.models import AlphaRule, DeviceClass
+from rankfed.protocol import AlphaRule, DeviceClass, FederationMode
 
 __all__ = [
     "AGGREGATION_METHODS",
@@ -47,14 +48,16 @@ __all__ = [
     "RankPolicyConfig",
     "RankTier",
     "ServerConfig",
+    "StorageConfig",
+    "TrackingConfig",
     "config_from_mapping",
     "config_to_dict",
     "field_help",
     "load_config",
 ]
 
-FEDERATION_MODES = ("rank_heterogeneous", "personalized")
-AGGREGATION_METHODS = ("fedit", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora")
+FEDERATION_MODES = tuple(m.value for m in FederationMode)
+AGGREGATION_METHODS = tuple(METHODS)  # the method registry is the one list of rules
 # Room a chunk message needs beyond its payload (offsets, ids, digest): the gRPC receive
 # limit must exceed max_chunk_bytes by at least this much.
 CHUNK_OVERHEAD_BYTES = 64 * 1024
@@ -137,10 +140,12 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    manifest: Path = _f(
-        Path("model-manifest.json"),
+    manifest: str = _f(
+        "",
         "The model manifest (base model id, weights sha256, task, LoRA module shapes); "
-        "write one with `rankfed edge manifest`.",
+        "write one with `rankfed edge manifest`. Empty: the bundled demo manifest "
+        "(all-MiniLM-L6-v2, 5 labels: what `rankfed edge run` uses with no --model).",
+        path=True,
     )
 
 
@@ -244,6 +249,44 @@ class RankPolicyConfig:
     tiers: tuple[RankTier, ...] = _f(
         DEFAULT_TIERS, "Tiers tried in order; the first whose conditions all hold wins."
     )
+    hysteresis: float = _f(
+        0.1,
+        "Relative band around the tiers' numeric thresholds (min_gflops, min_memory_gb, "
+        "min_upload_mbps, min_cores) that keeps a device's rank steady between rounds when "
+        "its re-measured capability wobbles: it keeps its tier until it falls below "
+        "threshold × (1 - hysteresis), and moves to a higher tier only past threshold × "
+        "(1 + hysteresis). 0: no band.",
+        ge=0,
+        lt=1,
+    )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    updates_keep_rounds: int = _f(
+        0,
+        "Retention of accepted update files (blobs/updates/): keep those of the last N closed "
+        "rounds and delete older ones once their round's global adapter is on disk (or the "
+        "round failed); 0: keep every update. Global adapters are never deleted.",
+        ge=0,
+    )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tensorboard_dir: str = _f(
+        "",
+        "Write round and per-device metrics as TensorBoard event files under this directory "
+        "(one run per federation id; needs the `tracking` extra: tensorboardX). Empty: off.",
+        path=True,
+    )
+    mlflow_uri: str = _f(
+        "",
+        "Log round and per-device metrics to MLflow: a tracking URI (http://host:5000, "
+        "sqlite:///mlflow.db) or a directory for MLflow's file store (needs the `tracking` "
+        "extra: mlflow-skinny). One MLflow run per federation, resumed after a restart. Empty: off.",
+    )
+    mlflow_experiment: str = _f("rankfed", "MLflow experiment the runs go to (created if missing).")
 
 
 @dataclass(frozen=True)
@@ -253,6 +296,8 @@ class CoordinatorConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     federation: FederationConfig = field(default_factory=FederationConfig)
     rank_policy: RankPolicyConfig = field(default_factory=RankPolicyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Path | None = None  # the TOML file this came from; None: embedded defaults
 
 
@@ -262,6 +307,8 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "federation": FederationConfig,
     "rank_policy": RankPolicyConfig,
+    "storage": StorageConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -573,11 +620,15 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
             f"client) or ≥ federation.min_clients = {fed.min_clients}, or no round can "
             "reach its quorum"
         )
-    if fed.mode == "personalized" and fed.method != "fedit":
+    if fed.mode == FederationMode.PERSONALIZED and fed.method in METHODS and not METHODS[fed.method].homogeneous:
+        homogeneous = [name for name, m in METHODS.items() if m.homogeneous]
         errors.append(
             f"federation.method = {fed.method!r}: federation.mode = 'personalized' averages one "
-            "homogeneous shared adapter (FedAvg); set federation.method = \"fedit\""
+            f"homogeneous shared adapter; set federation.method to one of {homogeneous}"
         )
+    tracking: TrackingConfig = s["tracking"]
+    if tracking.mlflow_uri and not tracking.mlflow_experiment.strip():
+        errors.append("tracking.mlflow_experiment = '': name the MLflow experiment (default \"rankfed\")")
     if fed.heartbeat_timeout_seconds <= fed.heartbeat_interval_seconds:
         errors.append(
             f"federation.heartbeat_timeout_seconds = {fed.heartbeat_timeout_seconds}: must "

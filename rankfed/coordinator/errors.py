@@ -14,14 +14,22 @@ CoordinatorError
 └── ConfigError            bad configuration (raised at start-up, never over the wire)
 
 The servicer maps these to gRPC status codes in one table (servicer_errors.py). Messages are
-written for a person: they say what was wrong and what to do.
+written for a person: they say what was wrong and what to do; what code must compare travels
+as a typed `detail` (rankfed.protocol.ErrorDetail).
 """
 
 from __future__ import annotations
 
+from rankfed.protocol import ErrorDetail
+
 
 class CoordinatorError(Exception):
-    """Base of every error the coordinator core raises on purpose."""
+    """Base of every error the coordinator core raises on purpose. `detail`, when set, travels
+    with the status as a typed google.rpc.ErrorInfo, for clients to compare fields, not text."""
+
+    def __init__(self, message: str = "", *, detail: ErrorDetail | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class AuthError(CoordinatorError):

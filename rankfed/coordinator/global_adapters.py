@@ -16,10 +16,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankfed.aggregation import Adapter, decode_adapter, encode_adapter, peft_adapter_config, revive_inert
-from rankfed.coordinator.manifest import ModelManifest
+from rankfed.aggregation import (
+    Adapter,
+    decode_adapter,
+    encode_adapter,
+    peft_adapter_config,
+    revive_inert,
+)
 from rankfed.coordinator.store import BlobStore
 from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
+from rankfed.protocol.artifact import AdapterCard
+from rankfed.protocol.manifest import ModelManifest
 
 
 @dataclass(frozen=True)
@@ -92,11 +99,14 @@ class GlobalAdapters:
         return open(self._blobs.path(relpath), "rb")
 
     def _metadata(self, round_no: int) -> dict[str, str]:
-        return {
-            "round": str(round_no),
-            "base_model_id": self._manifest.model_id,
-            "base_model_sha256": self._manifest.weights_sha256,
-        }
+        m = self._manifest
+        card = AdapterCard(
+            task=m.task, target_modules=tuple(m.target_modules), labels=m.labels, num_labels=m.num_labels,
+            modules_to_save=tuple(m.modules_to_save), base_model_id=m.model_id, base_model_sha256=m.weights_sha256,
+            round=round_no, method=self._method.name,
+        )
+        return {"round": str(round_no), "base_model_id": m.model_id, "base_model_sha256": m.weights_sha256,
+                **card.to_metadata()}
 
 
 def directory_of(blobs: BlobStore, round_no: int) -> Path:

@@ -1,15 +1,11 @@
-"""Upload ingest: the one core call behind UploadUpdate, used by the gRPC servicer and the
-in-process simulation transport alike.
+"""Uploads: one core call takes an update's header and its chunks, stores and verifies them,
+fsyncs the file, commits the receipt and folds the update into the round's running
+aggregate; only then does it return the receipt. A broken, cancelled, late or rejected
+stream leaves no trace. Every transport (gRPC, in-process) drives `Ingest.upload`.
 
-    receipt = await federation.upload(client_id, header, chunks)
-
-`chunks` is an async iterator of `(offset, data)`; the call checks the header, streams
-the chunks to a temporary blob (written and hashed on writer threads, see `uploads`),
-verifies size, sha256 and content, and then, as one shielded step under the round lock,
-commits (fsync), records the receipt and folds the update into the round's accumulator.
-Only then does it return the receipt. Whatever ends the call early (a rejected chunk, a
-broken or cancelled stream, a timeout raised by the iterator) removes the temporary file
-and puts the participant back to TRAINING; nothing else needs cleaning up by the caller.
+The chunks are written and hashed on a small shared pool of writer threads, each upload
+one in-order strand on it (`rankfed.coordinator.uploads`); the event loop only queues
+them and waits when a stream is more than two chunks ahead of its disk.
 
 Retries. A device whose stream broke retries with a new stream, perhaps before the old one
 is noticed dead. The outcome, for the two streams of one device and round:
@@ -30,58 +26,44 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from rankfed.aggregation import Accumulator, Adapter, AdapterSpec
-from rankfed.coordinator.config import ServerConfig
-from rankfed.coordinator.errors import DuplicateError, PreconditionError, RetryLaterError
-from rankfed.coordinator.models import ClientRecord, Participant, ParticipantState, Receipt, UploadHeader
-from rankfed.coordinator.store import BlobStore, StateStore
+from rankfed.aggregation import Adapter, decode_adapter
+from rankfed.coordinator.context import FederationContext
+from rankfed.coordinator.dispatch import TaskDispatcher
+from rankfed.coordinator.errors import (
+    DuplicateError,
+    PreconditionError,
+    RetryLaterError,
+)
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt
 from rankfed.coordinator.store.blobs import update_relpath
 from rankfed.coordinator.uploads import SessionState, UploadSession, check_header
+from rankfed.protocol import (
+    Chunk,
+    ErrorDetail,
+    ErrorReason,
+    ParticipantState,
+    UploadHeader,
+)
 
 log = logging.getLogger("rankfed.coordinator")
 
-Chunks = AsyncIterable[tuple[int, bytes | memoryview]]
-
-# Participants that have downloaded the round's adapter (so may upload).
+# A device may upload only after downloading its round's adapter (it trains from it).
 _DOWNLOADED_STATES = (ParticipantState.TRAINING, ParticipantState.UPLOADING, ParticipantState.DROPPED)
 
 
-@dataclass(frozen=True)
-class RoundHooks:
-    """What ingest needs from the round logic, as named callables (no private reach-in)."""
-
-    round_lock: asyncio.Lock  # held by round close: an update folds before or after, never during
-    participant: Callable[[str, int], Participant]  # the open round's participant or PreconditionError
-    accumulator: Callable[[], Accumulator | None]  # the open round's running aggregate
-    client: Callable[[str], ClientRecord]
-    fold_failed: Callable[[str], None]  # an accepted update could not be folded (a bug): fail the round
-    notify: Callable[[], None]  # wake long-polls and the round loop
-    clock: Callable[[], float]
-
-
 class Ingest:
-    def __init__(
-        self, *, server: ServerConfig, store: StateStore, blobs: BlobStore, spec: AdapterSpec,
-        homogeneous: bool, hooks: RoundHooks, uploading: dict[str, UploadSession],
-    ) -> None:
-        self._server = server
-        self._store = store
-        self._blobs = blobs
-        self._spec = spec
-        self._homogeneous = homogeneous
-        self._hooks = hooks
-        # Open streams by client. The round logic reads it too (an uploading client is
-        # alive and pending), and clears it when a round closes.
-        self._uploading = uploading
-        # Bounds the transient memory of concurrent decodes (each maps a whole update).
-        self._decode_slots = asyncio.Semaphore(2)
+    def __init__(self, ctx: FederationContext, dispatch: TaskDispatcher) -> None:
+        self._ctx = ctx
+        self._dispatch = dispatch
+        self._decode_slots = asyncio.Semaphore(2)  # bounds transient memory of concurrent decodes
         self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
+        """Stop the writer threads (after the server stopped: no stream is open)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -94,17 +76,18 @@ class Ingest:
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rankfed-upload")
         return self._pool
 
-    # ------------------------------------------------------------------ the core call
+    async def upload(self, client_id: str, header: UploadHeader, chunks: AsyncIterable[Chunk]) -> Receipt:
+        """Store, verify, persist and fold one update; the receipt means it counts.
 
-    async def upload(self, client_id: str, header: UploadHeader, chunks: Chunks) -> Receipt:
-        """Receive, verify, persist and fold one update; returns its receipt."""
-        session = self.begin(client_id, header)
+        A chunk's `data` may be any bytes-like object (the gRPC path passes a memoryview of
+        the received message); it must not change until the call returns."""
+        session = self._begin(client_id, header)
         try:
-            async for offset, data in chunks:
-                await session.add_chunk(offset, data)
+            async for chunk in chunks:
+                await session.add_chunk(chunk.offset, chunk.data)
             await session.seal()
             async with self._decode_slots:
-                adapter = await asyncio.to_thread(session.verify, self._spec, homogeneous=self._homogeneous)
+                adapter = await asyncio.to_thread(session.verify, self._ctx.spec, homogeneous=self._ctx.homogeneous)
         except BaseException:
             # Broken stream, cancelled call, timeout or rejected content: leave no trace.
             self._abort(session)
@@ -112,19 +95,28 @@ class Ingest:
         # From here the update is complete and valid: commit, receipt and fold run as one
         # shielded task, so a caller that goes away now cannot leave a receipt whose update
         # was never folded (or an fsynced file without a receipt).
-        return await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
+        receipt = await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
+        del adapter  # the last views of the mapped update: it is unmapped, its pages can go
+        try:
+            self._writers().submit(session.drop_cache)
+        except RuntimeError:  # the pool is shut down: the coordinator is stopping
+            pass
+        return receipt
 
-    def begin(self, client_id: str, header: UploadHeader) -> UploadSession:
+    def _begin(self, client_id: str, header: UploadHeader) -> UploadSession:
+        ctx = self._ctx
         # Checked first, even for a closed round: a client whose receipt was lost retries, and
         # ALREADY_EXISTS (with the digest we hold) tells it the update counted.
         self._reject_duplicate(client_id, header.round)
-        part = self._hooks.participant(client_id, header.round)
+        part = self._dispatch.training_participant(client_id, header.round, action="upload")
         if part.bytes_down == 0 or part.state not in _DOWNLOADED_STATES:
             raise PreconditionError(
-                f"upload before download: download the round {header.round} global adapter first (state {part.state.value})"
+                f"upload before download: download the round {header.round} global adapter first "
+                f"(state {part.state.value})"
             )
-        check_header(header, part, max_upload_bytes=self._server.max_upload_bytes, homogeneous=self._homogeneous)
-        previous = self._uploading.get(client_id)
+        check_header(header, part, max_upload_bytes=ctx.config.server.max_upload_bytes, homogeneous=ctx.homogeneous)
+        uploading = ctx.state.uploading
+        previous = uploading.get(client_id)
         if previous is not None:
             if previous.state is not SessionState.STREAMING:
                 raise RetryLaterError(
@@ -136,88 +128,100 @@ class Ingest:
             # stream replaces the old one, whose handler stops at its next chunk.
             previous.supersede()
             log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
-        writer = self._blobs.open_writer(update_relpath(header.round, client_id))
-        session = UploadSession(header, part, writer, max_chunk_bytes=self._server.max_chunk_bytes, pool=self._writers())
-        self._uploading[client_id] = session
+        writer = ctx.blobs.open_writer(update_relpath(header.round, client_id))
+        session = UploadSession(
+            header, part, writer, max_chunk_bytes=ctx.config.server.max_chunk_bytes, pool=self._writers(),
+        )
+        uploading[client_id] = session
         if part.state is not ParticipantState.UPLOADING:
-            self._store.put_participant(replace(part, state=ParticipantState.UPLOADING))
-            self._hooks.notify()
+            ctx.store.put_participant(replace(part, state=ParticipantState.UPLOADING))
+            ctx.changes.notify()
         return session
 
     def _reject_duplicate(self, client_id: str, round_no: int) -> None:
         if round_no >= 2**63:
             return  # no such round (SQLite integers are signed 64-bit); the round check refuses it
-        receipt = self._store.get_receipt(round_no, client_id)
+        receipt = self._ctx.store.get_receipt(round_no, client_id)
         if receipt is not None:
             raise DuplicateError(
                 f"an update for round {round_no} was already accepted from this client "
-                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})"
+                f"(receipt {receipt.receipt_id}, sha256 {receipt.sha256})",
+                detail=ErrorDetail(ErrorReason.UPDATE_ALREADY_ACCEPTED, {
+                    "round": str(round_no), "sha256": receipt.sha256, "receipt_id": receipt.receipt_id,
+                }),
             )
 
     def _abort(self, session: UploadSession) -> None:
         session.abort()
-        if self._uploading.get(session.client_id) is session:
-            del self._uploading[session.client_id]
+        if self._ctx.state.uploading.get(session.client_id) is session:
+            del self._ctx.state.uploading[session.client_id]
             self._revert_uploading(session)
 
+    def _forget(self, session: UploadSession) -> None:
+        if self._ctx.state.uploading.get(session.client_id) is session:
+            del self._ctx.state.uploading[session.client_id]
+
     def _revert_uploading(self, session: UploadSession) -> None:
-        part = self._store.get_participant(session.round, session.client_id)
+        store = self._ctx.store
+        part = store.get_participant(session.round, session.client_id)
         if (
             part is not None
             and part.state is ParticipantState.UPLOADING
-            and self._store.get_receipt(session.round, session.client_id) is None
+            and store.get_receipt(session.round, session.client_id) is None
         ):
-            self._store.put_participant(replace(part, state=ParticipantState.TRAINING))
-            self._hooks.notify()
+            store.put_participant(replace(part, state=ParticipantState.TRAINING))
+            self._ctx.changes.notify()
 
     async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
-        header = session.header
+        ctx, state, header = self._ctx, self._ctx.state, session.header
         try:
-            async with self._hooks.round_lock:
+            async with state.lock:
                 self._reject_duplicate(session.client_id, session.round)
-                part = self._hooks.participant(session.client_id, session.round)
+                part = self._dispatch.training_participant(session.client_id, session.round, action="upload")
                 relpath = await asyncio.to_thread(session.commit)
                 receipt = Receipt(
                     round=session.round, client_id=session.client_id, receipt_id="r-" + secrets.token_hex(8),
                     rank=header.rank, num_examples=header.num_examples, nbytes=session.received,
-                    sha256=header.sha256, blob_path=relpath, accepted_at=self._hooks.clock(), metrics=header.metrics,
+                    sha256=header.sha256, blob_path=relpath, accepted_at=ctx.clock(), metrics=header.metrics,
                 )
-                client = self._hooks.client(session.client_id)
+                client = ctx.require_client(session.client_id)
                 try:
                     self._record_receipt(receipt, part, client, session)
                 except BaseException:
-                    self._blobs.delete(relpath)  # no receipt, so no file either
+                    ctx.blobs.delete(relpath)  # no receipt, so no file either
                     raise
-                accumulator = self._hooks.accumulator()
-                if accumulator is None:
+                if state.accumulator is None:
                     raise RuntimeError(f"round {session.round} is open but has no accumulator")
                 try:
-                    await asyncio.to_thread(accumulator.fold, adapter, float(header.num_examples))
+                    await asyncio.to_thread(state.accumulator.fold, adapter, float(header.num_examples))
                 except Exception as exc:  # validated input should always fold: a bug, not a client error
                     log.exception("could not fold an accepted update", extra={"round": session.round})
-                    self._hooks.fold_failed(f"{session.client_id}: {exc}")
+                    state.fold_failures.append(f"{session.client_id}: {exc}")
         except BaseException:
             session.abort()  # a no-op once committed
             self._revert_uploading(session)
             raise
         finally:
-            if self._uploading.get(session.client_id) is session:
-                del self._uploading[session.client_id]
+            self._forget(session)
         log.info("update accepted", extra={
             "round": session.round, "client_id": session.client_id, "rank": header.rank, "bytes": session.received,
         })
-        self._hooks.notify()
+        ctx.changes.notify()
         return receipt
 
     def _record_receipt(self, receipt: Receipt, part: Participant, client: ClientRecord, session: UploadSession) -> None:
-        header = session.header
-        with self._store.transaction():
-            self._store.add_receipt(receipt)
-            self._store.put_participant(replace(
+        ctx, header = self._ctx, session.header
+        with ctx.store.transaction():
+            ctx.store.add_receipt(receipt)
+            ctx.store.put_participant(replace(
                 part, state=ParticipantState.UPLOADED, bytes_up=part.bytes_up + session.received,
                 num_examples=header.num_examples, metrics=header.metrics,
             ))
-            self._store.upsert_client(replace(
-                client, rounds_completed=client.rounds_completed + 1, deadlines_missed=0,
-                last_seen_at=self._hooks.clock(),
+            ctx.store.upsert_client(replace(
+                client, rounds_completed=client.rounds_completed + 1, deadlines_missed=0, last_seen_at=ctx.clock()
             ))
+
+
+def load_update(ctx: FederationContext, receipt: Receipt) -> Adapter:
+    """An acknowledged update, decoded from its blob (crash resume refolds these)."""
+    return decode_adapter(ctx.blobs.read_bytes(receipt.blob_path), spec=ctx.spec)

@@ -1,11 +1,14 @@
-"""Prometheus metrics for the coordinator, and the small HTTP endpoint that serves them.
+"""Prometheus metrics for the coordinator, with prometheus_client (text exposition 0.0.4).
 
-The text exposition format (version 0.0.4) is simple enough to write by hand, so the core
-install needs no prometheus-client: counters and histograms live here, gauges (round,
-phase, clients by state) are read from the federation at scrape time.
+Each coordinator has its own CollectorRegistry (tests run several in one process). Counters
+and histograms are updated by the servicers; gauges (round, phase, clients by state, disk
+use) are read from the federation at scrape time by a custom collector, so they can never
+go stale. The standard process (CPU, memory, open files) and Python (GC, version)
+collectors are registered too.
 
     rankfed_rpcs_total{method,code}               RPCs by method and final status code
     rankfed_rpc_duration_seconds{method}          RPC latency (GetTask includes its long-poll)
+    rankfed_get_task_overrun_seconds              GetTask WAIT answers: time past the long-poll's due moment
     rankfed_upload_duration_seconds               header to receipt of accepted uploads
     rankfed_uploads_rejected_total{code,reason}   rejected uploads by status and short reason
     rankfed_bytes_received_total / _sent_total    update bytes in, adapter bytes out
@@ -16,21 +19,28 @@ phase, clients by state) are read from the federation at scrape time.
     rankfed_participants{state}                   participants of the current round by state
     rankfed_clients{state}                        registered devices: online, offline, left
     rankfed_federation_done                       1 once the last round is closed
+    rankfed_storage_bytes{kind}                   bytes on disk: updates, global adapters, state db
+    rankfed_updates_deleted_total                 accepted updates deleted by [storage] retention
+    process_*, python_*                           prometheus_client's process and platform collectors
 
-Served on `server.metrics_address` (plain HTTP, GET /metrics); keep it on loopback or a
-private network: it reveals counts, never tokens, names or payloads.
+Served on `server.metrics_address` (plain HTTP, GET /metrics; rankfed/coordinator/http.py);
+keep it on loopback or a private network: it reveals counts, never tokens, names or payloads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
-import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
 
 from rankfed.coordinator import errors
 
@@ -40,86 +50,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rankfed.coordinator")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-Labels = tuple[tuple[str, str], ...]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Labels, extra: Labels = ()) -> str:
-    items = (*labels, *extra)
-    if not items:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in items) + "}"
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class Counter:
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
-        self._values: dict[Labels, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple((k, str(labels[k])) for k in self.labelnames)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(tuple((k, str(labels[k])) for k in self.labelnames), 0.0)
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        if not self._values and not self.labelnames:
-            yield f"{self.name} 0"
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(key)} {_num(value)}"
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: Sequence[float], labelnames: Sequence[str] = ()) -> None:
-        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
-        self.buckets = tuple(sorted(buckets))
-        self._series: dict[Labels, list[float]] = {}  # per bucket counts..., then +Inf count, sum
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = tuple((k, str(labels[k])) for k in self.labelnames)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = [0.0] * (len(self.buckets) + 2)
-        series[bisect.bisect_left(self.buckets, value)] += 1  # non-cumulative here
-        series[-1] += value
-
-    def count(self, **labels: str) -> int:
-        series = self._series.get(tuple((k, str(labels[k])) for k in self.labelnames))
-        return 0 if series is None else int(sum(series[:-1]))
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
-        for key, series in sorted(self._series.items()):
-            running = 0.0
-            for bound, n in zip((*self.buckets, math.inf), series[:-1]):
-                running += n
-                yield f"{self.name}_bucket{_labels(key, (('le', _num(bound)),))} {_num(running)}"
-            yield f"{self.name}_sum{_labels(key)} {_num(series[-1])}"
-            yield f"{self.name}_count{_labels(key)} {_num(running)}"
-
-
-def _gauge(name: str, help: str, samples: Iterable[tuple[Labels, float]]) -> Iterable[str]:
-    yield f"# HELP {name} {help}"
-    yield f"# TYPE {name} gauge"
-    for key, value in samples:
-        yield f"{name}{_labels(key)} {_num(value)}"
+# The `_created` timestamps prometheus_client adds to every counter by default double the
+# series count and no dashboard of ours uses them. Process-wide, and idempotent.
+prometheus_client.disable_created_metrics()
 
 
 # --------------------------------------------------------------------------- rejection reasons
@@ -181,53 +118,74 @@ _SAFE_LABEL = re.compile(r"[^A-Za-z0-9_]")
 
 
 class CoordinatorMetrics:
-    """Every metric the coordinator exports; one instance per running coordinator."""
+    """Every metric the coordinator exports; one instance (and registry) per coordinator."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
-        self.rpcs = Counter("rankfed_rpcs_total", "RPCs handled, by method and final status code.", ("method", "code"))
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        # prometheus_client appends `_total` to counter names itself.
+        self.rpcs = Counter("rankfed_rpcs", "RPCs handled, by method and final status code.", ("method", "code"),
+                            registry=reg)
         self.rpc_seconds = Histogram(
             "rankfed_rpc_duration_seconds", "RPC latency by method (GetTask includes its long-poll).",
-            LATENCY_BUCKETS, ("method",),
+            ("method",), buckets=LATENCY_BUCKETS, registry=reg,
         )
         self.get_task_overrun = Histogram(
             "rankfed_get_task_overrun_seconds",
             "GetTask answered WAIT: how long after its long-poll was due (the coordinator's own delay).",
-            LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS, registry=reg,
         )
         self.upload_seconds = Histogram(
-            "rankfed_upload_duration_seconds", "Accepted uploads: first message to receipt.", LATENCY_BUCKETS
+            "rankfed_upload_duration_seconds", "Accepted uploads: first message to receipt.",
+            buckets=LATENCY_BUCKETS, registry=reg,
         )
         self.rejected = Counter(
-            "rankfed_uploads_rejected_total", "Uploads refused, by status code and short reason.", ("code", "reason")
+            "rankfed_uploads_rejected", "Uploads refused, by status code and short reason.", ("code", "reason"),
+            registry=reg,
         )
-        self.bytes_in = Counter("rankfed_bytes_received_total", "Update bytes received in upload chunks.")
-        self.bytes_out = Counter("rankfed_bytes_sent_total", "Adapter bytes sent in download chunks.")
-        self.rounds = Counter("rankfed_rounds_total", "Rounds closed since the coordinator started.", ("outcome",))
+        self.bytes_in = Counter("rankfed_bytes_received", "Update bytes received in upload chunks.", registry=reg)
+        self.bytes_out = Counter("rankfed_bytes_sent", "Adapter bytes sent in download chunks.", registry=reg)
+        self.rounds = Counter("rankfed_rounds", "Rounds closed since the coordinator started.", ("outcome",),
+                              registry=reg)
         self.aggregation_seconds = Histogram(
             "rankfed_aggregation_duration_seconds", "Time to aggregate a round and save its global adapter.",
-            AGGREGATION_BUCKETS,
+            buckets=AGGREGATION_BUCKETS, registry=reg,
         )
+        self.updates_deleted = Counter(
+            "rankfed_updates_deleted", "Accepted update files deleted by [storage] retention.", registry=reg
+        )
+        prometheus_client.ProcessCollector(registry=reg)
+        prometheus_client.PlatformCollector(registry=reg)
+        prometheus_client.GCCollector(registry=reg)
         self._federation: Federation | None = None
+        self._gauges: _FederationCollector | None = None
 
-    def bind(self, federation: Federation) -> None:
-        """Read gauges from this federation at scrape time, and count its closed rounds."""
+    def bind(self, federation: Federation, disk_usage: Callable[[], dict[str, int]] | None = None) -> None:
+        """Read gauges from this federation at scrape time (and disk use from `disk_usage`)."""
         self._federation = federation
-        federation.on_round_closed = self.round_closed
+        if self._gauges is None:
+            self._gauges = _FederationCollector(federation, disk_usage)
+            self.registry.register(self._gauges)
+
+    def sample(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when absent): for tests and the dashboard."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
 
     # ---------------------------------------------------------------- events
 
     def rpc_done(self, method: str, code: str, seconds: float, exc: BaseException | None = None) -> None:
-        self.rpcs.inc(method=method, code=code)
-        self.rpc_seconds.observe(seconds, method=method)
+        self.rpcs.labels(method=method, code=code).inc()
+        self.rpc_seconds.labels(method=method).observe(seconds)
         if method == "UploadUpdate":
             if code == "OK":
                 self.upload_seconds.observe(seconds)
             else:
-                self.rejected.inc(code=code, reason=_SAFE_LABEL.sub("_", reject_reason(exc)))
+                self.rejected.labels(code=code, reason=_SAFE_LABEL.sub("_", reject_reason(exc))).inc()
 
     def round_closed(self, record: RoundRecord) -> None:
-        self.rounds.inc(outcome=record.phase.value)
+        self.rounds.labels(outcome=record.phase.value).inc()
         seconds = record.metrics.get("aggregation_seconds")
         if seconds is not None:
             self.aggregation_seconds.observe(float(seconds))
@@ -235,83 +193,52 @@ class CoordinatorMetrics:
     # ---------------------------------------------------------------- exposition
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in (self.rpcs, self.rpc_seconds, self.get_task_overrun, self.upload_seconds, self.rejected, self.bytes_in,
-                       self.bytes_out, self.rounds, self.aggregation_seconds):
-            lines.extend(metric.render())
-        if self._federation is not None:
-            lines.extend(self._gauges(self._federation))
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
 
-    def _gauges(self, fed: Federation) -> Iterable[str]:
-        from rankfed.coordinator.models import ParticipantState, RoundPhase
 
+def _gauge(name: str, help: str, samples: Iterable[tuple[dict[str, str], float]], labels: tuple[str, ...] = ()
+           ) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help, labels=labels)
+    for label_values, value in samples:
+        family.add_metric([label_values[k] for k in labels], value)
+    return family
+
+
+class _FederationCollector(Collector):
+    """Gauges read from the federation at scrape time."""
+
+    def __init__(self, federation: Federation, disk_usage: Callable[[], dict[str, int]] | None) -> None:
+        self._fed = federation
+        self._disk_usage = disk_usage
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # unchecked collector: its families depend on the federation's state
+
+    def collect(self) -> Iterable[Metric]:
+        from rankfed.protocol import ParticipantState, RoundPhase
+
+        fed = self._fed
         view = fed.status(history_limit=1)
         current = view.current
-        round_no = current.record.round if current else 0
-        phase = current.record.phase if current else None
-        yield from _gauge("rankfed_round", "Number of the current (or last) round; 0 before the first.",
-                          [((), round_no)])
-        yield from _gauge("rankfed_rounds_planned", "Rounds configured (federation.rounds).", [((), view.total_rounds)])
-        yield from _gauge("rankfed_federation_done", "1 once the federation has finished its rounds.",
-                          [((), 1 if view.done else 0)])
-        yield from _gauge("rankfed_round_phase", "1 for the phase the current round is in.",
-                          [((("phase", p.value),), 1 if p is phase else 0) for p in RoundPhase])
+        round_no = current.round if current else 0
+        phase = current.phase if current else None
+        yield _gauge("rankfed_round", "Number of the current (or last) round; 0 before the first.", [({}, round_no)])
+        yield _gauge("rankfed_rounds_planned", "Rounds configured (federation.rounds).", [({}, view.total_rounds)])
+        yield _gauge("rankfed_federation_done", "1 once the federation has finished its rounds.",
+                     [({}, 1 if view.done else 0)])
+        yield _gauge("rankfed_round_phase", "1 for the phase the current round is in.",
+                     [({"phase": p.value}, 1 if p is phase else 0) for p in RoundPhase], ("phase",))
         counts = dict.fromkeys(ParticipantState, 0)
         for part in current.participants if current else ():
-            counts[part.participant.state] += 1
-        yield from _gauge("rankfed_participants", "Participants of the current round by state.",
-                          [((("state", s.value),), n) for s, n in counts.items()])
+            counts[part.state] += 1
+        yield _gauge("rankfed_participants", "Participants of the current round by state.",
+                     [({"state": s.value}, n) for s, n in counts.items()], ("state",))
         clients = fed.list_clients()
-        online = sum(1 for c, is_online in clients if is_online and not c.left)
-        left = sum(1 for c, _ in clients if c.left)
-        yield from _gauge("rankfed_clients", "Registered devices: online (seen within the heartbeat timeout), "
-                          "offline, left.", [((("state", "online"),), online), ((("state", "left"),), left),
-                                             ((("state", "offline"),), len(clients) - online - left)])
-
-
-# --------------------------------------------------------------------------- HTTP endpoint
-
-_MAX_REQUEST_BYTES = 8192
-_REQUEST_TIMEOUT = 5.0
-
-
-async def _handle(metrics: CoordinatorMetrics, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            return
-        method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-        path = rest.partition(" ")[0].partition("?")[0]
-        if method not in ("GET", "HEAD"):
-            status, body, ctype = "405 Method Not Allowed", b"only GET\n", "text/plain"
-        elif path == "/metrics":
-            try:
-                status, body, ctype = "200 OK", metrics.render().encode(), CONTENT_TYPE
-            except Exception:  # noqa: BLE001 - a scrape must never take the coordinator down
-                log.exception("metrics rendering failed")
-                status, body, ctype = "500 Internal Server Error", b"see the coordinator log\n", "text/plain"
-        elif path in ("/", "/healthz"):
-            status, body, ctype = "200 OK", b"ok: metrics at /metrics\n", "text/plain"
-        else:
-            status, body, ctype = "404 Not Found", b"not found: try /metrics\n", "text/plain"
-        writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n".encode("latin-1") + (body if method != "HEAD" else b"")
-        )
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
-async def start_metrics_server(metrics: CoordinatorMetrics, address: str) -> tuple[asyncio.Server, int]:
-    """Serve GET /metrics on host:port (port 0: any free port); returns the server and port."""
-    host, _, port = address.rpartition(":")
-    server = await asyncio.start_server(
-        lambda r, w: _handle(metrics, r, w), host.strip("[]") or None, int(port), limit=_MAX_REQUEST_BYTES
-    )
-    bound = server.sockets[0].getsockname()[1]
-    return server, bound
+        online = sum(1 for c in clients if c.online and not c.left)
+        left = sum(1 for c in clients if c.left)
+        yield _gauge("rankfed_clients", "Registered devices: online (seen within the heartbeat timeout), offline, left.",
+                     [({"state": "online"}, online), ({"state": "left"}, left),
+                      ({"state": "offline"}, len(clients) - online - left)], ("state",))
+        if self._disk_usage is not None:
+            yield _gauge("rankfed_storage_bytes", "Bytes on disk in the data directory, by kind.",
+                         [({"kind": k}, v) for k, v in self._disk_usage().items()], ("kind",))

@@ -15,15 +15,16 @@ every round, and writes the reason into status.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Mapping, Sequence
 from math import prod
 from typing import TYPE_CHECKING
 
 from rankfed.coordinator.config import LoraSection, RankPolicyConfig, RankTier
-from rankfed.coordinator.models import AlphaRule, Capability, DeviceClass, LoraSettings
+from rankfed.protocol import AlphaRule, Capability, DeviceClass, LoraSettings
 
 if TYPE_CHECKING:
-    from rankfed.coordinator.manifest import ModelManifest
+    from rankfed.protocol.manifest import ModelManifest
 
 __all__ = [
     "GB",
@@ -116,9 +117,15 @@ def assign(
     *,
     max_rank: int,
     demotions: int = 0,
+    current_tier: str | None = None,
 ) -> tuple[int, str, str]:
     """(rank, tier name, reason) for a device; the first tier whose conditions all hold wins.
 
+    `current_tier` (the tier the device had, None for a new device) applies the
+    policy.hysteresis band: the device keeps that tier while it meets its conditions with
+    thresholds lowered by the band, and moves to a higher tier only when it meets that
+    tier's conditions with thresholds raised by the band; so a speed measured at 49 and
+    then 51 GFLOP/s against a 50 GFLOP/s threshold does not flip the rank every round.
     `demotions` moves the client that many tiers further down among the tiers of its
     device class (never below the lowest one, never to a higher rank). When no tier
     matches, the rank is policy.default_rank and the tier name is "default". Every rank
@@ -128,10 +135,9 @@ def assign(
         raise ValueError(f"max_rank must be ≥ 1, got {max_rank}")
     cls = capability.device_class
     same_class = [t for t in policy.tiers if t.device_class is None or t.device_class == cls]
-    for index, tier in enumerate(same_class):
-        ok, parts = tier_conditions(capability, tier)
-        if ok:
-            break
+    index, parts = _first_match(capability, same_class, current_tier, policy.hysteresis)
+    if index is not None:
+        tier = same_class[index]
     else:
         rank = min(policy.default_rank, max_rank)
         reason = (
@@ -155,6 +161,41 @@ def assign(
             )
     final = min(rank, max_rank)
     return final, chosen.name, f"{head} → rank {final}{_capped(rank, max_rank)}"
+
+
+def _first_match(capability: Capability, tiers: Sequence[RankTier], current: str | None,
+                 band: float) -> tuple[int | None, list[str]]:
+    """Index of the tier a device gets (None: no tier matches) and its conditions as text,
+    with the hysteresis band around the tier the device already has."""
+    held = next((i for i, t in enumerate(tiers) if t.name == current), None) if band > 0 else None
+    for index, tier in enumerate(tiers):
+        if held is not None and index < held:
+            # A higher tier than the one held: only past the band.
+            ok, parts = tier_conditions(capability, _scaled(tier, 1 + band))
+        elif held is not None and index == held:
+            # The tier held: kept until the device falls below the band.
+            ok, parts = tier_conditions(capability, _scaled(tier, 1 - band))
+            if ok:
+                parts.append(f"kept within the ±{band:g} hysteresis band")
+        else:
+            ok, parts = tier_conditions(capability, tier)
+        if ok:
+            return index, parts
+    return None, []
+
+
+def _scaled(tier: RankTier, factor: float) -> RankTier:
+    """`tier` with every numeric threshold multiplied by `factor`."""
+    from dataclasses import replace
+
+    def times(value: float | None) -> float | None:
+        return None if value is None else value * factor
+
+    return replace(
+        tier, min_memory_gb=times(tier.min_memory_gb), min_gflops=times(tier.min_gflops),
+        min_upload_mbps=times(tier.min_upload_mbps),
+        min_cores=None if tier.min_cores is None else int(math.ceil(tier.min_cores * factor)),
+    )
 
 
 def update_bytes(rank: int, manifest: ModelManifest) -> int:

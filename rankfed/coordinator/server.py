@@ -5,6 +5,7 @@ when configured, plus the Prometheus endpoint on its own HTTP port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -15,14 +16,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rankfed.coordinator.bundled import manifest_path
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.manifest import load_manifest
-from rankfed.coordinator.metrics import CoordinatorMetrics, start_metrics_server
+from rankfed.coordinator.hooks import add_round_closed
+from rankfed.coordinator.http import HttpListener, start_http_listener
+from rankfed.coordinator.metrics import CoordinatorMetrics
+from rankfed.coordinator.retention import UpdateRetention, disk_usage
 from rankfed.coordinator.servicer_admin import AdminServicer
 from rankfed.coordinator.servicer_edge import EdgeServicer, add_edge_service
 from rankfed.coordinator.store import open_store
+from rankfed.coordinator.tracking import Tracking, open_tracking
+from rankfed.protocol import ManifestError
+from rankfed.protocol.manifest import load_manifest
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
 from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2
 
@@ -53,9 +60,10 @@ class Coordinator:
     _store: object
     metrics: CoordinatorMetrics | None = None
     metrics_port: int = 0
-    _metrics_server: asyncio.Server | None = None
+    _http: HttpListener | None = None
     health_port: int = 0
     _health_server: grpc.aio.Server | None = None
+    _tracking: Tracking | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -63,9 +71,10 @@ class Coordinator:
             await self._health_server.stop(0)
         await self.server.stop(grace)
         await self.federation.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.close()
-            await self._metrics_server.wait_closed()
+        if self._http is not None:
+            await self._http.close()
+        if self._tracking is not None:
+            await asyncio.to_thread(self._tracking.close)
         self._store.close()
 
 
@@ -88,44 +97,65 @@ def transport_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials |
 
 
 async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
-    """Open the data directory, resume the federation and serve; returns once listening."""
+    """Open the data directory, resume the federation and serve; returns once listening.
+    A failure part-way (a port in use, a tracking extra missing) undoes what was started."""
     credentials = transport_credentials(config)  # before any state is touched
-    manifest = load_manifest(Path(config.model.manifest))
+    try:
+        manifest = load_manifest(manifest_path(config.model.manifest))
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
     data_dir = Path(config.server.data_dir)
-    store, blobs = open_store(data_dir)
-    federation = Federation(config, store, blobs, manifest)
-    await federation.start()
-    metrics = CoordinatorMetrics()
-    metrics.bind(federation)
-    server = grpc.aio.server(options=server_options(config))
-    add_edge_service(EdgeServicer(federation, metrics), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(federation, config.server.admin_token, metrics), server
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (EDGE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    if credentials is None:
-        port = server.add_insecure_port(config.server.address)
-    else:
-        port = server.add_secure_port(config.server.address, credentials)
-    if port == 0:
-        raise OSError(f"could not bind {config.server.address}")
-    metrics_server, metrics_port = None, 0
-    if config.server.metrics_address:
-        metrics_server, metrics_port = await start_metrics_server(metrics, config.server.metrics_address)
-    health_server, health_port = None, 0
-    if config.server.health_address:
-        # Only the health service, in plaintext, for probes that cannot do TLS (Kubernetes).
-        health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = health_server.add_insecure_port(config.server.health_address)
-        if health_port == 0:
-            raise OSError(f"could not bind {config.server.health_address} (server.health_address)")
-        await health_server.start()
-    await server.start()
+    async with contextlib.AsyncExitStack() as undo:
+        store, blobs = _open_data_dir(data_dir)
+        undo.callback(store.close)
+        _check_data_dir_model(store, manifest, data_dir)
+        federation = Federation(config, store, blobs, manifest)
+        await federation.start()
+        undo.push_async_callback(federation.stop)
+        metrics = CoordinatorMetrics()
+        metrics.bind(federation, disk_usage=lambda: disk_usage(data_dir, blobs))
+        retention = UpdateRetention(
+            config.storage.updates_keep_rounds, store, blobs, global_exists=federation.global_adapter_exists,
+            on_deleted=metrics.updates_deleted.inc,
+        )
+        retention.sweep()  # rounds closed before a restart
+        add_round_closed(federation, metrics.round_closed, "metrics")
+        add_round_closed(federation, retention.round_closed, "retention")
+        server = grpc.aio.server(options=server_options(config))
+        add_edge_service(EdgeServicer(federation, metrics), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(federation, config.server.admin_token, metrics), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (EDGE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = _bind(server, config.server.address, credentials, "server.address")
+        http, metrics_port = None, 0
+        if config.server.metrics_address:
+            try:
+                http = await start_http_listener(
+                    metrics, config.server.metrics_address, federation=federation,
+                    admin_token=config.server.admin_token,
+                )
+            except OSError as exc:
+                raise ConfigError(_bind_problem(config.server.metrics_address, "server.metrics_address", exc)) from None
+            undo.push_async_callback(http.close)
+            metrics_port = http.port
+        health_server, health_port = None, 0
+        if config.server.health_address:
+            # Only the health service, in plaintext, for probes that cannot do TLS (Kubernetes).
+            health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            health_port = _bind(health_server, config.server.health_address, None, "server.health_address")
+            await health_server.start()
+            undo.push_async_callback(health_server.stop, 0)
+        tracking = open_tracking(config, federation)
+        if tracking is not None:
+            undo.callback(tracking.close)
+        await server.start()
+        undo.pop_all()  # everything started: from here on Coordinator.stop() owns it
     for name in ("", EDGE_SERVICE, ADMIN_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator serving", extra={
@@ -136,9 +166,61 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     })
     return Coordinator(
         server=server, federation=federation, health=health_servicer, port=port, _store=store,
-        metrics=metrics, metrics_port=metrics_port, _metrics_server=metrics_server,
-        health_port=health_port, _health_server=health_server,
+        metrics=metrics, metrics_port=metrics_port, _http=http,
+        health_port=health_port, _health_server=health_server, _tracking=tracking,
     )
+
+
+def _open_data_dir(data_dir: Path):
+    """open_store, with the usual failures (not writable, not a directory, not a database)
+    as one ConfigError naming the directory and the fix."""
+    import sqlite3
+
+    from rankfed.coordinator.errors import StorageError
+
+    try:
+        return open_store(data_dir)
+    except (StorageError, OSError, sqlite3.Error) as exc:
+        raise ConfigError(
+            f"server.data_dir = {str(data_dir)!r} cannot be used: {exc}; give the coordinator's user write access "
+            "(systemd: StateDirectory=, Kubernetes: fsGroup) or choose another with --data-dir"
+        ) from None
+
+
+_MODEL_KEY = "model_weights_sha256"
+
+
+def _check_data_dir_model(store, manifest, data_dir: Path) -> None:
+    """A data directory belongs to one base model: its rounds, adapters and tokens mean
+    nothing for another. The first start records the model; later starts must match."""
+    held = store.get_meta(_MODEL_KEY)
+    if held is None:
+        store.set_meta(_MODEL_KEY, manifest.weights_sha256)
+        store.set_meta("model_id", manifest.model_id)
+    elif held != manifest.weights_sha256:
+        held_id = store.get_meta("model_id") or "another model"
+        raise ConfigError(
+            f"data directory {data_dir} holds a federation of {held_id} (weights sha256 {held[:12]}…), "
+            f"but this coordinator serves {manifest.model_id} ({manifest.weights_sha256[:12]}…): use another "
+            "--data-dir, or point --manifest at that model's manifest (start over: docs/operations.md)"
+        )
+
+
+def _bind_problem(address: str, setting: str, detail: object) -> str:
+    port = address.rpartition(":")[2]
+    return (f"{setting} = {address!r}: cannot listen there ({detail}); is another process using port {port}? "
+            f"(`ss -ltnp 'sport = :{port}'`) choose another address or stop it")
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, setting: str) -> int:
+    """Bind a port; a port in use or a foreign address is a ConfigError naming the setting."""
+    try:
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address ...")
+        raise ConfigError(_bind_problem(address, setting, str(exc).splitlines()[0])) from None
+    if port == 0:
+        raise ConfigError(_bind_problem(address, setting, "bind failed"))
+    return port
 
 
 async def serve(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import secrets
 
-from rankfed.coordinator import serde
 from rankfed.coordinator.auth import bearer_token
 from rankfed.coordinator.errors import AuthError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import streaming, unary
+from rankfed.protocol import serde
 from rankfed.tls import OPERATOR_OU, peer_identity, peer_is_loopback
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import admin_pb2_grpc
@@ -51,17 +51,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @unary
     async def GetRoundStatus(self, request: ProtoAdmin.GetRoundStatusRequest, context) -> ProtoAdmin.FederationStatus:
         self._authorize(context)
-        return serde.federation_to_proto(self._fed.status(request.history_limit))
+        return serde.federation_status_to_proto(self._fed.status(request.history_limit))
 
     @streaming
     async def WatchRounds(self, request: ProtoAdmin.WatchRoundsRequest, context):
         self._authorize(context)
         async for view in self._fed.watch(request.history_limit):
-            yield serde.federation_to_proto(view)
+            yield serde.federation_status_to_proto(view)
 
     @unary
     async def ListClients(self, request: ProtoAdmin.ListClientsRequest, context) -> ProtoAdmin.ListClientsResponse:
         self._authorize(context)
         return ProtoAdmin.ListClientsResponse(
-            clients=[serde.client_to_proto(c, online) for c, online in self._fed.list_clients()]
+            clients=[serde.client_info_to_proto(c) for c in self._fed.list_clients()]
         )

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
 
-from rankfed.coordinator import serde
 from rankfed.coordinator.auth import bearer_token
-from rankfed.coordinator.errors import AuthError, InvalidArgumentError, PermissionDeniedError, StreamTimeoutError
+from rankfed.coordinator.errors import (
+    AuthError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    StreamTimeoutError,
+)
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
-from rankfed.coordinator.models import UploadHeader, WaitTask
 from rankfed.coordinator.servicer_errors import streaming, unary
 from rankfed.coordinator.upload_wire import Malformed, RawChunk, UploadPart, upload_message_from_bytes
+from rankfed.protocol import Chunk, UploadHeader, UploadReceipt, WaitTask, serde
 from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
@@ -140,7 +145,6 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     def __init__(self, federation: Federation, metrics: CoordinatorMetrics | None = None) -> None:
         self._fed = federation
         self.metrics = metrics or CoordinatorMetrics()
-        self._base_model: ProtoCommon.BaseModel | None = None  # from the manifest: fixed while serving
 
     def _client_id(self, context: grpc.aio.ServicerContext) -> str:
         client_id = self._fed.authenticate(bearer_token(dict(context.invocation_metadata() or ())))
@@ -156,7 +160,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     @unary
     async def Join(self, request: ProtoEdge.JoinRequest, context) -> ProtoEdge.JoinResponse:
-        info = serde.join_info_from_proto(request)
+        info = serde.join_request_from_proto(request)
         identity = peer_identity(context.auth_context())
         if identity is not None:
             if identity.is_operator:
@@ -169,14 +173,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                     f"({', '.join(identity.names())}); leave it empty to use the certificate's CN"
                 )
         result = self._fed.join(info, enrolled_by_certificate=identity is not None)
-        if self._base_model is None:
-            self._base_model = serde.base_model_to_proto(self._fed.status(history_limit=1))
-        return serde.join_result_to_proto(result, self._base_model)
+        return serde.join_result_to_proto(result)
 
     @unary
     async def GetTask(self, request: ProtoEdge.GetTaskRequest, context) -> ProtoEdge.Task:
         client_id = self._client_id(context)
-        started, max_wait = time.perf_counter(), serde.duration_from_proto(request.max_wait)
+        started, max_wait = time.perf_counter(), serde.get_task_request_from_proto(request)
         task = await self._fed.get_task(client_id, max_wait)
         if isinstance(task, WaitTask):  # a held long-poll: only the time past its due moment is ours
             due = min(max(max_wait, 0.0), self._fed.config.server.long_poll_seconds)
@@ -186,8 +188,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     @streaming
     async def DownloadAdapter(self, request: ProtoEdge.DownloadRequest, context):
         client_id = self._client_id(context)
-        manifest, chunks = await self._fed.open_download(client_id, request.round, request.offset, full=request.full)
-        yield serde.transfer_manifest_to_proto(manifest)
+        manifest, chunks = await self._fed.open_download(client_id, serde.download_request_from_proto(request))
+        yield ProtoEdge.DownloadMessage(manifest=serde.transfer_manifest_to_proto(manifest))
         offset = request.offset
         async for data in chunks:
             yield ProtoEdge.DownloadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data))
@@ -206,28 +208,26 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             receipt = await self._fed.upload(client_id, header, self._chunks(stream))
         finally:
             stream.close()
-        return ProtoEdge.UploadReceipt(
+        return serde.upload_receipt_to_proto(UploadReceipt(
             round=receipt.round, bytes_received=receipt.nbytes, sha256=receipt.sha256,
-            accepted_at=serde.timestamp(receipt.accepted_at), receipt_id=receipt.receipt_id,
-        )
+            accepted_at=receipt.accepted_at, receipt_id=receipt.receipt_id,
+        ))
 
-    async def _chunks(self, stream: TimedStream):
-        """(offset, data) of each chunk message after the header (the core's input)."""
+    async def _chunks(self, stream: TimedStream) -> AsyncIterator[Chunk]:
+        """The chunk messages after the header, as the core's input (data: a view, no copy)."""
         while (message := await stream.next()) is not None:
             chunk = _chunk(message)
             self.metrics.bytes_in.inc(len(chunk.data))
-            yield chunk.offset, chunk.data
+            yield Chunk(offset=chunk.offset, data=chunk.data)  # type: ignore[arg-type]  # a memoryview
 
     @unary
     async def Heartbeat(self, request: ProtoEdge.HeartbeatRequest, context) -> ProtoEdge.HeartbeatResponse:
         client_id = self._client_id(context)
-        result = self._fed.heartbeat(
-            client_id, request.round, serde.participant_state_from_proto(request.state), request.progress
-        )
-        return ProtoEdge.HeartbeatResponse(next_in=serde.duration(result.next_in), round_open=result.round_open)
+        result = self._fed.heartbeat(client_id, serde.heartbeat_request_from_proto(request))
+        return serde.heartbeat_result_to_proto(result)
 
     @unary
     async def Leave(self, request: ProtoEdge.LeaveRequest, context) -> ProtoEdge.LeaveResponse:
         client_id = self._client_id(context)
-        self._fed.leave(client_id, request.reason)
+        self._fed.leave(client_id, serde.leave_request_from_proto(request))
         return ProtoEdge.LeaveResponse()

@@ -13,6 +13,7 @@ import grpc
 
 from rankfed.aggregation import AdapterError
 from rankfed.coordinator import errors
+from rankfed.protocol import DecodeError, serde
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -24,6 +25,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.TooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DuplicateError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.StorageError, grpc.StatusCode.UNAVAILABLE),
@@ -45,7 +47,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         log.exception("internal error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the coordinator log")
     log.info("rejected %s: %s", method, exc, extra={"method": method, "status": code.name})
-    await context.abort(code, str(exc))
+    detail = getattr(exc, "detail", None)
+    trailers = (serde.error_detail_to_trailer(code.value[0], str(exc), detail),) if detail is not None else ()
+    await context.abort(code, str(exc), trailing_metadata=trailers)
 
 
 def _record(servicer, method: str, started: float, code: str, exc: BaseException | None) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-_STATE = {1: "assigned", 2: "downloading", 3: "training", 4: "uploading", 5: "uploaded", 6: "late", 7: "dropped"}
-_PHASE = {1: "waiting for clients", 2: "training", 3: "aggregating", 4: "done", 5: "failed"}
-_DEVICE = {0: "?", 1: "cpu", 2: "cuda", 3: "mobile", 4: "mps"}
+from rankfed.protocol import ClientInfo, FederationStatus, RoundPhase
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,65 +33,70 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-
-    from rankfed.v1 import admin_pb2 as ProtoAdmin
-    from rankfed.v1 import admin_pb2_grpc
-
-    from rankfed.tls import TlsError, TlsOptions, channel_for
+    from rankfed.coordinator.admin_client import AdminClient, AdminError
+    from rankfed.tls import TlsError, TlsOptions
 
     token = args.admin_token or os.environ.get("RANKFED_ADMIN_TOKEN", "")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     try:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
             args.tls_ca or args.tls_cert) else None
-        channel = channel_for(args.address, tls)
+        admin = AdminClient(args.address, admin_token=token, tls=tls, timeout_s=args.timeout)
     except TlsError as exc:
         print(f"rankfed status: {exc}", file=sys.stderr)
         return 2
-    with channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
+    with admin:
         try:
             if args.clients:
-                reply = stub.ListClients(ProtoAdmin.ListClientsRequest(), metadata=metadata, timeout=args.timeout)
-                _emit(args, MessageToDict(reply, preserving_proto_field_name=True), lambda: format_clients(reply))
+                clients = admin.clients()
+                _emit(args, {"clients": [to_json(c) for c in clients]}, lambda: format_clients(clients))
                 return 0
-            request = ProtoAdmin.GetRoundStatusRequest(history_limit=args.history)
             if not args.watch:
-                status = stub.GetRoundStatus(request, metadata=metadata, timeout=args.timeout)
-                _emit(args, MessageToDict(status, preserving_proto_field_name=True), lambda: format_status(status))
+                status = admin.status(args.history)
+                _emit(args, to_json(status), lambda: format_status(status))
                 return 0
-            stream = stub.WatchRounds(ProtoAdmin.WatchRoundsRequest(history_limit=args.history), metadata=metadata)
-            for status in stream:
+            for status in admin.watch(args.history):
                 if not args.json and sys.stdout.isatty():
                     sys.stdout.write("\x1b[2J\x1b[H")
-                _emit(args, MessageToDict(status, preserving_proto_field_name=True), lambda: format_status(status))
+                _emit(args, to_json(status), lambda: format_status(status))
                 sys.stdout.flush()
             return 0
-        except grpc.RpcError as exc:
-            print(f"rankfed status: {exc.code().name}: {exc.details()} (coordinator {args.address})", file=sys.stderr)
+        except AdminError as exc:
+            print(f"rankfed status: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
 
 
-def _emit(args: argparse.Namespace, as_dict: dict, as_text) -> None:
+def to_json(value: object) -> Any:
+    """A protocol dataclass as JSON-ready data: every field present, numbers as numbers,
+    enums as their names, unset times as 0."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return value
+
+
+def _emit(args: argparse.Namespace, as_dict: Any, as_text: Callable[[], str]) -> None:
     if args.json:
         print(json.dumps(as_dict, sort_keys=True) if args.watch else json.dumps(as_dict, indent=2, sort_keys=True))
     else:
         print(as_text())
 
 
-def _table(headers: list[str], rows: Iterable[list[str]]) -> str:
-    rows = [list(map(str, r)) for r in rows]
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+def _table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    cells = [list(map(str, r)) for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -98,26 +104,24 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def _when(ts) -> str:
-    if not ts.seconds and not ts.nanos:
-        return "-"
-    return time.strftime("%H:%M:%S", time.localtime(ts.seconds))
+def _when(unix_s: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix_s)) if unix_s else "-"
 
 
-def format_status(status) -> str:
+def format_status(status: FederationStatus) -> str:
     out = [
         f"federation {status.federation_id}  model {status.base_model.id}  "
         f"clients online {status.clients_online}  rounds {status.total_rounds}"
         + ("  DONE" if status.done else "")
     ]
     cur = status.current
-    if cur.round:
+    if cur is not None:
         deadline = _when(cur.deadline)
-        remaining = cur.deadline.seconds - time.time() if cur.deadline.seconds else 0
-        if cur.phase == 2 and remaining > 0:
+        remaining = cur.deadline - time.time() if cur.deadline else 0
+        if cur.phase is RoundPhase.TRAINING and remaining > 0:
             deadline += f" (in {remaining:.0f} s)"
         out.append(
-            f"\nround {cur.round}/{status.total_rounds}  {_PHASE.get(cur.phase, '?')}  method {cur.method}  "
+            f"\nround {cur.round}/{status.total_rounds}  {cur.phase.value.replace('_', ' ')}  method {cur.method}  "
             f"min_clients {cur.min_clients}  deadline {deadline}"
         )
         if cur.failure_reason:
@@ -125,10 +129,10 @@ def format_status(status) -> str:
         out.append(_table(
             ["client", "device", "class", "state", "rank", "down", "up", "examples", "loss", "accuracy"],
             [
-                [p.client_id, p.device_name, _DEVICE.get(p.device_class, "?"), _STATE.get(p.state, "?"), p.rank,
+                [p.client_id, p.device_name, p.device_class.value if p.device_class else "?", p.state.value, p.rank,
                  _bytes(p.bytes_down), _bytes(p.bytes_up), p.num_examples or "-",
-                 f"{p.metrics.loss_last:.4f}" if p.metrics.steps else "-",
-                 f"{p.metrics.eval['accuracy']:.3f}" if "accuracy" in p.metrics.eval else "-"]
+                 f"{p.metrics.loss_last:.4f}" if p.metrics and p.metrics.steps else "-",
+                 f"{p.metrics.eval['accuracy']:.3f}" if p.metrics and "accuracy" in p.metrics.eval else "-"]
                 for p in cur.participants
             ],
         ))
@@ -137,7 +141,7 @@ def format_status(status) -> str:
         out.append(_table(
             ["round", "phase", "method", "updates", "up", "down", "loss", "accuracy", "agg s", "finished"],
             [
-                [r.round, _PHASE.get(r.phase, "?"), r.method, f"{r.metrics.get('updates', 0):.0f}/{len(r.participants)}",
+                [r.round, r.phase.value, r.method, f"{r.metrics.get('updates', 0):.0f}/{len(r.participants)}",
                  _bytes(int(r.metrics.get("bytes_up", 0))), _bytes(int(r.metrics.get("bytes_down", 0))),
                  f"{r.metrics['loss_last']:.4f}" if "loss_last" in r.metrics else "-",
                  f"{r.metrics['eval_accuracy']:.3f}" if "eval_accuracy" in r.metrics else "-",
@@ -149,13 +153,13 @@ def format_status(status) -> str:
     return "\n".join(out)
 
 
-def format_clients(reply) -> str:
+def format_clients(clients: list[ClientInfo]) -> str:
     return _table(
         ["client", "device", "class", "online", "rank", "tier", "GFLOP/s", "memory", "rounds", "missed"],
         [
-            [c.client_id, c.device_name, _DEVICE.get(c.capability.device_class, "?"), "yes" if c.online else "no",
+            [c.client_id, c.device_name, c.capability.device_class.value, "yes" if c.online else "no",
              c.rank, c.tier, f"{c.capability.compute_gflops:.0f}", _bytes(c.capability.memory_total_bytes),
              c.rounds_completed, c.deadlines_missed]
-            for c in reply.clients
+            for c in clients
         ],
     )

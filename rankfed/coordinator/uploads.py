@@ -16,7 +16,7 @@ stream's memory to `WINDOW` chunks plus the one gRPC is receiving.
 A session moves STREAMING -> SEALED (every byte arrived; being verified, fsynced, folded)
 -> DONE, or to ABORTED from anywhere before DONE. A retry from the same device may replace
 (`supersede`) a STREAMING session only: once sealed, the first stream's bytes are complete
-and it finishes, so exactly one of the two ever counts (see `Ingest.begin`).
+and it finishes, so exactly one of the two ever counts (see `rankfed.coordinator.ingest`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,21 @@ import asyncio
 import collections
 import enum
 import mmap
+import os
 import re
 import threading
 from concurrent.futures import Executor
+from pathlib import Path
 
 from rankfed.aggregation import Adapter, AdapterError, AdapterSpec, decode_adapter
-from rankfed.coordinator.errors import InvalidArgumentError, PreconditionError, TooLargeError
-from rankfed.coordinator.models import Participant, UploadHeader
+from rankfed.coordinator.errors import (
+    InvalidArgumentError,
+    PreconditionError,
+    TooLargeError,
+)
+from rankfed.coordinator.models import Participant
 from rankfed.coordinator.store import BlobWriter
+from rankfed.protocol import UploadHeader
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOW = 2  # chunks queued for the writer per stream before the stream waits
@@ -95,6 +102,7 @@ class UploadSession:
         self._pool = pool
         self._loop = asyncio.get_running_loop()
         self.received = 0
+        self._committed: Path | None = None  # the published file, after commit()
         self.state = SessionState.STREAMING
         self.superseded = False  # a retry from the same client replaced this stream
         # Shared with the writer thread, under _lock: chunks not yet written, whether a
@@ -250,9 +258,25 @@ class UploadSession:
 
     def commit(self) -> str:
         """fsync and publish the blob (after seal()); returns its path relative to the blob root."""
-        self._writer.commit()
+        self._committed = self._writer.commit()
         self.state = SessionState.DONE
         return self._writer.relpath
+
+    def drop_cache(self) -> None:
+        """Once folded, nothing reads the update again (only a crash resume would): let the
+        kernel take back its page-cache pages now. Writing into pages just freed costs
+        ~0.3 ms/MiB on the benchmark VM, into never-used ones ~1.8 ms/MiB (a fault per page
+        in the hypervisor); it also keeps the coordinator's memory flat across rounds."""
+        if self._committed is None:
+            return
+        try:
+            fd = os.open(self._committed, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):  # gone already, or no posix_fadvise on this platform
+            pass
 
     def supersede(self) -> None:
         """Give way to a newer stream of the same client (STREAMING only): its next chunk or

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-METHODS = ("fedit", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora")
+from rankfed.aggregation.registry import METHODS as _REGISTRY
+
+METHODS = tuple(_REGISTRY)
 
 
 def add_parser(sub: Any) -> None:
@@ -37,6 +39,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="simulate the clients in this process (rankfed.simulation) instead of gRPC processes")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and predictions")
+    p.add_argument("--tensorboard", metavar="DIR", type=Path,
+                   help="the coordinator writes round and device metrics as TensorBoard event files here")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="the coordinator logs round and device metrics to MLflow (a tracking URI or a directory)")
     p.set_defaults(func=_run)
 
 
@@ -69,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
         alpha=args.alpha, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,
         seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit, out=args.out,
         profiles=profiles, in_process=args.in_process, export=not args.no_export,
+        tensorboard_dir=args.tensorboard.absolute() if args.tensorboard else None,
+        mlflow_uri=args.mlflow or "",
     )
     try:
         run_demo(opts)

@@ -193,3 +193,28 @@ def federated_split(
         alpha=alpha,
         seed=seed,
     )
+
+
+DEMO_SHARDS = 4  # the demo's federation: four devices
+
+
+def demo_shard(device_name: str, *, shards: int = DEMO_SHARDS, seed: int = 0,
+               cache_dir: Path | None = None) -> tuple[Path, tuple[str, ...]]:
+    """(JSONL path, label names) of the BBC News shard a device with this name trains on
+    when `rankfed edge run` is given no --data: the demo's Dirichlet split (alpha 0.5), the
+    shard picked by a stable hash of the name, so two devices with different names usually
+    get different shards and a restarted device gets the same one. Written once to
+    ``cache_dir`` (default: $XDG_CACHE_HOME/rankfed or ~/.cache/rankfed)."""
+    import hashlib
+    import os
+
+    index = int.from_bytes(hashlib.sha256(device_name.encode()).digest()[:4], "big") % shards
+    root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rankfed"
+    path = root / "demo-shards" / f"bbc-seed{seed}-shard-{index}-of-{shards}.jsonl"
+    corpus = load_bbc()
+    if not path.is_file():
+        split = federated_split(corpus, num_clients=shards, alpha=0.5, seed=seed, test_limit=250)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        write_jsonl(tmp, split.clients[index])
+        tmp.replace(path)  # atomic: two devices starting at once never read half a file
+    return path, corpus.label_names

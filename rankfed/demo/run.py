@@ -30,7 +30,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .data import FederatedSplit, federated_split, label_histogram, load_bbc, model_dir, write_jsonl
+from .data import (
+    FederatedSplit,
+    federated_split,
+    label_histogram,
+    load_bbc,
+    model_dir,
+    write_jsonl,
+)
 
 # Device profiles of the demo clients, cycled: `--device-class` of `rankfed edge run`.
 DEMO_PROFILES = ("cuda", "cpu", "cpu", "mobile")
@@ -58,6 +65,9 @@ class DemoOptions:
     export: bool = True
     predictions: int = 5
     round_deadline_seconds: float = 900.0
+    # Experiment tracking by the coordinator ([tracking] in its config): None / "" for off.
+    tensorboard_dir: Path | None = None
+    mlflow_uri: str = ""
 
 
 @dataclass
@@ -114,6 +124,16 @@ def device_name(opts: DemoOptions, i: int) -> str:
     return f"{_profile(opts, i)}-{i}"
 
 
+def tracking_overrides(opts: DemoOptions) -> dict[str, str]:
+    """The coordinator's [tracking] settings for --tensorboard / --mlflow (dotted names)."""
+    out: dict[str, str] = {}
+    if opts.tensorboard_dir is not None:
+        out["tracking.tensorboard_dir"] = str(opts.tensorboard_dir)
+    if opts.mlflow_uri:
+        out["tracking.mlflow_uri"] = opts.mlflow_uri
+    return out
+
+
 def write_coordinator_config(opts: DemoOptions, path: Path, *, manifest: Path, data_dir: Path) -> Path:
     """The coordinator's TOML: default rank tiers, every client in every round."""
     text = f"""# Written by `rankfed demo`; see deploy/coordinator.example.toml for every field.
@@ -141,6 +161,9 @@ learning_rate = {opts.learning_rate}
 batch_size = {opts.batch_size}
 seed = {opts.seed}
 """
+    tracking = tracking_overrides(opts)
+    if tracking:
+        text += "\n[tracking]\n" + "".join(f"{k.split('.', 1)[1]} = {json.dumps(v)}\n" for k, v in tracking.items())
     path.write_text(text)
     return path
 
@@ -201,39 +224,28 @@ def _wait_for_port(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout
 
 
 def _watch(address: str, out: queue.Queue[Any], stop: threading.Event) -> None:
-    """Stream FederationStatus messages (WatchRounds) into a queue until done."""
-    import grpc
-
-    from rankfed.v1 import admin_pb2 as ProtoAdmin
-    from rankfed.v1 import admin_pb2_grpc
+    """Stream the federation's status (WatchRounds) into a queue until done."""
+    from rankfed.coordinator.admin_client import AdminClient, AdminError
 
     while not stop.is_set():
         try:
-            with grpc.insecure_channel(address) as channel:
-                stub = admin_pb2_grpc.AdminServiceStub(channel)
-                for status in stub.WatchRounds(ProtoAdmin.WatchRoundsRequest(history_limit=0)):
+            with AdminClient(address) as admin:
+                for status in admin.watch():
                     out.put(status)
                     if status.done:
                         out.put(None)
                         return
-        except grpc.RpcError as err:
+        except AdminError as err:
             if stop.is_set():
                 return
             out.put(err)
             time.sleep(0.5)
 
 
-def _enum(kind: Any, value: int) -> str:
-    return kind.Name(value).split("_", 2)[-1].lower().replace("_", " ") if value else "?"
-
-
 class LiveView:
     """Turns status messages into a few lines per round and the per-round table."""
 
     def __init__(self, say: Console, total_rounds: int) -> None:
-        from rankfed.v1 import common_pb2 as ProtoCommon
-
-        self._common = ProtoCommon
         self.say = say
         self.total = total_rounds
         self.rows: dict[int, RoundRow] = {}
@@ -242,12 +254,9 @@ class LiveView:
 
     def update(self, status: Any) -> list[RoundRow]:
         """Print what changed; return rounds that just finished."""
-        pc = self._common
         finished = []
-        for rs in [*status.history, status.current]:
-            if not rs.round:
-                continue
-            phase = _enum(pc.RoundPhase, rs.phase)
+        for rs in [*status.history, *([status.current] if status.current else [])]:
+            phase = rs.phase.value.replace("_", " ")
             row = self.rows.setdefault(rs.round, RoundRow(round=rs.round))
             row.ranks = {p.device_name: p.rank for p in rs.participants}
             if phase != self._phase.get(rs.round):
@@ -260,8 +269,8 @@ class LiveView:
                     m = rs.metrics
                     row.bytes_up, row.bytes_down = int(m.get("bytes_up", 0)), int(m.get("bytes_down", 0))
                     row.loss_first, row.loss_last = m.get("loss_first"), m.get("loss_last")
-                    if rs.finished_at.seconds and rs.started_at.seconds:
-                        row.seconds = rs.finished_at.ToNanoseconds() / 1e9 - rs.started_at.ToNanoseconds() / 1e9
+                    if rs.finished_at and rs.started_at:
+                        row.seconds = rs.finished_at - rs.started_at
                     if phase == "failed":
                         self.say(f"round {rs.round}/{self.total} FAILED: {rs.failure_reason}")
                     else:
@@ -273,12 +282,12 @@ class LiveView:
                 elif phase != "waiting for clients" or rs.round == 1:
                     self.say(f"round {rs.round}/{self.total} {phase}")
             for p in rs.participants:
-                state = _enum(pc.ParticipantState, p.state)
+                state = p.state.value
                 key = (rs.round, p.device_name)
                 if self._states.get(key) == state:
                     continue
                 self._states[key] = state
-                if state == "uploaded":
+                if state == "uploaded" and p.metrics is not None:
                     self.say(f"  {p.device_name:10s} rank {p.rank:2d}  uploaded {_mib(p.bytes_up)} "
                              f"(downloaded {_mib(p.bytes_down)}), local loss {p.metrics.loss_first:.3f} -> "
                              f"{p.metrics.loss_last:.3f} in {p.metrics.steps} steps")
@@ -288,7 +297,10 @@ class LiveView:
 
 
 def global_adapter_path(data_dir: Path, round_no: int) -> Path:
-    return data_dir / "blobs" / "global" / f"round-{round_no:06d}" / "adapter_model.safetensors"
+    from rankfed.coordinator.export import global_adapter_dir
+    from rankfed.protocol.artifact import ADAPTER_FILE
+
+    return global_adapter_dir(data_dir, round_no) / ADAPTER_FILE
 
 
 def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Path], say: Console) -> list[RoundRow]:
@@ -303,7 +315,7 @@ def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
     logs.mkdir(parents=True, exist_ok=True)
     manifest = opts.out / "model-manifest.json"
     write_manifest(build_manifest(mdir, task="sequence-classification", num_labels=len(split.label_names),
-                                  target_modules=("query", "value")), manifest)
+                                  target_modules=("query", "value"), labels=tuple(split.label_names)), manifest)
     config = write_coordinator_config(opts, opts.out / "coordinator.toml", manifest=manifest.resolve(),
                                       data_dir=coord_dir.resolve())
     port_file = opts.out / "coordinator.port"
@@ -396,7 +408,7 @@ def run_in_process(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
 
     cfg = SimConfig(method=opts.method, rounds=opts.rounds, local_steps=opts.local_steps,
                     learning_rate=opts.learning_rate, batch_size=opts.batch_size, max_length=opts.max_length,
-                    seed=opts.seed)
+                    seed=opts.seed, overrides=tracking_overrides(opts))
     say(f"in-process simulation: {len(clients)} devices, one training at a time")
     run_simulation(mdir, clients, cfg, work_dir=opts.out, label_names=split.label_names,
                    evaluate=evaluator.evaluate_file, on_round=on_round, threads=os.cpu_count() or 1)

@@ -101,11 +101,22 @@ def _tls_options(args: argparse.Namespace) -> Any:
 # -- commands ---------------------------------------------------------------------------
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    from .probe import capability_dict, probe
-    from .protocol import DeviceClass
+def _gflops(value: str) -> float:
+    from .probe import parse_gflops
 
-    cap = probe(declared_class=DeviceClass(args.device_class) if args.device_class else None)
+    try:
+        return parse_gflops(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from rankfed.protocol import DeviceClass
+
+    from .probe import capability_dict, probe
+
+    cap = probe(declared_class=DeviceClass(args.device_class) if args.device_class else None,
+                declared_gflops=args.gflops)
     data = capability_dict(cap)
     if args.json:
         print(json.dumps(data))
@@ -117,21 +128,35 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _offline(args.threads)
-    from .protocol import DeviceClass
+    from rankfed.protocol import DeviceClass
+
     from .personal import PrivateSettings
     from .runner import EdgeRunner, RunnerConfig
     from .transport import EdgeTransport, RetryPolicy
 
     if args.steps is not None and args.epochs is not None:
         raise ConfigError("--steps and --epochs are exclusive")
+    tls = _tls_options(args)
+    from rankfed.tls import transport_mismatch
+
+    mismatch = transport_mismatch(args.coordinator, tls)
+    if mismatch:
+        raise ConfigError(mismatch)  # now, instead of retrying for --retry-for seconds
+    if args.gflops is not None:
+        # The runner probes (and re-probes) inside; the probe reads the override from here.
+        from .probe import GFLOPS_ENV
+
+        os.environ[GFLOPS_ENV] = repr(args.gflops)
+    # Under mutual TLS an empty name lets the coordinator take the certificate's CN.
+    device_name = args.device_name or ("" if args.tls_cert else socket.gethostname())
+    model_dir, data_path, labels = _model_and_data(args, device_name)
     config = RunnerConfig(
-        model_dir=Path(args.model),
-        data_path=Path(args.data),
-        # Under mutual TLS an empty name lets the coordinator take the certificate's CN.
-        device_name=args.device_name or ("" if args.tls_cert else socket.gethostname()),
+        model_dir=model_dir,
+        data_path=data_path,
+        device_name=device_name,
         enrollment_secret=args.secret or os.environ.get("RANKFED_ENROLLMENT_SECRET", ""),
         declared_class=DeviceClass(args.device_class) if args.device_class else None,
-        label_names=args.labels,
+        label_names=labels,
         max_length=args.max_length,
         epochs=args.epochs,
         steps=args.steps,
@@ -154,9 +179,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     printer = _Printer(args.json, args.quiet)
     retry = RetryPolicy(max_elapsed_s=args.retry_for)
-    with EdgeTransport(args.coordinator, tls=_tls_options(args), retry=retry) as transport:
+    _terminate_like_interrupt()
+    with EdgeTransport(args.coordinator, tls=tls, retry=retry) as transport:
         runner = EdgeRunner(transport, config, on_event=printer, on_step=_step_progress(args.json, args.quiet))
-        summary = runner.run()
+        try:
+            summary = runner.run()
+        except KeyboardInterrupt:
+            # Interrupted after Join but before the round loop (the runner leaves from
+            # inside its loop only): leave here, so the coordinator does not wait for us.
+            if transport.joined:
+                try:
+                    transport.leave("interrupted")
+                except EdgeError:
+                    pass
+            raise
     printer("summary", {
         "client_id": summary.client_id,
         "rounds": len(summary.rounds),
@@ -165,6 +201,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         "reason": summary.reason,
     })
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd stop, docker stop, Kubernetes) taken like Ctrl-C: the runner leaves
+    the federation, then the process exits (status 143)."""
+
+
+def _terminate_like_interrupt() -> None:
+    import signal
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _model_and_data(args: argparse.Namespace, device_name: str) -> tuple[Path, Path, tuple[str, ...] | None]:
+    """--model and --data, or the bundled demo defaults: all-MiniLM-L6-v2 (the model whose
+    manifest `rankfed coordinator serve` uses without --manifest) and a BBC News shard
+    chosen by the device name."""
+    if args.model and args.data:
+        return Path(args.model), Path(args.data), args.labels
+    if args.model:
+        raise ConfigError("--model without --data: the demo shard fits only the bundled demo model; give --data FILE")
+    from rankfed.demo.data import DemoDataError, demo_shard, model_dir
+
+    try:
+        model = model_dir()
+        if args.data:
+            return model, Path(args.data), args.labels
+        path, labels = demo_shard(device_name or "device")
+    except DemoDataError as exc:
+        raise ConfigError(f"no --model/--data given and the bundled demo model or data is missing: {exc}") from None
+    print(f"[edge] no --model/--data: demo model {model.parent.name} and data shard {path}", file=sys.stderr)
+    return model, path, args.labels or labels
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -240,6 +311,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             target_modules=args.target_modules,
             modules_to_save=args.modules_to_save,
             model_id=args.model_id,
+            labels=tuple(args.labels or ()),
         )
     if args.out == "-":
         print(json.dumps(manifest, indent=2))
@@ -258,6 +330,9 @@ def _guarded(func: Any) -> Any:
         except EdgeError as err:
             print(f"rankfed edge {args.edge_command}: error: {err}", file=sys.stderr)
             return 1
+        except Terminated:
+            print("terminated (SIGTERM): left the federation", file=sys.stderr)
+            return 143
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
@@ -271,16 +346,21 @@ def add_parser(sub: Any) -> None:
 
     p = cmds.add_parser("probe", help="measure and print this device's capability")
     p.add_argument("--device-class", choices=DEVICE_CLASSES, help="report this class instead of the detected one")
+    p.add_argument("--gflops", type=_gflops, help="report this speed instead of measuring it (GFLOP/s)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_guarded(cmd_probe))
 
     p = cmds.add_parser("run", help="take part in a federation until it is done")
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
-    p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
-    p.add_argument("--data", required=True, metavar="FILE", help="JSONL or CSV: text,label or prompt,response")
+    p.add_argument("--model", metavar="DIR",
+                   help="local Hugging Face model directory (default: the bundled demo model, all-MiniLM-L6-v2)")
+    p.add_argument("--data", metavar="FILE", help="JSONL or CSV: text,label or prompt,response "
+                   "(default with the demo model: a BBC News shard picked by the device name)")
     p.add_argument("--device-name", help="stable device name (default: host name)")
     p.add_argument("--secret", help="enrollment secret (default: $RANKFED_ENROLLMENT_SECRET)")
     p.add_argument("--device-class", choices=DEVICE_CLASSES, help="report this class instead of the detected one")
+    p.add_argument("--gflops", type=_gflops,
+                   help="report this speed (GFLOP/s) instead of measuring it; the rank policy's tiers use it")
     p.add_argument("--labels", type=_csv, help="label names in id order, for data with named labels")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     g = p.add_argument_group("local training (default: what the coordinator's task says)")
@@ -354,5 +434,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--target-modules", type=_csv, required=True, help="e.g. query,value")
     p.add_argument("--modules-to-save", type=_csv, help="dense modules to federate (default: the classification head)")
     p.add_argument("--model-id", help="default: the model directory's name")
+    p.add_argument("--labels", type=_csv, help="class names in label-id order, e.g. business,sport,tech: every "
+                   "global adapter carries them, so export needs no --labels")
     p.add_argument("--out", required=True, metavar="FILE", help="'-' for stdout")
     p.set_defaults(func=_guarded(cmd_manifest))

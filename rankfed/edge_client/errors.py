@@ -24,6 +24,8 @@ running the device: they say what was wrong and what to do.
 
 from __future__ import annotations
 
+from rankfed.protocol import ErrorDetail
+
 
 class EdgeError(Exception):
     """Base of every error the edge client raises on purpose."""
@@ -66,11 +68,13 @@ class ParityError(ExportError):
 
 
 class TransportError(EdgeError):
-    """A failed call; ``code`` is the gRPC status name (e.g. "UNAVAILABLE") when there is one."""
+    """A failed call; ``code`` is the gRPC status name (e.g. "UNAVAILABLE") when there is one,
+    ``detail`` the coordinator's typed error detail when it sent one."""
 
-    def __init__(self, message: str, *, code: str = "") -> None:
+    def __init__(self, message: str, *, code: str = "", detail: ErrorDetail | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.detail = detail
 
 
 class UnavailableError(TransportError):

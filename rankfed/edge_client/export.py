@@ -24,10 +24,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rankfed.aggregation import Adapter, decode_adapter
+from rankfed.protocol import LoraSettings
 
 from .errors import AdapterError, ExportError, ParityError
-from .model import load_base_model, load_tokenizer, peft_model_for_adapter, weights_sha256
-from .protocol import LoraSettings
+from .model import (
+    load_base_model,
+    load_tokenizer,
+    peft_model_for_adapter,
+    weights_sha256,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -269,9 +274,8 @@ def _quantize(
     model: torch.nn.Module, task: str, out: Path, report: ExportReport, *, threads: int, seed: int
 ) -> ExportReport:
     """int8 dynamic quantization next to ``out`` (``*.int8.onnx``); parity reported, not enforced."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     qpath = out.with_name(out.stem + ".int8.onnx")
     # The dynamo exporter's value_info trips the quantizer's shape inference ("Inferred shape

@@ -6,11 +6,13 @@ The module shapes come from peft itself, applied to the model built on the `meta
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from rankfed.protocol import LoraSettings
+from rankfed.protocol.errors import ManifestError
+from rankfed.protocol.manifest import MANIFEST_FORMAT, manifest_from_dict
+from rankfed.protocol.manifest import write_manifest as protocol_write_manifest
 
 from .errors import ConfigError, ModelError
 from .model import (
@@ -21,14 +23,15 @@ from .model import (
     resolve_model_dir,
     weights_sha256,
 )
-from .protocol import LoraSettings
-
-MANIFEST_FORMAT = "rankfed-model-manifest/1"
 
 
 def _meta_model(model_dir: Path, task: str, num_labels: int) -> Any:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -51,8 +54,10 @@ def build_manifest(
     target_modules: tuple[str, ...],
     modules_to_save: tuple[str, ...] | None = None,
     model_id: str | None = None,
+    labels: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The manifest as a JSON-ready dict, keys in the documented order."""
+    """The manifest as a JSON-ready dict, keys in the documented order. `labels`: class names
+    in label-id order; every global adapter then carries them to the devices."""
     if task not in TASKS:
         raise ConfigError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if task == "sequence-classification" and num_labels < 2:
@@ -92,21 +97,20 @@ def build_manifest(
         "modules_to_save": list(modules_to_save),
         "modules": dict(sorted(modules.items())),
         "dense": dict(sorted(dense.items())),
+        **({"labels": list(labels)} if labels else {}),
     }
 
 
 def write_manifest(manifest: dict[str, Any], out: str | Path) -> None:
-    """Write atomically (temporary file renamed over ``out``)."""
+    """Validate with the coordinator's own reader, then write atomically: a manifest this
+    writes is one the coordinator accepts."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        checked = manifest_from_dict(manifest)
+    except ManifestError as err:
+        raise ConfigError(f"the manifest for {out} would be invalid: {err}") from None
+    protocol_write_manifest(checked, out)
 
 
 def build_personalized_manifest(

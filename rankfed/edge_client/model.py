@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rankfed.aggregation import Adapter, LoraModule
+from rankfed.protocol import LoraSettings
+from rankfed.protocol.manifest import TASKS
 
 from .errors import AdapterError, ModelError
-from .protocol import LoraSettings
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-TASKS = ("sequence-classification", "causal-lm")
 PEFT_PREFIX = "base_model.model."
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 _HEAD_NAMES = ("classifier", "score")  # seq-classification heads of BERT-like / decoder models

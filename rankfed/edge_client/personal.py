@@ -28,10 +28,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rankfed.aggregation import Adapter, decode_adapter, encode_adapter
+from rankfed.protocol import LoraSettings
 
 from .errors import AdapterError, ConfigError, ModelError
-from .model import PEFT_PREFIX, adapter_from_peft, build_peft_model, default_modules_to_save, load_adapter
-from .protocol import LoraSettings
+from .model import (
+    PEFT_PREFIX,
+    adapter_from_peft,
+    build_peft_model,
+    default_modules_to_save,
+    load_adapter,
+)
 
 if TYPE_CHECKING:
     import torch

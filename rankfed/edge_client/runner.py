@@ -37,21 +37,7 @@ from rankfed.aggregation import (
     hetlora_tail_norm,
     truncate,
 )
-
-from .data import TextDataset, load_dataset, model_label_names, read_records, split_holdout
-from .errors import (
-    AdapterError,
-    AuthError,
-    ConfigError,
-    DuplicateError,
-    ModelMismatchError,
-    RejectedError,
-    StaleRoundError,
-    TransportError,
-)
-from .model import adapter_from_peft, build_peft_model, load_adapter, load_base_model, load_tokenizer, weights_sha256
-from .probe import probe, with_bandwidth
-from .protocol import (
+from rankfed.protocol import (
     Capability,
     DeviceClass,
     DoneTask,
@@ -68,7 +54,34 @@ from .protocol import (
     UploadReceipt,
     WaitTask,
 )
+
+from .data import (
+    TextDataset,
+    load_dataset,
+    model_label_names,
+    read_records,
+    split_holdout,
+)
+from .errors import (
+    AdapterError,
+    AuthError,
+    ConfigError,
+    DuplicateError,
+    ModelMismatchError,
+    RejectedError,
+    StaleRoundError,
+    TransportError,
+)
+from .model import (
+    adapter_from_peft,
+    build_peft_model,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    weights_sha256,
+)
 from .personal import PersonalModel, PersonalStore, PrivateSettings
+from .probe import probe, with_bandwidth
 from .train import StepInfo, TrainConfig, TrainResult, evaluate, lora_pairs, train_local
 
 log = logging.getLogger(__name__)

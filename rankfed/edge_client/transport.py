@@ -1,7 +1,7 @@
 """The stub layer: every RPC to the coordinator, with retries, backoff and streaming.
 
-The only module (with `serde.py`) that imports grpc. It takes and returns the dataclasses of
-`protocol.py` and raises the `errors.TransportError` family, mapped from gRPC status codes in
+The only edge module that imports grpc. It takes and returns the dataclasses of
+`rankfed.protocol` and raises the `errors.TransportError` family, mapped from gRPC status codes in
 one table (`STATUS_TO_ERROR`).
 
 Retries: calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped
@@ -22,10 +22,26 @@ from typing import TypeVar
 
 import grpc
 
+from rankfed.protocol import (
+    DownloadRequest,
+    ErrorReason,
+    HeartbeatRequest,
+    HeartbeatResult,
+    JoinRequest,
+    JoinResult,
+    LeaveRequest,
+    ParticipantState,
+    Task,
+    TransferManifest,
+    UploadHeader,
+    UploadReceipt,
+    serde,
+)
 from rankfed.tls import TlsError, TlsOptions, channel_for
+from rankfed.v1 import common_pb2 as ProtoCommon
+from rankfed.v1 import edge_pb2 as ProtoEdge
 from rankfed.v1 import edge_pb2_grpc as ProtoEdgeGrpc
 
-from . import serde
 from .errors import (
     AuthError,
     ConfigError,
@@ -35,16 +51,6 @@ from .errors import (
     StaleRoundError,
     TransportError,
     UnavailableError,
-)
-from .protocol import (
-    HeartbeatResult,
-    JoinRequest,
-    JoinResult,
-    ParticipantState,
-    Task,
-    TransferManifest,
-    UploadHeader,
-    UploadReceipt,
 )
 
 log = logging.getLogger(__name__)
@@ -80,8 +86,20 @@ def map_rpc_error(err: grpc.RpcError, what: str) -> TransportError:
     """The one place where a gRPC status becomes an edge exception."""
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
+    detail = serde.error_detail_from_trailers(err.trailing_metadata()) if isinstance(err, grpc.Call) else None
     cls = STATUS_TO_ERROR.get(code, TransportError)
-    return cls(f"{what}: {code.name}: {details}", code=code.name)
+    return cls(f"{what}: {code.name}: {details}", code=code.name, detail=detail)
+
+
+def held_is_ours(err: DuplicateError, header: UploadHeader) -> bool:
+    """ALREADY_EXISTS names the update the coordinator holds: is it this very one (a retry
+    whose first receipt was lost), or another (an error)? Compared by field, never by text."""
+    detail = err.detail
+    return (
+        detail is not None
+        and detail.reason == ErrorReason.UPDATE_ALREADY_ACCEPTED
+        and detail.metadata.get("sha256") == header.sha256
+    )
 
 
 @dataclass(frozen=True)
@@ -205,20 +223,26 @@ class EdgeTransport:
 
     def heartbeat(self, round: int, state: ParticipantState, progress: float) -> HeartbeatResult:
         """One attempt, no retries: the next heartbeat is the retry."""
-        proto = serde.heartbeat_request_to_proto(round, state, progress)
+        proto = serde.heartbeat_request_to_proto(HeartbeatRequest(round=round, state=state, progress=progress))
         try:
             response = self._stub.Heartbeat(proto, timeout=10.0, metadata=self._metadata())
         except grpc.RpcError as err:
             raise map_rpc_error(err, "Heartbeat") from None
         return serde.heartbeat_result_from_proto(response)
 
+    @property
+    def joined(self) -> bool:
+        """Whether this transport holds a session (joined and not left)."""
+        return bool(self._token)
+
     def leave(self, reason: str) -> None:
         try:
             self._stub.Leave(
-                serde.leave_request_to_proto(reason), timeout=10.0, metadata=self._metadata()
+                serde.leave_request_to_proto(LeaveRequest(reason=reason)), timeout=10.0, metadata=self._metadata()
             )
         except grpc.RpcError as err:
             raise map_rpc_error(err, "Leave") from None
+        self._token = ""  # the coordinator revoked it
 
     def download(
         self,
@@ -237,7 +261,7 @@ class EdgeTransport:
 
         def call(attempt: int) -> TransferManifest:
             stream = self._stub.DownloadAdapter(
-                serde.download_request_to_proto(round, len(buf), full=full),
+                serde.download_request_to_proto(DownloadRequest(round=round, offset=len(buf), full=full)),
                 timeout=self.call_timeout_s * 10,
                 metadata=self._metadata(),
             )
@@ -245,7 +269,7 @@ class EdgeTransport:
             for message in stream:
                 kind = message.WhichOneof("kind")
                 if kind == "manifest":
-                    manifest = serde.manifest_from_proto(message.manifest)
+                    manifest = serde.transfer_manifest_from_proto(message.manifest)
                     previous = state.get("manifest")
                     if previous is not None and previous.sha256 != manifest.sha256:
                         log.warning("global adapter changed during a resumed download; restarting")
@@ -309,9 +333,9 @@ class EdgeTransport:
         chunk_bytes = self.max_chunk_bytes
 
         def messages() -> Iterator[object]:
-            yield serde.upload_header_to_proto(header)
+            yield ProtoEdge.UploadMessage(header=serde.upload_header_to_proto(header))
             for offset in range(0, len(blob), chunk_bytes):
-                yield serde.upload_chunk_to_proto(offset, blob[offset : offset + chunk_bytes])
+                yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=blob[offset : offset + chunk_bytes]))
                 if progress is not None:
                     progress(min(offset + chunk_bytes, len(blob)), len(blob))
 
@@ -323,19 +347,20 @@ class EdgeTransport:
                 )
             except grpc.RpcError as err:
                 exc = map_rpc_error(err, "UploadUpdate")
-                if isinstance(exc, DuplicateError) and (attempt > 1 or header.sha256 in str(exc)):
+                if isinstance(exc, DuplicateError) and held_is_ours(exc, header):
                     log.info("update for round %d was already accepted", header.round)
                     return UploadReceipt(
                         round=header.round,
                         bytes_received=len(blob),
                         sha256=header.sha256,
+                        receipt_id=exc.detail.metadata.get("receipt_id", "") if exc.detail else "",
                         duplicate=True,
                     )
                 raise exc from None
             elapsed = time.monotonic() - started
             if elapsed > 0:
                 self.upload_bytes_per_second = len(blob) / elapsed
-            receipt = serde.receipt_from_proto(response)
+            receipt = serde.upload_receipt_from_proto(response)
             if receipt.sha256 and receipt.sha256 != header.sha256:
                 raise IntegrityError(
                     f"UploadUpdate: the receipt names digest {receipt.sha256}, we sent {header.sha256}"

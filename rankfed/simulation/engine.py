@@ -26,10 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankfed.aggregation import get_method
+from rankfed.coordinator.export import global_adapter_dir
 from rankfed.edge_client.data import load_dataset, model_label_names
 from rankfed.edge_client.model import load_base_model, load_tokenizer
-from rankfed.edge_client.protocol import Capability, DeviceClass
 from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
+from rankfed.protocol import Capability, DeviceClass
+from rankfed.protocol.artifact import ADAPTER_FILE
 
 from .host import FederationHost
 from .transport import InProcessTransport
@@ -192,7 +195,8 @@ def coordinator_overrides(cfg: SimConfig, *, data_dir: Path, manifest: Path, num
 
 
 def write_manifest(model_dir: Path, path: Path, *, num_labels: int, target_modules: Sequence[str]) -> Path:
-    from rankfed.edge_client.manifest import build_manifest, write_manifest as write
+    from rankfed.edge_client.manifest import build_manifest
+    from rankfed.edge_client.manifest import write_manifest as write
 
     manifest = build_manifest(
         model_dir, task="sequence-classification", num_labels=num_labels, target_modules=tuple(target_modules)
@@ -203,16 +207,14 @@ def write_manifest(model_dir: Path, path: Path, *, num_labels: int, target_modul
 
 
 def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> list[RoundReport]:
-    """Finished rounds of a `FederationView`, as plain reports."""
+    """Finished rounds of a `FederationStatus`, as plain reports."""
     out = []
-    for view in status.history:
-        rec = view.record
+    for rec in status.history:
         clients = []
-        for pv in view.participants:
-            p = pv.participant
+        for p in rec.participants:
             clients.append({
-                "name": pv.device_name,
-                "device_class": str(pv.device_class) if pv.device_class else "",
+                "name": p.device_name,
+                "device_class": str(p.device_class) if p.device_class else "",
                 "rank": p.rank,
                 "state": str(p.state),
                 "bytes_up": p.bytes_up,
@@ -232,7 +234,7 @@ def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> lis
             bytes_down=int(m.get("bytes_down", 0)),
             loss_first=m.get("loss_first"),
             loss_last=m.get("loss_last"),
-            global_path=str(data_dir / "blobs" / "global" / f"round-{rec.round:06d}" / "adapter_model.safetensors"),
+            global_path=str(global_adapter_dir(data_dir, rec.round) / ADAPTER_FILE),
             seconds=(rec.finished_at or time.time()) - started.get(rec.round, rec.started_at),
         ))
     return out
@@ -283,7 +285,7 @@ def run_simulation(
                     device_name=client.name,
                     label_names=tuple(label_names),
                     max_length=cfg.max_length,
-                    hetlora_lambda=cfg.hetlora_lambda if cfg.method == "hetlora" else 0.0,
+                    hetlora_lambda=cfg.hetlora_lambda if get_method(cfg.method).client_pruning else 0.0,
                     hetlora_gamma=cfg.hetlora_gamma,
                     max_wait_s=5.0,
                     rejoin_on_bandwidth_change=False,

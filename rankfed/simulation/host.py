@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.manifest import load_manifest
+from rankfed.coordinator.bundled import manifest_path
+from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.coordinator.store import open_store
+from rankfed.protocol.manifest import load_manifest
 
 T = TypeVar("T")
 
@@ -31,6 +33,7 @@ class FederationHost:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="rankfed-sim-loop", daemon=True)
         self._store: Any = None
+        self._tracking: Tracking | None = None  # [tracking] of the config, as the daemon does
         self.federation: Federation | None = None
 
     def __enter__(self) -> FederationHost:
@@ -44,11 +47,12 @@ class FederationHost:
         self._thread.start()
 
         async def start() -> Federation:
-            manifest = load_manifest(Path(self.config.model.manifest))
+            manifest = load_manifest(manifest_path(self.config.model.manifest))
             store, blobs = open_store(self.data_dir)
             self._store = store
             federation = Federation(self.config, store, blobs, manifest)
             await federation.start()
+            self._tracking = open_tracking(self.config, federation)
             return federation
 
         self.federation = self.submit(start(), timeout=60.0)
@@ -57,6 +61,9 @@ class FederationHost:
         if self.federation is not None:
             self.submit(self.federation.stop(), timeout=30.0)
             self.federation = None
+        if self._tracking is not None:
+            self._tracking.close()
+            self._tracking = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -13,30 +13,34 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from rankfed.aggregation import AdapterError as AggregationAdapterError
 from rankfed.coordinator import errors as coordinator_errors
-from rankfed.coordinator import serde as coordinator_serde
 from rankfed.coordinator.servicer_errors import status_of
-from rankfed.edge_client import serde as edge_serde
 from rankfed.edge_client.errors import DuplicateError, IntegrityError, TransportError
-from rankfed.edge_client.protocol import (
+from rankfed.edge_client.transport import STATUS_TO_ERROR, held_is_ours
+from rankfed.protocol import (
+    Chunk,
+    DecodeError,
+    DownloadRequest,
+    HeartbeatRequest,
     HeartbeatResult,
     JoinRequest,
     JoinResult,
+    LeaveRequest,
     ParticipantState,
     Task,
     TransferManifest,
     UploadHeader,
     UploadReceipt,
+    serde,
 )
-from rankfed.edge_client.transport import STATUS_TO_ERROR
 
 from .host import FederationHost
 
 ProgressFn = Callable[[int, int], None]
-_CORE_ERRORS = (coordinator_errors.CoordinatorError, AggregationAdapterError)
+_CORE_ERRORS = (coordinator_errors.CoordinatorError, AggregationAdapterError, DecodeError)
 
 
 def edge_error(exc: Exception, what: str) -> TransportError:
@@ -45,7 +49,7 @@ def edge_error(exc: Exception, what: str) -> TransportError:
     if code is None:  # a bug in the core: INTERNAL over gRPC
         return TransportError(f"{what}: INTERNAL: {exc!r}", code="INTERNAL")
     cls = STATUS_TO_ERROR.get(code, TransportError)
-    return cls(f"{what}: {code.name}: {exc}", code=code.name)
+    return cls(f"{what}: {code.name}: {exc}", code=code.name, detail=getattr(exc, "detail", None))
 
 
 class InProcessTransport:
@@ -95,28 +99,26 @@ class InProcessTransport:
         return self._host.fed().authenticate(self._token)
 
     def join(self, request: JoinRequest) -> JoinResult:
-        proto = edge_serde.join_request_to_proto(request)
+        proto = serde.join_request_to_proto(request)
         fed = self._host.fed()
 
         def call():
-            result = fed.join(coordinator_serde.join_info_from_proto(proto))
-            base = coordinator_serde.base_model_to_proto(fed.status(history_limit=1))
-            return coordinator_serde.join_result_to_proto(result, base)
+            return serde.join_result_to_proto(fed.join(serde.join_request_from_proto(proto)))
 
-        result = edge_serde.join_result_from_proto(self._run("Join", call))
+        result = serde.join_result_from_proto(self._run("Join", call))
         self._token = result.session_token
         return result
 
     def get_task(self, max_wait_s: float) -> Task | None:
         self._give_slot()
-        proto = edge_serde.get_task_request_to_proto(max_wait_s)
+        proto = serde.get_task_request_to_proto(max_wait_s)
         fed = self._host.fed()
 
         async def call():
-            task = await fed.get_task(self._client_id(), coordinator_serde.duration_from_proto(proto.max_wait))
-            return coordinator_serde.task_to_proto(task)
+            task = await fed.get_task(self._client_id(), serde.get_task_request_from_proto(proto))
+            return serde.task_to_proto(task)
 
-        return edge_serde.task_from_proto(self._run("GetTask", call, timeout=None))
+        return serde.task_from_proto(self._run("GetTask", call, timeout=None))
 
     def download(
         self, round: int, *, expected_sha256: str = "", progress: ProgressFn | None = None, full: bool = False
@@ -126,16 +128,19 @@ class InProcessTransport:
         fed = self._host.fed()
 
         async def call():
-            manifest, chunks = await fed.open_download(self._client_id(), round, 0, full=full)
+            request = serde.download_request_from_proto(
+                serde.download_request_to_proto(DownloadRequest(round=round, offset=0, full=full))
+            )
+            manifest, chunks = await fed.open_download(self._client_id(), request)
             parts = [chunk async for chunk in chunks]
-            return coordinator_serde.transfer_manifest_to_proto(manifest), b"".join(parts)
+            return serde.transfer_manifest_to_proto(manifest), b"".join(parts)
 
         try:
             message, data = self._run("DownloadAdapter", call)
         except BaseException:
             self._give_slot()
             raise
-        manifest = edge_serde.manifest_from_proto(message.manifest)
+        manifest = serde.transfer_manifest_from_proto(message)
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != manifest.total_bytes or digest != manifest.sha256:
             raise IntegrityError(f"DownloadAdapter: got {len(data)} bytes with sha256 {digest}, manifest says "
@@ -156,23 +161,21 @@ class InProcessTransport:
     def _upload(self, header: UploadHeader, blob: bytes, progress: ProgressFn | None) -> UploadReceipt:
         if header.total_bytes != len(blob) or header.sha256 != hashlib.sha256(blob).hexdigest():
             raise ValueError("upload header does not describe the blob (size or sha256)")
-        message = edge_serde.upload_header_to_proto(header)
+        message = serde.upload_header_to_proto(header)
         fed = self._host.fed()
         chunk = fed.config.server.max_chunk_bytes
 
-        async def chunks():
-            view = memoryview(blob)
+        async def chunks() -> AsyncIterator[Chunk]:
             for offset in range(0, len(blob), chunk):
-                yield offset, view[offset : offset + chunk]
+                yield Chunk(offset=offset, data=blob[offset : offset + chunk])
 
         async def call():
-            core_header = coordinator_serde.upload_header_from_proto(message.header)
-            return await fed.upload(self._client_id(), core_header, chunks())
+            return await fed.upload(self._client_id(), serde.upload_header_from_proto(message), chunks())
 
         try:
             receipt = self._run("UploadUpdate", call)
         except DuplicateError as err:
-            if header.sha256 in str(err):  # our own update was already accepted
+            if held_is_ours(err, header):  # our own update was already accepted
                 return UploadReceipt(round=header.round, bytes_received=len(blob), sha256=header.sha256, duplicate=True)
             raise
         self.bytes_up += len(blob)
@@ -184,20 +187,18 @@ class InProcessTransport:
         )
 
     def heartbeat(self, round: int, state: ParticipantState, progress: float) -> HeartbeatResult:
-        proto = edge_serde.heartbeat_request_to_proto(round, state, progress)
+        proto = serde.heartbeat_request_to_proto(HeartbeatRequest(round=round, state=state, progress=progress))
         fed = self._host.fed()
 
         def call():
-            result = fed.heartbeat(
-                self._client_id(), proto.round, coordinator_serde.participant_state_from_proto(proto.state), proto.progress
-            )
-            return coordinator_serde.duration(result.next_in), result.round_open
+            result = fed.heartbeat(self._client_id(), serde.heartbeat_request_from_proto(proto))
+            return serde.heartbeat_result_to_proto(result)
 
-        next_in, round_open = self._run("Heartbeat", call, timeout=30.0)
-        return HeartbeatResult(next_in_s=coordinator_serde.duration_from_proto(next_in), round_open=round_open)
+        return serde.heartbeat_result_from_proto(self._run("Heartbeat", call, timeout=30.0))
 
     def leave(self, reason: str) -> None:
         self._give_slot()
         fed = self._host.fed()
-        self._run("Leave", lambda: fed.leave(self._client_id(), reason))
+        proto = serde.leave_request_to_proto(LeaveRequest(reason=reason))
+        self._run("Leave", lambda: fed.leave(self._client_id(), serde.leave_request_from_proto(proto)))
 

@@ -269,6 +269,7 @@ class ClientInfo(_message.Message):
     ROUNDS_COMPLETED_FIELD_NUMBER: _builtins.int
     DEADLINES_MISSED_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    LEFT_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     device_name: _builtins.str
     rank: _builtins.int
@@ -277,6 +278,8 @@ class ClientInfo(_message.Message):
     rounds_completed: _builtins.int
     deadlines_missed: _builtins.int
     num_examples: _builtins.int
+    left: _builtins.bool
+    """The device said Leave (it may join again under its name)."""
     @_builtins.property
     def capability(self) -> _common_pb2.DeviceCapability: ...
     @_builtins.property
@@ -297,10 +300,11 @@ class ClientInfo(_message.Message):
         rounds_completed: _builtins.int = ...,
         deadlines_missed: _builtins.int = ...,
         num_examples: _builtins.int = ...,
+        left: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "joined_at", b"joined_at", "last_seen_at", b"last_seen_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "client_id", b"client_id", "deadlines_missed", b"deadlines_missed", "device_name", b"device_name", "joined_at", b"joined_at", "last_seen_at", b"last_seen_at", "num_examples", b"num_examples", "online", b"online", "rank", b"rank", "rounds_completed", b"rounds_completed", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "client_id", b"client_id", "deadlines_missed", b"deadlines_missed", "device_name", b"device_name", "joined_at", b"joined_at", "last_seen_at", b"last_seen_at", "left", b"left", "num_examples", b"num_examples", "online", b"online", "rank", b"rank", "rounds_completed", b"rounds_completed", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from rankfed.aggregation import hetlora_prune_rank, hetlora_tail_norm, hetlora_tail_penalty
+from rankfed.aggregation import (
+    hetlora_prune_rank,
+    hetlora_tail_norm,
+    hetlora_tail_penalty,
+)
 
 
 def test_tail_penalty_numpy_by_hand():

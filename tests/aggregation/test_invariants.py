@@ -6,9 +6,9 @@ import pytest
 from rankfed.aggregation import (
     METHODS,
     AggregationError,
+    fedit,
     flexlora,
     flora,
-    fedit,
     get_method,
     hetlora,
     hetlora_norms,

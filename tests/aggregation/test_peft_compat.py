@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from rankfed.aggregation import Adapter, AdapterSpec, LoraModule, encode_adapter, get_method, peft_adapter_config
+from rankfed.aggregation import (
+    Adapter,
+    AdapterSpec,
+    LoraModule,
+    encode_adapter,
+    get_method,
+    peft_adapter_config,
+)
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")

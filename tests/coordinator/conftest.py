@@ -2,7 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.coordinator.harness import CoordinatorThread, EdgeTestClient, make_config, manifest
+from tests.coordinator.harness import (
+    CoordinatorThread,
+    EdgeTestClient,
+    make_config,
+    manifest,
+)
 
 
 @pytest.fixture

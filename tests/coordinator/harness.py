@@ -19,14 +19,14 @@ import grpc
 import numpy as np
 
 from rankfed.aggregation import Adapter, LoraModule, decode_adapter, encode_adapter
+from rankfed.coordinator.admin_client import AdminClient
 from rankfed.coordinator.config import CoordinatorConfig, load_config
-from rankfed.coordinator.manifest import ModelManifest, load_manifest
+from rankfed.protocol import FederationStatus
+from rankfed.protocol.manifest import ModelManifest, load_manifest
 from rankfed.tls import TlsOptions, channel_for
-from rankfed.v1 import admin_pb2 as ProtoAdmin
-from rankfed.v1 import admin_pb2_grpc
+from rankfed.v1 import admin_pb2_grpc, edge_pb2_grpc
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
-from rankfed.v1 import edge_pb2_grpc
 
 MANIFEST = Path(__file__).parent / "data" / "tiny-manifest.json"
 CHUNK = 64 * 1024
@@ -209,12 +209,12 @@ class EdgeTestClient:
 
     def upload_bytes(self, round_no: int, rank: int, data: bytes, *, sha256: str | None = None,
                      total_bytes: int | None = None, num_examples: int = 10, chunk: int = CHUNK,
-                     chunks=None, loss: float = 1.0) -> ProtoEdge.UploadReceipt:
+                     chunks=None, loss: float = 1.0, accuracy: float = 0.5) -> ProtoEdge.UploadReceipt:
         header = ProtoEdge.UploadHeader(
             round=round_no, rank=rank, num_examples=num_examples,
             total_bytes=len(data) if total_bytes is None else total_bytes,
             sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
-            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3, eval={"accuracy": 0.5}),
+            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3, eval={"accuracy": accuracy}),
         )
 
         def messages():
@@ -244,11 +244,9 @@ def admin_stub(address: str, tls: TlsOptions | None = None) -> tuple[grpc.Channe
     return channel, admin_pb2_grpc.AdminServiceStub(channel)
 
 
-def status(address: str, tls: TlsOptions | None = None, token: str = "") -> ProtoAdmin.FederationStatus:
-    channel, stub = admin_stub(address, tls)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with channel:
-        return stub.GetRoundStatus(ProtoAdmin.GetRoundStatusRequest(), metadata=metadata, timeout=10)
+def status(address: str, tls: TlsOptions | None = None, token: str = "") -> FederationStatus:
+    with AdminClient(address, admin_token=token, tls=tls, timeout_s=10) as admin:
+        return admin.status()
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):

@@ -13,9 +13,17 @@ import numpy as np
 import pytest
 
 from rankfed.aggregation import Adapter, LoraModule, encode_adapter
+from rankfed.protocol import ParticipantState
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import common_pb2 as ProtoCommon
-from tests.coordinator.harness import EdgeTestClient, admin_stub, random_adapter, status, update_files, wait_for
+from tests.coordinator.harness import (
+    EdgeTestClient,
+    admin_stub,
+    random_adapter,
+    status,
+    update_files,
+    wait_for,
+)
 
 MAX_UPLOAD = 256 * 1024
 
@@ -50,9 +58,9 @@ def _assert_no_trace(server, client, task) -> None:
     data_dir = server.config.server.data_dir
     assert update_files(data_dir) == []
     parts = {p.client_id: p for p in status(server.address).current.participants}
-    assert parts[client.client_id].state != ProtoCommon.PARTICIPANT_STATE_UPLOADED
+    assert parts[client.client_id].state != ParticipantState.UPLOADED
     assert parts[client.client_id].bytes_up == 0
-    assert server.call(server.federation._store.get_receipt, task.round, client.client_id) is None
+    assert server.call(server.federation.store.get_receipt, task.round, client.client_id) is None
 
 
 @pytest.fixture
@@ -84,14 +92,14 @@ def test_forged_token_is_unauthenticated(ready):
 
 def test_token_for_unknown_client_is_unauthenticated(ready):
     server, client, _ = ready
-    forged, _ = server.federation._signer.issue("c-nobody", audience="edge", ttl_seconds=60)
+    forged, _ = server.federation.registry.signer.issue("c-nobody", audience="edge", ttl_seconds=60)
     client.token = forged
     _rejected(client.get_task, grpc.StatusCode.UNAUTHENTICATED, "unknown client")
 
 
 def test_expired_token_is_unauthenticated(ready):
     server, client, _ = ready
-    expired, _ = server.federation._signer.issue(client.client_id, audience="edge", ttl_seconds=-1)
+    expired, _ = server.federation.registry.signer.issue(client.client_id, audience="edge", ttl_seconds=-1)
     client.token = expired
     _rejected(client.get_task, grpc.StatusCode.UNAUTHENTICATED, "expired")
 

@@ -54,7 +54,7 @@ def test_serve_status_and_sigterm(tmp_path, capsys, tiny_manifest):
         assert main(["status", "--address", address, "--json"]) == 0
         as_json = json.loads(capsys.readouterr().out)
         states = {p["device_name"]: p["state"] for p in as_json["current"]["participants"]}
-        assert states == {"laptop": "PARTICIPANT_STATE_UPLOADED", "phone": "PARTICIPANT_STATE_ASSIGNED"}
+        assert states == {"laptop": "uploaded", "phone": "assigned"}
 
         assert main(["status", "--address", address, "--clients"]) == 0
         assert "phone" in capsys.readouterr().out
@@ -103,4 +103,4 @@ def test_status_watch_follows_until_done(tmp_path, tiny_manifest):
     snapshots = [json.loads(line) for line in [first, *out.splitlines()]]
     assert len(snapshots) >= 3 and snapshots[-1]["done"] is True
     phases = [s.get("current", {}).get("phase") for s in snapshots]
-    assert "ROUND_PHASE_TRAINING" in phases and phases[-1] == "ROUND_PHASE_DONE"
+    assert "training" in phases and phases[-1] == "done"

@@ -20,7 +20,7 @@ from rankfed.coordinator.config import (
     load_config,
 )
 from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.models import AlphaRule, DeviceClass
+from rankfed.protocol import AlphaRule, DeviceClass
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "coordinator.example.toml"
 
@@ -46,7 +46,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert cfg.source is None
     assert cfg.server.address == "127.0.0.1:50051"
     assert cfg.server.data_dir == tmp_path / "rankfed-data"
-    assert cfg.model.manifest == tmp_path / "model-manifest.json"
+    assert cfg.model.manifest == ""  # the bundled demo manifest
     assert cfg.lora.alpha_rule is AlphaRule.CONSTANT_SCALING
     assert cfg.lora.max_rank == 16
     assert cfg.federation.method == "rbla"
@@ -60,7 +60,7 @@ def test_example_file_equals_defaults_up_to_paths() -> None:
     defaults = load_config()
     assert from_file.source == EXAMPLE
     assert from_file.server.data_dir == EXAMPLE.parent / "rankfed-data"
-    assert from_file.model.manifest == EXAMPLE.parent / "model-manifest.json"
+    assert from_file.model.manifest == ""
     same_paths = dataclasses.replace(
         from_file,
         server=dataclasses.replace(from_file.server, data_dir=defaults.server.data_dir),
@@ -111,7 +111,7 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     path.write_text('[server]\ndata_dir = "../state"\n[model]\nmanifest = "m.json"\n')
     cfg = load_config(path)
     assert cfg.server.data_dir == tmp_path / "state"
-    assert cfg.model.manifest == sub / "m.json"
+    assert cfg.model.manifest == str(sub / "m.json")
 
 
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_tiers_not_a_list(tmp_path: Path) -> None:
         ("[server]\ntoken_ttl_seconds = 0\n", "server.token_ttl_seconds = 0: must be ≥ 1"),
         ("[server]\nenrollment_secret = 5\n", "server.enrollment_secret = 5 (int): expected a string"),
         ("[server]\ndata_dir = ''\n", "server.data_dir = '' (str): expected a non-empty path"),
-        ("[model]\nmanifest = 1\n", "model.manifest = 1 (int): expected a non-empty path"),
+        ("[model]\nmanifest = 1\n", "model.manifest = 1 (int): expected a string"),
         (
             "[server]\nmax_receive_message_bytes = 1114112\n",
             "server.max_receive_message_bytes = 1114112: must exceed server.max_chunk_bytes + 64 KiB overhead = 1114112",

@@ -12,6 +12,9 @@ import grpc
 import numpy as np
 
 from rankfed.aggregation import encode_adapter, get_method
+from rankfed.coordinator.export import global_adapter_dir
+from rankfed.protocol import ParticipantState, RoundPhase
+from rankfed.protocol.artifact import ADAPTER_FILE
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from tests.coordinator.harness import (
@@ -87,9 +90,9 @@ def test_kill9_mid_round_then_resume(tmp_path, tiny_manifest):
         address = proc.start(address=address)  # same port: devices need not be told anything
         assert sorted(update_files(data_dir)) == sorted(f"round-000001/{c.client_id}.safetensors" for c in fleet[:2])
         st = status(address)
-        assert st.current.round == 1 and st.current.phase == ProtoCommon.ROUND_PHASE_TRAINING
+        assert st.current.round == 1 and st.current.phase == RoundPhase.TRAINING
         states = {p.device_name: p.state for p in st.current.participants}
-        assert states["a"] == states["b"] == ProtoCommon.PARTICIPANT_STATE_UPLOADED
+        assert states["a"] == states["b"] == ParticipantState.UPLOADED
 
         # Old session tokens still work; the retry of an acknowledged update is recognised.
         for client in fleet:
@@ -107,12 +110,12 @@ def test_kill9_mid_round_then_resume(tmp_path, tiny_manifest):
 
         wait_for(lambda: status(address).done, what="federation done", timeout=60)
         record = status(address).history[0]
-        assert record.phase == ProtoCommon.ROUND_PHASE_DONE and record.metrics["updates"] == 3
+        assert record.phase == RoundPhase.DONE and record.metrics["updates"] == 3
 
         # The global adapter is exactly the rule applied to the three acknowledged updates.
-        initial = decode((data_dir / "blobs/global/round-000000/adapter_model.safetensors").read_bytes())
+        initial = decode((global_adapter_dir(data_dir, 0) / ADAPTER_FILE).read_bytes())
         expected = get_method("rbla").aggregate(updates, [10.0, 20.0, 30.0], global_rank=16, previous=initial)
-        got = decode((data_dir / "blobs/global/round-000001/adapter_model.safetensors").read_bytes())
+        got = decode((global_adapter_dir(data_dir, 1) / ADAPTER_FILE).read_bytes())
         for name, module in expected.modules.items():
             np.testing.assert_allclose(got.modules[name].delta(False), module.delta(False), rtol=1e-5, atol=1e-6)
         assert len(starts) == 3

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from rankfed.aggregation import encode_adapter
+from rankfed.protocol import ParticipantState, RoundPhase
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from tests.coordinator.harness import random_adapter, status, update_files, wait_for
@@ -69,20 +70,20 @@ def test_client_killed_mid_upload_round_completes_on_quorum(start, clients, tiny
         assert proc.stdout.readline().strip() == "HALF", proc.stderr.read()
         data_dir = server.config.server.data_dir
         wait_for(lambda: any(f.endswith(".rankfed-partial") for f in update_files(data_dir)), what="partial file")
-        assert _participant_state(server, victim) == ProtoCommon.PARTICIPANT_STATE_UPLOADING
+        assert _participant_state(server, victim) == ParticipantState.UPLOADING
     finally:
         proc.kill()  # SIGKILL: no goodbye on the wire, the kernel resets the connection
         proc.communicate(timeout=10)
     wait_for(lambda: update_files(data_dir) == [], what="partial upload removed", timeout=15)
-    wait_for(lambda: _participant_state(server, victim) == ProtoCommon.PARTICIPANT_STATE_TRAINING,
+    wait_for(lambda: _participant_state(server, victim) == ParticipantState.TRAINING,
              what="victim back to training")
     for i, (c, t) in enumerate(zip((a, b), tasks)):
         c.upload(t.round, _update(tiny_manifest, t, i), chunk=1024)
     # Quorum (2) is in: straggler_grace_seconds later the round closes without the victim.
     wait_for(lambda: status(server.address).done, what="round done on quorum", timeout=30)
     done = status(server.address).history[-1]
-    assert done.phase == ProtoCommon.ROUND_PHASE_DONE and done.metrics["updates"] == 2
-    assert {p.device_name: p.state for p in done.participants}["victim"] == ProtoCommon.PARTICIPANT_STATE_LATE
+    assert done.phase == RoundPhase.DONE and done.metrics["updates"] == 2
+    assert {p.device_name: p.state for p in done.participants}["victim"] == ParticipantState.LATE
     assert sorted(update_files(data_dir)) == sorted(f"round-000001/{c.client_id}.safetensors" for c in (a, b))
 
 
@@ -110,9 +111,9 @@ def test_client_stalling_mid_upload_past_the_deadline(start, clients, tiny_manif
         slow.stub.UploadUpdate(stalled(), metadata=slow.metadata, timeout=30)
     # The round did not wait for the stalled stream: it closed at its deadline with the quorum.
     history = status(server.address).history
-    assert history and history[-1].phase == ProtoCommon.ROUND_PHASE_DONE and history[-1].metrics["updates"] == 2
+    assert history and history[-1].phase == RoundPhase.DONE and history[-1].metrics["updates"] == 2
     states = {p.device_name: p.state for p in history[-1].participants}
-    assert states["slow"] == ProtoCommon.PARTICIPANT_STATE_LATE
+    assert states["slow"] == ParticipantState.LATE
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
     assert "upload_idle_timeout_seconds" in info.value.details()
     assert time.monotonic() - started < 11
@@ -165,10 +166,10 @@ def test_slow_loris_streams_are_cut(one_open, tiny_manifest):
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
         assert f"upload_{fragment}_timeout_seconds" in error.details()
         wait_for(lambda: update_files(server.config.server.data_dir) == [], what="no partial file", timeout=5)
-    assert _participant_state(server, client) == ProtoCommon.PARTICIPANT_STATE_TRAINING
-    rejected = server.coordinator.metrics.rejected
-    wait_for(lambda: rejected.value(code="DEADLINE_EXCEEDED", reason="idle_timeout") == 2
-             and rejected.value(code="DEADLINE_EXCEEDED", reason="total_timeout") == 1,
+    assert _participant_state(server, client) == ParticipantState.TRAINING
+    metrics = server.coordinator.metrics
+    wait_for(lambda: metrics.sample("rankfed_uploads_rejected_total", code="DEADLINE_EXCEEDED", reason="idle_timeout") == 2
+             and metrics.sample("rankfed_uploads_rejected_total", code="DEADLINE_EXCEEDED", reason="total_timeout") == 1,
              what="timeouts counted", timeout=5)
     assert client.upload(task.round, _update(tiny_manifest, task, 0)).bytes_received == len(data)
 
@@ -206,7 +207,7 @@ def test_full_disk_during_upload_is_a_clear_error_and_the_round_goes_on(small_di
         "task": "causal-lm", "target_modules": ["q_proj"], "modules_to_save": [],
         "modules": {f"model.layers.{i}.self_attn.q_proj": [512, 512] for i in range(16)}, "dense": {},
     }))
-    from rankfed.coordinator.manifest import load_manifest
+    from rankfed.protocol.manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
     server = start(**{
@@ -229,11 +230,12 @@ def test_full_disk_during_upload_is_a_clear_error_and_the_round_goes_on(small_di
     assert "disk" in info.value.details().lower() or "space" in info.value.details().lower()
     assert update_files(small_disk / "data") == []
     # The status reaches the client a moment before the servicer's bookkeeping finishes.
-    wait_for(lambda: server.coordinator.metrics.rejected.value(code="UNAVAILABLE", reason="disk_full") == 1,
+    wait_for(lambda: server.coordinator.metrics.sample(
+        "rankfed_uploads_rejected_total", code="UNAVAILABLE", reason="disk_full") == 1,
              what="disk_full counted", timeout=5)
-    assert _participant_state(server, client) == ProtoCommon.PARTICIPANT_STATE_TRAINING
+    assert _participant_state(server, client) == ParticipantState.TRAINING
 
     ballast.unlink()  # the operator frees space; the device retries
     assert client.upload(task.round, _update(manifest, task, 0)).bytes_received == len(data)
     wait_for(lambda: status(server.address).done, what="round done")
-    assert status(server.address).history[-1].phase == ProtoCommon.ROUND_PHASE_DONE
+    assert status(server.address).history[-1].phase == RoundPhase.DONE

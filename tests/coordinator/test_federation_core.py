@@ -5,7 +5,9 @@ loop that dies."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import os
 import threading
 import time
 
@@ -14,11 +16,25 @@ import pytest
 from rankfed.aggregation import AggregationError, encode_adapter
 from rankfed.coordinator.errors import DuplicateError, PreconditionError, RetryLaterError
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.models import Capability, DeviceClass, JoinInfo, RoundPhase, TrainTask, UploadHeader
 from rankfed.coordinator.store import MemoryStore
 from rankfed.coordinator.store.blobs import BlobStore
 from rankfed.coordinator.uploads import UploadSession
-from tests.coordinator.harness import make_config, manifest, random_adapter, update_files
+from rankfed.protocol import (
+    Capability,
+    Chunk,
+    DeviceClass,
+    DownloadRequest,
+    JoinRequest,
+    RoundPhase,
+    TrainTask,
+    UploadHeader,
+)
+from tests.coordinator.harness import (
+    make_config,
+    manifest,
+    random_adapter,
+    update_files,
+)
 
 
 async def _federation(tmp_path, **overrides) -> Federation:
@@ -32,27 +48,26 @@ async def _federation(tmp_path, **overrides) -> Federation:
 
 
 async def _joined_participant(fed: Federation) -> tuple[str, TrainTask]:
-    joined = fed.join(JoinInfo(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
+    joined = fed.join(JoinRequest(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
                                base_model_sha256=fed.manifest.weights_sha256, num_examples=5))
     task = await fed.get_task(joined.client_id, 5.0)
     assert isinstance(task, TrainTask)
-    _, chunks = await fed.open_download(joined.client_id, task.round, 0)
+    _, chunks = await fed.open_download(joined.client_id, DownloadRequest(round=task.round))
     async for _ in chunks:
         pass
     return joined.client_id, task
 
 
-def _update(fed: Federation, task: TrainTask, seed: int = 0) -> tuple[UploadHeader, bytes]:
-    data = encode_adapter(random_adapter(fed.manifest, task.assignment.lora.rank, task.assignment.lora.alpha, seed))
+def _update(fed: Federation, task: TrainTask) -> tuple[UploadHeader, bytes]:
+    data = encode_adapter(random_adapter(fed.manifest, task.assignment.lora.rank, task.assignment.lora.alpha, 0))
     header = UploadHeader(round=task.round, rank=task.assignment.lora.rank, num_examples=5,
                           total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     return header, data
 
 
 async def _chunks(data: bytes, size: int = 1 << 20):
-    """The core's chunk iterator: (offset, data) pairs."""
     for offset in range(0, len(data), size):
-        yield offset, data[offset : offset + size]
+        yield Chunk(offset=offset, data=data[offset : offset + size])
 
 
 async def _wait(predicate, timeout=10.0):
@@ -64,53 +79,55 @@ async def _wait(predicate, timeout=10.0):
 
 
 def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path, monkeypatch):
+    commit = UploadSession.commit
+    committing = threading.Event()
+
+    def slow_commit(session):
+        committing.set()
+        time.sleep(0.3)  # the client gives up while the update is being fsynced
+        return commit(session)
+
+    monkeypatch.setattr(UploadSession, "commit", slow_commit)
+
     async def scenario():
         fed = await _federation(tmp_path, **{"federation.rounds": 1})
         client_id, task = await _joined_participant(fed)
         header, data = _update(fed, task)
-        commit = UploadSession.commit
-        committing = threading.Event()
-
-        def slow_commit(session):
-            committing.set()
-            time.sleep(0.3)  # the client gives up while the update is being fsynced
-            return commit(session)
-
-        monkeypatch.setattr(UploadSession, "commit", slow_commit)
         call = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data)))
         await _wait(committing.is_set)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
         await _wait(lambda: fed.done)
-        record = fed._store.get_round(1)
+        record = fed.store.get_round(1)
         assert record.phase is RoundPhase.DONE and record.metrics["updates"] == 1
-        assert fed._store.get_receipt(1, client_id) is not None
+        assert fed.store.get_receipt(1, client_id) is not None
         assert len(update_files(tmp_path / "data")) == 1
         await fed.stop()
 
     asyncio.run(scenario())
 
 
-def test_failed_aggregation_fails_the_round_and_the_federation_goes_on(tmp_path, monkeypatch):
+def test_failed_aggregation_fails_the_round_and_the_federation_goes_on(tmp_path):
     async def scenario():
         fed = await _federation(tmp_path)
-        original = fed._new_accumulator
+        method = fed.ctx.method
 
-        def failing_accumulator():
-            acc = original()
-            if fed._open is None or fed._open.round == 1:
+        def failing_accumulator(*args, **kwargs):
+            acc = method.make_accumulator(*args, **kwargs)
+            if fed.ctx.state.open is None or fed.ctx.state.open.round == 1:
                 def overflow():
                     raise AggregationError("bert.encoder.layer.0.attention.self.query: the aggregate is not finite")
                 acc.result = overflow
             return acc
 
-        monkeypatch.setattr(fed, "_new_accumulator", failing_accumulator)
+        # The method registry entry is the seam: a rule whose round-1 aggregate overflows.
+        fed.ctx.method = dataclasses.replace(method, make_accumulator=failing_accumulator)
         client_id, task = await _joined_participant(fed)
         header, data = _update(fed, task)
         await fed.upload(client_id, header, _chunks(data))
-        await _wait(lambda: fed._store.get_round(2) is not None)
-        first = fed._store.get_round(1)
+        await _wait(lambda: fed.store.get_round(2) is not None)
+        first = fed.store.get_round(1)
         assert first.phase is RoundPhase.FAILED
         assert "not finite" in first.failure_reason and "kept the previous global adapter" in first.failure_reason
         assert fed.fatal is None
@@ -124,12 +141,13 @@ def test_failed_aggregation_fails_the_round_and_the_federation_goes_on(tmp_path,
 def test_a_dying_round_loop_is_reported(tmp_path, monkeypatch):
     async def scenario():
         fed = await _federation(tmp_path)
+        await _joined_participant(fed)
 
-        async def broken():
+        def broken(round_no):
             raise RuntimeError("disk vanished")
 
-        monkeypatch.setattr(fed, "_wait_round_end", broken)
-        await _joined_participant(fed)
+        # The state store is the seam: it fails under the round loop, which watches the round.
+        monkeypatch.setattr(fed.store, "list_participants", broken)
         error = await asyncio.wait_for(fed.wait_fatal(), 10)
         assert isinstance(error, RuntimeError) and "disk vanished" in str(error)
         await fed.stop()  # does not raise the loop's error again
@@ -150,12 +168,42 @@ def test_fedit_budget_lowers_everyone_alike(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(20)
+def test_stop_is_prompt_while_a_round_is_open(tmp_path):
+    """On Python 3.11 asyncio.wait_for could lose stop()'s cancellation, and stop() then
+    waited for the round's deadline (600 s here); pytest-timeout fails this test if it does."""
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.round_deadline_seconds": 600.0})
+        await _joined_participant(fed)
+        started = time.monotonic()
+        await fed.stop()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 20
+
+
+def test_ci_runs_on_the_python_the_deploy_files_use():
+    """The Dockerfiles and the systemd unit name one Python; CI must test that one."""
+    import re
+    import sys
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    versions = set()
+    for path in (deploy / "Dockerfile.coordinator", deploy / "Dockerfile.edge", deploy / "rankfed-coordinator.service"):
+        versions |= set(re.findall(r"python:?(3\.\d+)", path.read_text()))
+    assert len(versions) == 1, f"deploy files disagree on the Python version: {sorted(versions)}"
+    if os.environ.get("CI"):
+        assert f"{sys.version_info[0]}.{sys.version_info[1]}" in versions
+
+
 async def _gated_chunks(data: bytes, gate: asyncio.Event, *, after: int, size: int = 64):
     """Chunks of `size` bytes; waits for `gate` once `after` bytes have gone."""
     for offset in range(0, len(data), size):
         if offset == after:
             await gate.wait()
-        yield offset, data[offset : offset + size]
+        yield Chunk(offset=offset, data=data[offset : offset + size])
 
 
 def test_retry_replaces_a_stream_that_is_still_sending(tmp_path):
@@ -163,16 +211,17 @@ def test_retry_replaces_a_stream_that_is_still_sending(tmp_path):
         fed = await _federation(tmp_path, **{"federation.rounds": 1})
         client_id, task = await _joined_participant(fed)
         header, data = _update(fed, task)
+        uploading = fed.ctx.state.uploading
         gate = asyncio.Event()
         first = asyncio.ensure_future(fed.upload(client_id, header, _gated_chunks(data, gate, after=128)))
-        await _wait(lambda: client_id in fed._uploading and fed._uploading[client_id].received == 128)
+        await _wait(lambda: client_id in uploading and uploading[client_id].received == 128)
         receipt = await fed.upload(client_id, header, _chunks(data))  # the retry
         gate.set()
         with pytest.raises(PreconditionError, match="replaced by a newer one"):
             await first
-        assert fed._store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
+        assert fed.store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
         await _wait(lambda: fed.done)
-        assert fed._store.get_round(1).metrics["updates"] == 1
+        assert fed.store.get_round(1).metrics["updates"] == 1
         assert len(update_files(tmp_path / "data")) == 1
         await fed.stop()
 
@@ -180,19 +229,20 @@ def test_retry_replaces_a_stream_that_is_still_sending(tmp_path):
 
 
 def test_retry_while_the_first_stream_is_being_stored_is_told_to_retry(tmp_path, monkeypatch):
+    verify = UploadSession.verify
+    verifying, release = threading.Event(), threading.Event()
+
+    def slow_verify(session, *args, **kwargs):
+        verifying.set()
+        release.wait(10)
+        return verify(session, *args, **kwargs)
+
+    monkeypatch.setattr(UploadSession, "verify", slow_verify)
+
     async def scenario():
         fed = await _federation(tmp_path, **{"federation.rounds": 1})
         client_id, task = await _joined_participant(fed)
         header, data = _update(fed, task)
-        verify = UploadSession.verify
-        verifying, release = threading.Event(), threading.Event()
-
-        def slow_verify(session, *args, **kwargs):
-            verifying.set()
-            release.wait(10)
-            return verify(session, *args, **kwargs)
-
-        monkeypatch.setattr(UploadSession, "verify", slow_verify)
         first = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data, 64)))
         await _wait(verifying.is_set)  # every byte is in: the first stream is sealed
         with pytest.raises(RetryLaterError, match="retry in a moment"):
@@ -201,16 +251,13 @@ def test_retry_while_the_first_stream_is_being_stored_is_told_to_retry(tmp_path,
         receipt = await first
         with pytest.raises(DuplicateError, match=header.sha256):  # the retry's retry learns it counted
             await fed.upload(client_id, header, _chunks(data))
-        assert fed._store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
+        assert fed.store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
         await _wait(lambda: fed.done)
-        assert fed._store.get_round(1).metrics["updates"] == 1
+        assert fed.store.get_round(1).metrics["updates"] == 1
         assert len(update_files(tmp_path / "data")) == 1
         await fed.stop()
 
     asyncio.run(scenario())
-
-
-outcomes_seen: set[tuple[str, str]] = set()
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -231,7 +278,7 @@ def test_retry_racing_the_end_of_the_first_stream_counts_once(tmp_path, seed):
             for offset in range(0, len(data), 64):
                 if rng.random() < 0.3:
                     await asyncio.sleep(0.001)
-                yield offset, data[offset : offset + 64]
+                yield Chunk(offset=offset, data=data[offset : offset + 64])
 
         async def attempt(delay: float):
             await asyncio.sleep(delay)
@@ -242,11 +289,10 @@ def test_retry_racing_the_end_of_the_first_stream_counts_once(tmp_path, seed):
 
         outcomes = await asyncio.gather(attempt(0.0), attempt(rng.uniform(0.0, 0.05)))
         receipts = [o for o in outcomes if not isinstance(o, Exception)]
-        stored = fed._store.get_receipt(task.round, client_id)
+        stored = fed.store.get_receipt(task.round, client_id)
         assert stored is not None and [r.receipt_id for r in receipts] == [stored.receipt_id]
-        outcomes_seen.add(tuple(type(o).__name__ for o in outcomes))
         await _wait(lambda: fed.done)
-        assert fed._store.get_round(1).metrics["updates"] == 1
+        assert fed.store.get_round(1).metrics["updates"] == 1
         assert len(update_files(tmp_path / "data")) == 1
         await fed.stop()
 

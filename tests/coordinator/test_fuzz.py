@@ -112,7 +112,8 @@ def _send(client, messages) -> grpc.StatusCode:
 def _after(server, client, task) -> None:
     """The coordinator is up, clean, and still takes a good update."""
     assert not any(f.endswith(".rankfed-partial") for f in update_files(server.config.server.data_dir))
-    codes = {code for (_, code) in ((dict(k)["method"], dict(k)["code"]) for k in server.coordinator.metrics.rpcs._values)}
+    codes = {sample.labels["code"] for family in server.coordinator.metrics.rpcs.collect()
+             for sample in family.samples if "code" in sample.labels}
     assert not codes & {"INTERNAL", "UNKNOWN"}, codes
     assert status(server.address).current.round == task.round
     good = random_adapter(manifest(), task.assignment.lora.rank, task.assignment.lora.alpha, 1)

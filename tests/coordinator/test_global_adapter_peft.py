@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rankfed.coordinator.export import global_adapter_dir
 from tests.coordinator.harness import decode, random_adapter, status, wait_for
 
 torch = pytest.importorskip("torch")
@@ -21,7 +22,7 @@ def test_round_global_loads_with_peft(start, clients, tiny_manifest):
         client.download(task.round)
         client.upload(task.round, random_adapter(tiny_manifest, task.assignment.lora.rank, task.assignment.lora.alpha, i))
     wait_for(lambda: status(server.address).done, what="round")
-    directory = server.config.server.data_dir / "blobs" / "global" / "round-000001"
+    directory = global_adapter_dir(server.config.server.data_dir, 1)
     global_adapter = decode((directory / "adapter_model.safetensors").read_bytes())
 
     config = transformers.BertConfig(

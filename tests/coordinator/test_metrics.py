@@ -11,25 +11,48 @@ import urllib.request
 import grpc
 import pytest
 
-from rankfed.coordinator.metrics import Counter, Histogram, reject_reason
 from rankfed.coordinator import errors
+from rankfed.coordinator.metrics import CoordinatorMetrics, reject_reason
 from tests.coordinator.harness import random_adapter, status, wait_for
 
 SAMPLE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (-?[0-9.e+-]+|\+Inf)$')
+# Our families, and the standard ones prometheus_client's process and platform collectors add.
+PREFIXES = ("rankfed_", "process_", "python_")
+
+
+LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
+
+
+def _canonical(series: str) -> str:
+    """`name{b="1",a="2"}` -> `name{a="2",b="1"}`: label order is not part of a series' identity."""
+    name, brace, rest = series.partition("{")
+    if not brace:
+        return series
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(LABEL.findall(rest))) + "}"
+
+
+class Samples(dict):
+    """Scraped samples, looked up by series whatever the label order."""
+
+    def __getitem__(self, series: str) -> float:
+        return super().__getitem__(_canonical(series))
+
+    def get(self, series: str, default=None):
+        return super().get(_canonical(series), default)
 
 
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = reply.read().decode()
-    samples = {}
+    samples = Samples()
     for line in text.splitlines():
         if line.startswith("#"):
-            assert line.startswith(("# HELP rankfed_", "# TYPE rankfed_")), line
+            assert line.startswith(tuple(f"# {kind} {p}" for kind in ("HELP", "TYPE") for p in PREFIXES)), line
             continue
         assert SAMPLE.match(line), line
         name, _, value = line.rpartition(" ")
-        samples[name] = float(value)
+        samples[_canonical(name)] = float(value)
     return samples
 
 
@@ -84,6 +107,7 @@ def test_metrics_endpoint_shrugs_off_junk(start):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=10)
     assert info.value.code == 404
+    info.value.close()
     for junk in (b"\x00\xff" * 5000, b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 2000, b"POST /metrics HTTP/1.1\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             try:
@@ -92,7 +116,8 @@ def test_metrics_endpoint_shrugs_off_junk(start):
                 sock.recv(1024)
             except ConnectionError:
                 pass
-    assert "rankfed_round 1" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert "rankfed_round 1.0" in reply.read().decode()
     assert status(server.address).federation_id
 
 
@@ -100,18 +125,22 @@ def test_metrics_are_off_by_default(start):
     assert start().coordinator.metrics_port == 0
 
 
-def test_counter_and_histogram_exposition():
-    c = Counter("rankfed_x_total", "x", ("code",))
-    c.inc(code='a"b\\')
-    assert list(c.render())[-1] == 'rankfed_x_total{code="a\\"b\\\\"} 1'
-    h = Histogram("rankfed_h_seconds", "h", (0.1, 1.0))
-    for v in (0.05, 0.1, 0.5, 5.0):
-        h.observe(v)
-    lines = list(h.render())
-    assert 'rankfed_h_seconds_bucket{le="0.1"} 2' in lines
-    assert 'rankfed_h_seconds_bucket{le="1"} 3' in lines
-    assert 'rankfed_h_seconds_bucket{le="+Inf"} 4' in lines
-    assert "rankfed_h_seconds_count 4" in lines and "rankfed_h_seconds_sum 5.65" in lines
+def test_exposition_escapes_labels_and_counts_buckets():
+    metrics = CoordinatorMetrics()
+    metrics.rpc_done('Odd"Method\\', "OK", 0.05)
+    for seconds in (0.1, 0.5, 5.0):
+        metrics.rpc_done("GetTask", "OK", seconds)
+    lines = metrics.render().splitlines()
+    assert 'rankfed_rpcs_total{code="OK",method="Odd\\"Method\\\\"} 1.0' in lines
+    assert 'rankfed_rpc_duration_seconds_bucket{le="0.1",method="GetTask"} 1.0' in lines
+    assert 'rankfed_rpc_duration_seconds_bucket{le="1.0",method="GetTask"} 2.0' in lines
+    assert 'rankfed_rpc_duration_seconds_bucket{le="+Inf",method="GetTask"} 3.0' in lines
+    assert 'rankfed_rpc_duration_seconds_count{method="GetTask"} 3.0' in lines
+    assert 'rankfed_rpc_duration_seconds_sum{method="GetTask"} 5.6' in lines
+    assert metrics.sample("rankfed_rpcs_total", method="GetTask", code="OK") == 3
+    # process metrics come with prometheus_client, named per its conventions
+    assert metrics.sample("process_resident_memory_bytes") > 0
+    assert metrics.sample("process_cpu_seconds_total") > 0
 
 
 @pytest.mark.parametrize(("exc", "reason"), [

@@ -12,9 +12,17 @@ import pytest
 from rankfed.aggregation import Adapter, LoraModule, encode_adapter
 from rankfed.coordinator.config import load_config
 from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.manifest import BaseModelEntry, load_manifest, manifest_from_dict
+from rankfed.protocol import FederationMode, ManifestError
+from rankfed.protocol.manifest import BaseModelEntry, load_manifest, manifest_from_dict
 from rankfed.v1 import common_pb2 as ProtoCommon
-from tests.coordinator.harness import CoordinatorThread, EdgeTestClient, decode, make_config, status, wait_for
+from tests.coordinator.harness import (
+    CoordinatorThread,
+    EdgeTestClient,
+    decode,
+    make_config,
+    status,
+    wait_for,
+)
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -67,7 +75,7 @@ def test_single_model_manifest_still_valid():
     ],
 )
 def test_bad_models_field(changes, expected):
-    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ManifestError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         manifest_from_dict(personalized_manifest(**changes))
 
 
@@ -83,15 +91,15 @@ def _config(tmp_path, manifest: dict, **overrides):
 
 
 def test_mode_and_manifest_must_agree(tmp_path):
-    from rankfed.coordinator.federation import _check_manifest_for_mode
+    from rankfed.coordinator.context import check_manifest_for_mode
 
     cfg = _config(tmp_path, personalized_manifest())
     with pytest.raises(ConfigError, match="several models can only federate with federation.mode = 'personalized'"):
-        _check_manifest_for_mode(load_manifest(cfg.model.manifest), load_config(None))
+        check_manifest_for_mode(load_manifest(cfg.model.manifest), load_config(None))
     with_head = personalized_manifest(modules_to_save=["classifier"], dense={"classifier.weight": [3, 8]})
     cfg = _config(tmp_path, with_head)
     with pytest.raises(ConfigError, match="the head is private"):
-        _check_manifest_for_mode(load_manifest(cfg.model.manifest), cfg)
+        check_manifest_for_mode(load_manifest(cfg.model.manifest), cfg)
 
 
 def _shared_update(rank: int, alpha: float, seed: int) -> Adapter:
@@ -153,7 +161,7 @@ def test_personalized_round_over_grpc(tmp_path):
             updates.append((update, n))
         wait_for(lambda: status(server.address).done, what="the federation to finish")
         st = status(server.address)
-        assert st.mode == ProtoCommon.FEDERATION_MODE_PERSONALIZED
+        assert st.mode is FederationMode.PERSONALIZED
         assert [(m.id, m.weights_sha256) for m in st.models] == [("deep", SHA_A), ("shallow", SHA_B)]
         metrics = st.history[0].metrics
         # Every client counts once in the personalized spread (the weighted mean stays too).
@@ -183,7 +191,7 @@ def test_rank_heterogeneous_status_reports_its_mode(tmp_path):
     server = CoordinatorThread(make_config(tmp_path / "data"))
     try:
         st = status(server.address)
-        assert st.mode == ProtoCommon.FEDERATION_MODE_RANK_HETEROGENEOUS
+        assert st.mode is FederationMode.RANK_HETEROGENEOUS
         assert [m.weights_sha256 for m in st.models] == [st.base_model.weights_sha256]
     finally:
         server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -9,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from rankfed.coordinator.config import LoraSection, RankPolicyConfig, RankTier, load_config
-from rankfed.coordinator.manifest import load_manifest
-from rankfed.coordinator.models import AlphaRule, Capability, DeviceClass
+from rankfed.coordinator.config import (
+    LoraSection,
+    RankPolicyConfig,
+    RankTier,
+    field_help,
+    load_config,
+)
 from rankfed.coordinator.rank_policy import (
     apply_budget,
     assign,
@@ -20,6 +25,8 @@ from rankfed.coordinator.rank_policy import (
     lowered_ranks,
     update_bytes,
 )
+from rankfed.protocol import AlphaRule, Capability, DeviceClass
+from rankfed.protocol.manifest import load_manifest
 
 GB = 10**9
 POLICY = load_config().rank_policy  # the default tiers of deploy/coordinator.example.toml
@@ -233,8 +240,54 @@ def test_lora_settings_rejects_rank_zero() -> None:
 def test_config_policy_and_manifest_import_no_grpc_protobuf_or_torch() -> None:
     code = (
         "import sys, rankfed.coordinator.config, rankfed.coordinator.rank_policy, "
-        "rankfed.coordinator.manifest; "
+        "rankfed.protocol.manifest; "
         "print([m for m in ('grpc', 'google.protobuf', 'torch') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- hysteresis
+
+
+def test_hysteresis_keeps_the_tier_inside_the_band() -> None:
+    # cpu-fast needs 50 GFLOP/s and 8 GB; the band is 0.1 (45..55 GFLOP/s).
+    assert POLICY.hysteresis == 0.1
+    new = assign(cpu(gflops=51.0, ram_gb=16.0), POLICY, max_rank=16)
+    assert new[:2] == (8, "cpu-fast")
+    # Re-measured a little slower: a new device would drop, the device holding cpu-fast stays.
+    assert assign(cpu(gflops=47.0, ram_gb=16.0), POLICY, max_rank=16)[:2] == (4, "cpu")
+    kept = assign(cpu(gflops=47.0, ram_gb=16.0), POLICY, max_rank=16, current_tier="cpu-fast")
+    assert kept[:2] == (8, "cpu-fast") and "hysteresis" in kept[2]
+    # Below the band it drops.
+    assert assign(cpu(gflops=44.0, ram_gb=16.0), POLICY, max_rank=16, current_tier="cpu-fast")[:2] == (4, "cpu")
+
+
+def test_hysteresis_moves_up_only_past_the_band() -> None:
+    fast = cpu(gflops=53.0, ram_gb=16.0)
+    assert assign(fast, POLICY, max_rank=16)[:2] == (8, "cpu-fast")
+    assert assign(fast, POLICY, max_rank=16, current_tier="cpu")[:2] == (4, "cpu")
+    assert assign(cpu(gflops=56.0, ram_gb=16.0), POLICY, max_rank=16, current_tier="cpu")[:2] == (8, "cpu-fast")
+
+
+def test_no_band_means_plain_first_match() -> None:
+    policy = dataclasses.replace(POLICY, hysteresis=0.0)
+    assert assign(cpu(gflops=47.0, ram_gb=16.0), policy, max_rank=16, current_tier="cpu-fast")[:2] == (4, "cpu")
+    assert assign(cpu(gflops=53.0, ram_gb=16.0), policy, max_rank=16, current_tier="cpu")[:2] == (8, "cpu-fast")
+
+
+def test_alternating_measurements_do_not_flip_the_rank() -> None:
+    tier, ranks = None, []
+    for gflops in (51.0, 48.0, 52.0, 46.0, 50.5, 49.0):
+        rank, tier, _ = assign(cpu(gflops=gflops, ram_gb=16.0), POLICY, max_rank=16, current_tier=tier)
+        ranks.append(rank)
+    assert ranks == [8] * 6
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.0", "nan"])
+def test_hysteresis_is_validated(value: str) -> None:
+    from rankfed.coordinator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rank_policy.hysteresis"):
+        load_config(None, overrides={"rank_policy.hysteresis": value})
+    assert "band" in field_help("rank_policy.hysteresis")

@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 
 from rankfed.aggregation import get_method
+from rankfed.coordinator.admin_client import AdminClient
+from rankfed.coordinator.export import global_adapter_dir
+from rankfed.protocol import ParticipantState, RoundPhase
+from rankfed.protocol.artifact import ADAPTER_FILE
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import common_pb2 as ProtoCommon
-from tests.coordinator.harness import admin_stub, decode, random_adapter, status, wait_for
+from tests.coordinator.harness import (
+    admin_stub,
+    decode,
+    random_adapter,
+    status,
+    wait_for,
+)
 
 MIXED = [("phone", "mobile"), ("laptop", "cpu"), ("gpu-box", "cuda")]
 
@@ -48,14 +58,14 @@ def test_two_rounds_with_mixed_ranks(start, clients, tiny_manifest):
     wait_for(lambda: status(server.address).history, what="round 1 to finish")
     st = status(server.address)
     first = st.history[0]
-    assert first.phase == ProtoCommon.ROUND_PHASE_DONE
+    assert first.phase == RoundPhase.DONE
     assert first.metrics["updates"] == 3
     assert {p.rank for p in first.participants} == {2, 4, 8}
-    assert all(p.state == ProtoCommon.PARTICIPANT_STATE_UPLOADED for p in first.participants)
+    assert all(p.state == ParticipantState.UPLOADED for p in first.participants)
     assert all(p.bytes_up > 0 and p.bytes_down > 0 for p in first.participants)
 
     # The streamed aggregate equals the batch rule over the same updates.
-    global_path = server.config.server.data_dir / "blobs" / "global" / "round-000001" / "adapter_model.safetensors"
+    global_path = global_adapter_dir(server.config.server.data_dir, 1) / ADAPTER_FILE
     streamed = decode(global_path.read_bytes())
     batch = get_method("rbla").aggregate(
         [u for u, _ in updates], [w for _, w in updates], global_rank=16, previous=_initial(server)
@@ -80,7 +90,7 @@ def test_two_rounds_with_mixed_ranks(start, clients, tiny_manifest):
 
 
 def _initial(server):
-    path = server.config.server.data_dir / "blobs" / "global" / "round-000000" / "adapter_model.safetensors"
+    path = global_adapter_dir(server.config.server.data_dir, 0) / ADAPTER_FILE
     return decode(path.read_bytes())
 
 
@@ -97,9 +107,9 @@ def test_quorum_deadline_late_and_dropped(start, clients, tiny_manifest):
     wait_for(lambda: status(server.address).done, what="round to close")
     record = status(server.address).history[0]
     states = {p.device_name: p.state for p in record.participants}
-    assert record.phase == ProtoCommon.ROUND_PHASE_DONE
-    assert states == {"a": ProtoCommon.PARTICIPANT_STATE_UPLOADED, "b": ProtoCommon.PARTICIPANT_STATE_UPLOADED,
-                      "c": ProtoCommon.PARTICIPANT_STATE_LATE}
+    assert record.phase == RoundPhase.DONE
+    assert states == {"a": ParticipantState.UPLOADED, "b": ParticipantState.UPLOADED,
+                      "c": ParticipantState.LATE}
     channel, stub = admin_stub(server.address)
     with channel:
         listed = {x.device_name: x for x in stub.ListClients(ProtoAdmin.ListClientsRequest(), timeout=5).clients}
@@ -118,9 +128,9 @@ def test_round_fails_without_quorum_and_keeps_global(start, clients, tiny_manife
     b.leave()  # b is gone: its participation is dropped
     wait_for(lambda: status(server.address).done, what="round to close")
     record = status(server.address).history[0]
-    assert record.phase == ProtoCommon.ROUND_PHASE_FAILED
+    assert record.phase == RoundPhase.FAILED
     assert "quorum not reached: 1 of 2" in record.failure_reason
-    assert {p.device_name: p.state for p in record.participants}["b"] == ProtoCommon.PARTICIPANT_STATE_DROPPED
+    assert {p.device_name: p.state for p in record.participants}["b"] == ParticipantState.DROPPED
     assert a.get_task(1.0).done.final_round == 0  # the initial adapter is still the global one
 
 
@@ -137,7 +147,7 @@ def test_silent_client_is_dropped_by_heartbeat_timeout(start, clients):
     def b_dropped():
         a.heartbeat(task.round)
         parts = status(server.address).current.participants
-        return {p.device_name: p.state for p in parts}.get("b") == ProtoCommon.PARTICIPANT_STATE_DROPPED
+        return {p.device_name: p.state for p in parts}.get("b") == ParticipantState.DROPPED
 
     wait_for(b_dropped, timeout=15, interval=0.3, what="b to be dropped")
 
@@ -165,7 +175,8 @@ def test_watch_streams_changes_and_health_is_serving(start, clients, tiny_manife
         for service in ("", "rankfed.v1.EdgeService", "rankfed.v1.AdminService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        stream = stub.WatchRounds(ProtoAdmin.WatchRoundsRequest(), timeout=60)
+        admin = AdminClient(server.address, timeout_s=60)
+        stream = admin.watch()
         first = next(stream)
         assert not first.done
         (client,) = clients(server.address, "solo")
@@ -177,11 +188,14 @@ def test_watch_streams_changes_and_health_is_serving(start, clients, tiny_manife
             phases.append(update.current.phase)
             if update.done:
                 break
-        assert ProtoCommon.ROUND_PHASE_TRAINING in phases and phases[-1] == ProtoCommon.ROUND_PHASE_DONE
+        admin.close()
+        assert RoundPhase.TRAINING in phases and phases[-1] == RoundPhase.DONE
 
 
 def test_reflection_lists_services(start):
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
 
     server = start()
     with grpc.insecure_channel(server.address) as channel:
@@ -203,7 +217,7 @@ def test_every_method_completes_a_round(start, clients, tiny_manifest, method):
     fleet = clients(server.address, ("laptop", "cpu"), ("gpu-box", "cuda"))
     updates = _train_round(fleet, tiny_manifest, round_no=1)
     wait_for(lambda: status(server.address).done, what=f"{method} round")
-    assert status(server.address).history[0].phase == ProtoCommon.ROUND_PHASE_DONE
+    assert status(server.address).history[0].phase == RoundPhase.DONE
     streamed = decode(_global_path(server, 1).read_bytes())
     batch = get_method(method).aggregate(
         [u for u, _ in updates], [w for _, w in updates], global_rank=16, previous=_initial(server)
@@ -215,7 +229,7 @@ def test_every_method_completes_a_round(start, clients, tiny_manifest, method):
 
 
 def _global_path(server, round_no):
-    return server.config.server.data_dir / "blobs" / "global" / f"round-{round_no:06d}" / "adapter_model.safetensors"
+    return global_adapter_dir(server.config.server.data_dir, round_no) / ADAPTER_FILE
 
 
 def test_retry_replaces_a_broken_upload_still_registered(start, clients, tiny_manifest):
@@ -243,7 +257,7 @@ def test_retry_replaces_a_broken_upload_still_registered(start, clients, tiny_ma
         yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=64, data=data[64:]))
 
     first = client.stub.UploadUpdate.future(stalled(), metadata=client.metadata, timeout=30)
-    wait_for(lambda: server.call(lambda: client.client_id in server.federation._uploading), what="first stream")
+    wait_for(lambda: server.call(lambda: client.client_id in server.federation.ctx.state.uploading), what="first stream")
     receipt = client.upload_bytes(task.round, task.assignment.lora.rank, data)
     assert receipt.sha256 == hashlib.sha256(data).hexdigest()
     release.set()
@@ -274,3 +288,19 @@ def test_a_long_poll_keeps_a_client_online(start, clients):
     (client,) = clients(server.address, "alone")
     assert client.get_task(3.0).WhichOneof("kind") == "wait"  # 3 s without any other call
     assert status(server.address).clients_online == 1
+
+
+def test_a_rejoin_with_a_wobbling_speed_keeps_its_tier(start, tiny_manifest):
+    """Over real gRPC: the hysteresis band (rank_policy.hysteresis, default 0.1) holds a
+    device re-measured at 47 GFLOP/s in cpu-fast (threshold 50); 44 is past the band."""
+    from tests.coordinator.harness import EdgeTestClient
+
+    server = start()
+    tiers = []
+    for gflops in (51.0, 47.0, 44.0):
+        client = EdgeTestClient(server.address, "laptop", gflops=gflops, memory_gb=16.0)
+        try:
+            tiers.append(client.join(tiny_manifest.weights_sha256).assignment.tier)
+        finally:
+            client.close()
+    assert tiers == ["cpu-fast", "cpu-fast", "cpu"]

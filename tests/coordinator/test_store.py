@@ -15,17 +15,7 @@ from pathlib import Path
 import pytest
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import (
-    Capability,
-    ClientRecord,
-    DeviceClass,
-    Participant,
-    ParticipantState,
-    Receipt,
-    RoundPhase,
-    RoundRecord,
-    TrainMetrics,
-)
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
 from rankfed.coordinator.store import (
     SCHEMA_VERSION,
     MemoryStore,
@@ -33,6 +23,13 @@ from rankfed.coordinator.store import (
     SqliteStore,
     StateStore,
     open_store,
+)
+from rankfed.protocol import (
+    Capability,
+    DeviceClass,
+    ParticipantState,
+    RoundPhase,
+    TrainMetrics,
 )
 
 # --- builders ---------------------------------------------------------------------------

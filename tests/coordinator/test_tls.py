@@ -8,12 +8,25 @@ import grpc
 import pytest
 
 from rankfed.cli import main
+from rankfed.coordinator.admin_client import AdminError
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.server import transport_credentials
-from rankfed.tls import TlsError, TlsOptions, client_channel_credentials, is_loopback_address, peer_is_loopback
+from rankfed.tls import (
+    TlsError,
+    TlsOptions,
+    client_channel_credentials,
+    is_loopback_address,
+    peer_is_loopback,
+)
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import edge_pb2 as ProtoEdge
-from tests.coordinator.harness import EdgeTestClient, admin_stub, make_certs, make_config, status
+from tests.coordinator.harness import (
+    EdgeTestClient,
+    admin_stub,
+    make_certs,
+    make_config,
+    status,
+)
 
 SECRET = "enroll-me"
 
@@ -44,9 +57,12 @@ def _server_tls(pki, mutual: bool) -> dict:
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises((grpc.RpcError, AdminError)) as info:
         call()
-    return info.value.code(), info.value.details() or ""
+    err = info.value
+    if isinstance(err, AdminError):  # the typed admin client's error carries the status name
+        return grpc.StatusCode[err.code], str(err)
+    return err.code(), err.details() or ""
 
 
 def _client(address, tls, name, tiny_manifest, **join) -> EdgeTestClient:
@@ -91,7 +107,7 @@ def test_mtls_requires_a_certificate_from_the_ca(start, pki, rogue, tiny_manifes
     # The certificate enrolls the device: no secret, and an empty name becomes the CN.
     device = _client(server.address, _tls(pki, "edge-1"), "", tiny_manifest)
     assert device.client_id
-    assert [c.device_name for c, _ in server.call(server.federation.list_clients)] == ["edge-1"]
+    assert [c.device_name for c in server.call(server.federation.list_clients)] == ["edge-1"]
     assert device.get_task(0.1).WhichOneof("kind") == "wait"
     for c in (no_cert, forged, device):
         c.close()
@@ -266,3 +282,37 @@ def test_escaped_comma_in_a_common_name_is_not_an_organizational_unit():
     assert identity.common_name == "edge-7,OU=operators"
     genuine = peer_identity({**context, "x509_subject": [b"CN=ops,OU=operators,O=RankFed"]})
     assert genuine is not None and genuine.is_operator
+
+
+# --------------------------------------------------------------------------- mismatches, explained
+
+
+def test_transport_mismatches_are_named_in_one_line(start, pki, rogue):
+    from rankfed.tls import transport_mismatch
+
+    plain = start()
+    assert transport_mismatch(plain.address, None) is None
+    assert "does not speak TLS" in transport_mismatch(plain.address, _tls(pki))
+    tls = start(**_server_tls(pki, mutual=False))
+    assert transport_mismatch(tls.address, _tls(pki)) is None
+    assert "speaks TLS and this client plaintext" in transport_mismatch(tls.address, None)
+    mutual = start(**_server_tls(pki, mutual=True))
+    assert transport_mismatch(mutual.address, _tls(pki, "edge-1")) is None
+    assert "requires a client certificate" in transport_mismatch(mutual.address, _tls(pki))
+    assert "refused this client's certificate" in transport_mismatch(mutual.address, _tls(rogue, "edge-1", ca=pki))
+    assert transport_mismatch("127.0.0.1:1", None) is None  # unreachable: retried elsewhere, not a mismatch
+
+
+def test_edge_run_fails_fast_on_a_tls_mismatch(start, pki, tmp_path):
+    import subprocess
+    import sys
+
+    server = start(**_server_tls(pki, mutual=False))
+    result = subprocess.run(
+        [sys.executable, "-m", "rankfed", "edge", "run", "--coordinator", server.address,
+         "--model", str(tmp_path), "--data", str(tmp_path / "none.jsonl"), "--retry-for", "300"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "speaks TLS and this client plaintext" in lines[0] and "--tls-ca" in lines[0], lines

@@ -46,7 +46,7 @@ def test_manifest_command_writes_the_documented_format(bert_dir, llama_dir, tmp_
 
 
 def test_coordinator_accepts_our_manifest(bert_dir, tmp_path):
-    manifest_mod = pytest.importorskip("rankfed.coordinator.manifest")
+    manifest_mod = pytest.importorskip("rankfed.protocol.manifest")
     out = tmp_path / "m.json"
     main(["edge", "manifest", "--model", str(bert_dir), "--task", "sequence-classification",
           "--num-labels", "3", "--target-modules", "query,value", "--out", str(out)])

@@ -14,9 +14,19 @@ import torch
 from rankfed.aggregation import encode_adapter
 from rankfed.edge_client import export as export_mod
 from rankfed.edge_client.errors import ParityError
-from rankfed.edge_client.export import export_onnx, logits_only, merged_model, read_adapter
-from rankfed.edge_client.model import adapter_from_peft, build_peft_model, load_base_model, load_tokenizer
-from rankfed.edge_client.protocol import LoraSettings
+from rankfed.edge_client.export import (
+    export_onnx,
+    logits_only,
+    merged_model,
+    read_adapter,
+)
+from rankfed.edge_client.model import (
+    adapter_from_peft,
+    build_peft_model,
+    load_base_model,
+    load_tokenizer,
+)
+from rankfed.protocol import LoraSettings
 
 from .conftest import randomize_lora
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from rankfed.edge_client.model import (
     peft_model_for_adapter,
     weights_sha256,
 )
-from rankfed.edge_client.protocol import LoraSettings
+from rankfed.protocol import LoraSettings
 
 from .conftest import randomize_lora
 

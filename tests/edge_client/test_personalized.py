@@ -15,9 +15,14 @@ from rankfed.aggregation import Adapter, LoraModule, decode_adapter
 from rankfed.edge_client.data import load_dataset, split_holdout
 from rankfed.edge_client.manifest import build_personalized_manifest, write_manifest
 from rankfed.edge_client.model import load_base_model, load_tokenizer
-from rankfed.edge_client.personal import PersonalModel, PersonalStore, PrivateSettings, resolve_shared
-from rankfed.edge_client.protocol import LoraSettings
+from rankfed.edge_client.personal import (
+    PersonalModel,
+    PersonalStore,
+    PrivateSettings,
+    resolve_shared,
+)
 from rankfed.edge_client.train import TrainConfig, evaluate, train_local
+from rankfed.protocol import LoraSettings
 from tests.edge_client.conftest import make_bert_dir, write_cls_data
 
 SHARED_NAMES = ("encoder.layer.-1.attention.self.query", "encoder.layer.-1.attention.self.value")
@@ -63,7 +68,7 @@ def test_shared_names_resolve_to_each_models_last_layer(deep_dir, shallow_dir):
 
 
 def test_personalized_manifest_admits_both_models(deep_dir, shallow_dir):
-    from rankfed.coordinator.manifest import manifest_from_dict
+    from rankfed.protocol.manifest import manifest_from_dict
 
     data = build_personalized_manifest([deep_dir, shallow_dir], task="sequence-classification", num_labels=3,
                                        target_modules=("query", "value"), shared_layers=(-1,))

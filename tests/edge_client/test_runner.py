@@ -8,13 +8,24 @@ import hashlib
 import numpy as np
 import pytest
 
-from rankfed.aggregation import Adapter, AdapterSpec, LoraModule, decode_adapter, encode_adapter
-from rankfed.edge_client.errors import ModelMismatchError, RejectedError, StaleRoundError
+from rankfed.aggregation import (
+    Adapter,
+    AdapterSpec,
+    LoraModule,
+    decode_adapter,
+    encode_adapter,
+)
+from rankfed.edge_client.errors import (
+    ModelMismatchError,
+    RejectedError,
+    StaleRoundError,
+)
 from rankfed.edge_client.manifest import build_manifest
 from rankfed.edge_client.model import weights_sha256
-from rankfed.edge_client.protocol import (
+from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
+from rankfed.protocol import (
     Assignment,
-    BaseModelInfo,
+    BaseModel,
     Capability,
     DoneTask,
     HeartbeatResult,
@@ -25,7 +36,6 @@ from rankfed.edge_client.protocol import (
     UploadReceipt,
     WaitTask,
 )
-from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
 
 
 def _lora(rank: int) -> LoraSettings:
@@ -51,7 +61,7 @@ class FakeTransport:
         self.joins.append(request)
         return JoinResult(
             client_id="c-7", session_token="t", assignment=Assignment(_lora(4)),
-            base_model=BaseModelInfo(id="tiny", weights_sha256=self.sha, task="sequence-classification", num_labels=3),
+            base_model=BaseModel(id="tiny", weights_sha256=self.sha, task="sequence-classification", num_labels=3),
             heartbeat_interval_s=0.05, federation_id="f", max_chunk_bytes=1 << 20,
         )
 

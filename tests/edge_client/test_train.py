@@ -6,8 +6,8 @@ import torch
 from rankfed.edge_client.data import load_dataset
 from rankfed.edge_client.errors import TrainingError
 from rankfed.edge_client.model import build_peft_model, load_base_model, load_tokenizer
-from rankfed.edge_client.protocol import LoraSettings
 from rankfed.edge_client.train import TrainConfig, train_local
+from rankfed.protocol import LoraSettings
 
 TASK = "sequence-classification"
 SETTINGS = LoraSettings(rank=4, alpha=8.0, target_modules=("query", "value"), modules_to_save=("classifier",))

@@ -9,17 +9,27 @@ from concurrent import futures
 import grpc
 import pytest
 
-from rankfed.edge_client.errors import AuthError, IntegrityError, RejectedError, StaleRoundError, UnavailableError
-from rankfed.edge_client.protocol import (
+from rankfed.edge_client.errors import (
+    AuthError,
+    DuplicateError,
+    IntegrityError,
+    RejectedError,
+    StaleRoundError,
+    UnavailableError,
+)
+from rankfed.edge_client.transport import EdgeTransport, RetryPolicy
+from rankfed.protocol import (
     Capability,
+    ErrorDetail,
+    ErrorReason,
     JoinRequest,
     ParticipantState,
     TrainMetrics,
     TrainTask,
     UploadHeader,
     WaitTask,
+    serde,
 )
-from rankfed.edge_client.transport import EdgeTransport, RetryPolicy
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from rankfed.v1 import edge_pb2_grpc as ProtoEdgeGrpc
@@ -39,6 +49,7 @@ class FakeEdge(ProtoEdgeGrpc.EdgeServiceServicer):
         self.cut_upload_after = 0
         self.blob = BLOB
         self.heartbeats: list[ProtoEdge.HeartbeatRequest] = []
+        self.held_sha = SHA  # the digest ALREADY_EXISTS names: the update the coordinator holds
 
     def _enter(self, method: str, context) -> None:
         with self.lock:
@@ -82,7 +93,11 @@ class FakeEdge(ProtoEdgeGrpc.EdgeServiceServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
         self.uploads.append(messages)
         if len(self.uploads) > 1 and self.cut_upload_after:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, "an update for round 3 was already accepted")
+            message = "an update for round 3 was already accepted"
+            detail = ErrorDetail(ErrorReason.UPDATE_ALREADY_ACCEPTED, {"round": "3", "sha256": self.held_sha,
+                                                                      "receipt_id": "r-held"})
+            context.set_trailing_metadata((serde.error_detail_to_trailer(6, message, detail),))
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, message)
         data = b"".join(m.chunk.data for m in messages[1:])
         return ProtoEdge.UploadReceipt(round=messages[0].header.round, bytes_received=len(data),
                                        sha256=hashlib.sha256(data).hexdigest(), receipt_id="r-1")
@@ -203,8 +218,20 @@ def test_broken_upload_is_resent_and_already_exists_counts_as_accepted(server, t
     _join(transport)
     header = UploadHeader(round=3, rank=4, num_examples=10, total_bytes=len(BLOB), sha256=SHA)
     receipt = transport.upload(header, BLOB)
-    assert receipt.duplicate and receipt.sha256 == SHA
+    assert receipt.duplicate and receipt.sha256 == SHA and receipt.receipt_id == "r-held"
     assert len(fake.uploads) == 2 and fake.uploads[1][0].header.sha256 == SHA
+
+
+def test_a_retry_that_meets_another_held_update_is_an_error(server, transport):
+    """ALREADY_EXISTS for a digest that is not ours means another update counted: never 'accepted'."""
+    fake, _ = server
+    fake.cut_upload_after = 1
+    fake.held_sha = "f" * 64
+    _join(transport)
+    header = UploadHeader(round=3, rank=4, num_examples=10, total_bytes=len(BLOB), sha256=SHA)
+    with pytest.raises(DuplicateError) as err:
+        transport.upload(header, BLOB)
+    assert err.value.detail is not None and err.value.detail.metadata["sha256"] == "f" * 64
 
 
 def test_upload_header_must_describe_the_blob(transport):

@@ -21,7 +21,14 @@ import numpy as np
 
 from ..adapter import Adapter
 from ..errors import AggregationError
-from .common import check_adapters, check_weights, dense_average, effective, fill_unowned, make_global
+from .common import (
+    check_adapters,
+    check_weights,
+    dense_average,
+    effective,
+    fill_unowned,
+    make_global,
+)
 
 __all__ = ["fedit", "zero_pad", "hetlora", "hetlora_norms", "replication", "rbla", "update_norm", "HETLORA_NORMS", "FILLS"]
 

@@ -19,7 +19,11 @@ import logging
 from pathlib import Path
 
 from rankfed.coordinator.errors import StorageError
-from rankfed.coordinator.store.base import SCHEMA_VERSION, SchemaVersionError, StateStore
+from rankfed.coordinator.store.base import (
+    SCHEMA_VERSION,
+    SchemaVersionError,
+    StateStore,
+)
 from rankfed.coordinator.store.blobs import (
     BlobStore,
     BlobWriter,

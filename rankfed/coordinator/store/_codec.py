@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from rankfed.coordinator.models import Capability, DeviceClass, TrainMetrics
+from rankfed.protocol import Capability, DeviceClass, TrainMetrics
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -27,14 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import (
-    ClientRecord,
-    Participant,
-    ParticipantState,
-    Receipt,
-    RoundPhase,
-    RoundRecord,
-)
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
 from rankfed.coordinator.store import _codec
 from rankfed.coordinator.store._schema import SCHEMA_V1
 from rankfed.coordinator.store.base import (
@@ -46,6 +39,7 @@ from rankfed.coordinator.store.base import (
     check_limit,
     check_meta_key,
 )
+from rankfed.protocol import ParticipantState, RoundPhase
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
 """The model manifest: what the coordinator knows of the base model without loading torch.
+Both ends use this module: the edge client writes manifests, the coordinator reads them.
 
 Format (docs/model-manifest.md), written by `rankfed edge manifest` through `write_manifest`:
 
     {"format": "rankfed-model-manifest/1", "model_id": ..., "weights_sha256": ...,
      "task": "sequence-classification", "num_labels": 5,
+     "labels": ["business", "entertainment", "politics", "sport", "tech"],  # optional
      "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
      "modules": {"bert.encoder.layer.0.attention.self.query": [384, 384], ...},  # [d_out, d_in]
      "dense": {"classifier.weight": [5, 384], "classifier.bias": [5]}}
@@ -18,7 +20,8 @@ the end of each client's model), and model_id / weights_sha256 default to the fi
      "task": "sequence-classification", "num_labels": 5, "target_modules": ["query", "value"],
      "modules": {"encoder.layer.-1.attention.self.query": [384, 384], ...}}
 
-Every problem raises ConfigError naming the field or module.
+Every problem raises ManifestError naming the field or module; the coordinator refuses to
+start on one (exit 2), `rankfed edge manifest` validates what it writes with the same code.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rankfed.coordinator.errors import ConfigError
+from .errors import ManifestError
 
 if TYPE_CHECKING:
     from rankfed.aggregation import AdapterSpec
@@ -53,6 +56,7 @@ _KEYS = (
     "modules",
     "dense",
     "models",
+    "labels",
 )
 
 
@@ -76,6 +80,8 @@ class ModelManifest:
     dense: dict[str, tuple[int, ...]] = field(default_factory=dict)  # federated non-LoRA
     # Every admitted base model; empty: only (model_id, weights_sha256).
     models: tuple[BaseModelEntry, ...] = ()
+    # Class names in label-id order (optional); they travel in every global adapter's card.
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -91,7 +97,9 @@ class ModelManifest:
 
     def adapter_spec(self) -> AdapterSpec:
         """The module shapes as the aggregation package's AdapterSpec."""
-        from rankfed.aggregation import AdapterSpec  # lazy: written in parallel, numpy-heavy
+        from rankfed.aggregation import (
+            AdapterSpec,  # lazy: written in parallel, numpy-heavy
+        )
 
         return AdapterSpec(modules=dict(self.modules), dense=dict(self.dense))
 
@@ -109,45 +117,46 @@ class ModelManifest:
             "dense": {k: list(v) for k, v in self.dense.items()},
             **({"models": [{"model_id": m.model_id, "weights_sha256": m.weights_sha256} for m in self.models]}
                if self.models else {}),
+            **({"labels": list(self.labels)} if self.labels else {}),
         }
 
 
 def load_manifest(path: Path) -> ModelManifest:
-    """Read and validate a manifest; ConfigError names the file and the field or module."""
+    """Read and validate a manifest; ManifestError names the file and the field or module."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
+        raise ManifestError(
             f"model manifest {str(path)!r} does not exist; write one on a machine that has "
             "the model with `rankfed edge manifest --model DIR --out model-manifest.json` "
             "and point model.manifest at it"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read model manifest {str(path)!r}: {exc}") from None
+        raise ManifestError(f"cannot read model manifest {str(path)!r}: {exc}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"model manifest {path}: not valid JSON: {exc}") from None
+        raise ManifestError(f"model manifest {path}: not valid JSON: {exc}") from None
     try:
         return manifest_from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"model manifest {path}: {exc}") from None
+    except ManifestError as exc:
+        raise ManifestError(f"model manifest {path}: {exc}") from None
 
 
 def manifest_from_dict(data: Any) -> ModelManifest:
     """Validate parsed manifest JSON and build the dataclass."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a JSON object, got {type(data).__name__}")
+        raise ManifestError(f"expected a JSON object, got {type(data).__name__}")
     unknown = [k for k in data if k not in _KEYS]
     if unknown:
         hint = difflib.get_close_matches(unknown[0], _KEYS, n=1)
-        raise ConfigError(
+        raise ManifestError(
             f"unknown field {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
         )
     fmt = data.get("format")
     if fmt != MANIFEST_FORMAT:
-        raise ConfigError(
+        raise ManifestError(
             f"format = {fmt!r}: expected {MANIFEST_FORMAT!r}; rewrite the manifest with "
             "this version's `rankfed edge manifest`"
         )
@@ -158,10 +167,10 @@ def manifest_from_dict(data: Any) -> ModelManifest:
         data.setdefault("model_id", models[0].model_id)
     for key in ("model_id", "weights_sha256", "task", "target_modules", "modules"):
         if key not in data:
-            raise ConfigError(f"missing field {key!r}")
+            raise ManifestError(f"missing field {key!r}")
     task = data["task"]
     if task == "sequence-classification" and "num_labels" not in data:
-        raise ConfigError("missing field 'num_labels' (required for sequence-classification)")
+        raise ManifestError("missing field 'num_labels' (required for sequence-classification)")
     num_labels = data.get("num_labels", 0)
     return ModelManifest(
         model_id=data["model_id"],
@@ -175,6 +184,7 @@ def manifest_from_dict(data: Any) -> ModelManifest:
         modules=_shapes(data["modules"], "modules"),  # type: ignore[arg-type]
         dense=_shapes(data.get("dense", {}), "dense"),
         models=models,
+        labels=_str_tuple(data.get("labels", []), "labels"),
     )
 
 
@@ -196,17 +206,17 @@ def write_manifest(manifest: ModelManifest, path: Path) -> None:
 
 def _str_tuple(value: Any, name: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{name} = {value!r}: expected a list of non-empty strings")
+        raise ManifestError(f"{name} = {value!r}: expected a list of non-empty strings")
     return tuple(value)
 
 
 def _models(value: Any) -> tuple[BaseModelEntry, ...]:
     if not isinstance(value, list | tuple) or not value:
-        raise ConfigError(f"models = {value!r}: expected a non-empty list of {{model_id, weights_sha256}} objects")
-    out = []
+        raise ManifestError(f"models = {value!r}: expected a non-empty list of {{model_id, weights_sha256}} objects")
+    out: list[BaseModelEntry] = []
     for i, item in enumerate(value):
         if not isinstance(item, Mapping) or set(item) != {"model_id", "weights_sha256"}:
-            raise ConfigError(f"models[{i}] = {item!r}: expected an object with model_id and weights_sha256")
+            raise ManifestError(f"models[{i}] = {item!r}: expected an object with model_id and weights_sha256")
         sha = item["weights_sha256"]
         out.append(BaseModelEntry(item["model_id"], sha.lower() if isinstance(sha, str) else sha))
     return tuple(out)
@@ -214,13 +224,13 @@ def _models(value: Any) -> tuple[BaseModelEntry, ...]:
 
 def _shapes(value: Any, name: str) -> dict[str, tuple[int, ...]]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{name} = {value!r}: expected an object of name -> shape")
+        raise ManifestError(f"{name} = {value!r}: expected an object of name -> shape")
     out: dict[str, tuple[int, ...]] = {}
     for key, dims in value.items():
         if not isinstance(dims, list | tuple) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in dims
         ):
-            raise ConfigError(f"{name}[{key!r}] = {dims!r}: expected a list of integers")
+            raise ManifestError(f"{name}[{key!r}] = {dims!r}: expected a list of integers")
         out[key] = tuple(dims)
     return out
 
@@ -231,51 +241,53 @@ def _is_sha(sha: Any) -> bool:
 
 def _validate(m: ModelManifest) -> None:
     if not isinstance(m.model_id, str) or not m.model_id:
-        raise ConfigError(f"model_id = {m.model_id!r}: expected a non-empty string")
+        raise ManifestError(f"model_id = {m.model_id!r}: expected a non-empty string")
     seen: set[str] = set()
     for i, entry in enumerate(m.models):
         if not isinstance(entry.model_id, str) or not entry.model_id:
-            raise ConfigError(f"models[{i}].model_id = {entry.model_id!r}: expected a non-empty string")
+            raise ManifestError(f"models[{i}].model_id = {entry.model_id!r}: expected a non-empty string")
         if not _is_sha(entry.weights_sha256):
-            raise ConfigError(f"models[{i}].weights_sha256 = {entry.weights_sha256!r}: expected 64 lowercase hex digits")
+            raise ManifestError(f"models[{i}].weights_sha256 = {entry.weights_sha256!r}: expected 64 lowercase hex digits")
         if entry.weights_sha256 in seen:
-            raise ConfigError(f"models[{i}].weights_sha256: listed twice; list each base model once")
+            raise ManifestError(f"models[{i}].weights_sha256: listed twice; list each base model once")
         seen.add(entry.weights_sha256)
     sha = m.weights_sha256
     if not _is_sha(sha):
-        raise ConfigError(
+        raise ManifestError(
             f"weights_sha256 = {sha!r}: expected 64 lowercase hex digits (sha256 of the "
             "base model's weight files)"
         )
     if m.models and sha not in seen:
-        raise ConfigError(
+        raise ManifestError(
             "weights_sha256 is not one of models[].weights_sha256; omit it (it defaults to the first) or list it"
         )
     if m.task not in TASKS:
-        raise ConfigError(f"task = {m.task!r}: expected one of {', '.join(TASKS)}")
+        raise ManifestError(f"task = {m.task!r}: expected one of {', '.join(TASKS)}")
     low = 1 if m.task == "sequence-classification" else 0
     if not isinstance(m.num_labels, int) or isinstance(m.num_labels, bool) or m.num_labels < low:
-        raise ConfigError(
+        raise ManifestError(
             f"num_labels = {m.num_labels!r}: expected an integer ≥ {low} for task {m.task}"
         )
+    if m.labels and len(m.labels) != m.num_labels:
+        raise ManifestError(f"labels lists {len(m.labels)} names for num_labels = {m.num_labels}; list one per class")
     if not m.target_modules:
-        raise ConfigError("target_modules is empty: name at least one module LoRA wraps")
+        raise ManifestError("target_modules is empty: name at least one module LoRA wraps")
     if not m.modules:
-        raise ConfigError(
+        raise ManifestError(
             "modules is empty: the manifest lists no LoRA-wrapped module; check "
             f"target_modules {list(m.target_modules)} against the model's module names"
         )
     for name, dims in m.modules.items():
         if len(dims) != 2:
-            raise ConfigError(f"modules[{name!r}] = {list(dims)}: expected [d_out, d_in]")
+            raise ManifestError(f"modules[{name!r}] = {list(dims)}: expected [d_out, d_in]")
         if any(d <= 0 for d in dims):
-            raise ConfigError(f"modules[{name!r}] = {list(dims)}: dimensions must be positive")
+            raise ManifestError(f"modules[{name!r}] = {list(dims)}: dimensions must be positive")
         if not any(name == t or name.endswith("." + t) for t in m.target_modules):
-            raise ConfigError(
+            raise ManifestError(
                 f"modules[{name!r}]: matches none of target_modules {list(m.target_modules)}"
             )
     for name, dims in m.dense.items():
         if not dims or any(d <= 0 for d in dims):
-            raise ConfigError(
+            raise ManifestError(
                 f"dense[{name!r}] = {list(dims)}: expected a non-empty shape of positive sizes"
             )

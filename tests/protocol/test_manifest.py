@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from rankfed.coordinator.errors import ConfigError
-from rankfed.coordinator.manifest import load_manifest, write_manifest
+from rankfed.protocol import ManifestError
+from rankfed.protocol.manifest import load_manifest, write_manifest
 
-TINY = Path(__file__).parent / "data" / "tiny-manifest.json"
+TINY = Path(__file__).parent.parent / "coordinator" / "data" / "tiny-manifest.json"
 
 
 def tiny_dict() -> dict[str, Any]:
@@ -22,7 +22,7 @@ def tiny_dict() -> dict[str, Any]:
 def load_error(tmp_path: Path, data: Any) -> str:
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data), encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ManifestError) as info:
         load_manifest(path)
     assert str(path) in str(info.value)
     return str(info.value)
@@ -69,14 +69,14 @@ def test_uppercase_digest_is_normalised(tmp_path: Path) -> None:
 
 
 def test_missing_file_hints_at_the_command(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist.*rankfed edge manifest"):
+    with pytest.raises(ManifestError, match="does not exist.*rankfed edge manifest"):
         load_manifest(tmp_path / "nope.json")
 
 
 def test_bad_json(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(path)
 
 
@@ -126,7 +126,7 @@ def test_validation_names_the_field(tmp_path: Path, data: Any, expected: str) ->
 
 def test_constructing_an_invalid_manifest_raises() -> None:
     m = load_manifest(TINY)
-    with pytest.raises(ConfigError, match="task"):
+    with pytest.raises(ManifestError, match="task"):
         dataclasses.replace(m, task="vision")
 
 
@@ -140,3 +140,10 @@ def test_adapter_spec() -> None:
     assert isinstance(spec, AdapterSpec)
     assert dict(spec.modules) == m.modules
     assert dict(spec.dense) == m.dense
+
+
+def test_labels_are_optional_and_must_match_num_labels(tmp_path: Path) -> None:
+    path = tmp_path / "labelled.json"
+    path.write_text(json.dumps(_with(labels=["a", "b", "c"])))
+    assert load_manifest(path).labels == ("a", "b", "c")
+    assert "labels lists 2 names for num_labels = 3" in load_error(tmp_path, _with(labels=["a", "b"]))

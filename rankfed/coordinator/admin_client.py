@@ -1,0 +1,85 @@
+"""A typed client of the AdminService, for operators' tools: `rankfed status`, the demo, the
+benchmarks and the tests. It speaks `rankfed.protocol` dataclasses; nothing that uses it sees
+a generated message or a grpc error.
+
+    with AdminClient("127.0.0.1:50051", admin_token=token) as admin:
+        status = admin.status(history_limit=5)        # FederationStatus
+        for status in admin.watch():                   # until the federation is done
+            ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+
+from rankfed.protocol import ClientInfo, FederationStatus, serde
+from rankfed.tls import TlsOptions, channel_for
+from rankfed.v1 import admin_pb2 as ProtoAdmin
+from rankfed.v1 import admin_pb2_grpc
+
+
+class AdminError(Exception):
+    """The coordinator refused or could not answer an operator call. `code` is the gRPC
+    status name (e.g. "UNAVAILABLE", "UNAUTHENTICATED"), for code to compare."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AdminClient:
+    def __init__(
+        self, address: str, *, admin_token: str = "", tls: TlsOptions | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._channel = channel_for(address, tls)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _error(self, err: grpc.RpcError, what: str) -> AdminError:
+        code = err.code() if isinstance(err, grpc.Call) else None
+        name = code.name if code is not None else "UNKNOWN"
+        details = err.details() if isinstance(err, grpc.Call) else str(err)
+        return AdminError(f"{what}: {name}: {details} (coordinator {self.address})", code=name)
+
+    def status(self, history_limit: int = 0) -> FederationStatus:
+        """The federation now: current round, its participants, and up to `history_limit` past rounds (0: all)."""
+        try:
+            reply = self._stub.GetRoundStatus(
+                ProtoAdmin.GetRoundStatusRequest(history_limit=history_limit),
+                metadata=self._metadata, timeout=self.timeout_s,
+            )
+        except grpc.RpcError as err:
+            raise self._error(err, "GetRoundStatus") from None
+        return serde.federation_status_from_proto(reply)
+
+    def watch(self, history_limit: int = 0) -> Iterator[FederationStatus]:
+        """The status now, then after every change, until the federation is done."""
+        try:
+            for reply in self._stub.WatchRounds(
+                ProtoAdmin.WatchRoundsRequest(history_limit=history_limit), metadata=self._metadata
+            ):
+                yield serde.federation_status_from_proto(reply)
+        except grpc.RpcError as err:
+            raise self._error(err, "WatchRounds") from None
+
+    def clients(self) -> list[ClientInfo]:
+        """Every registered device, with its capability, rank and liveness."""
+        try:
+            reply = self._stub.ListClients(ProtoAdmin.ListClientsRequest(), metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise self._error(err, "ListClients") from None
+        return [serde.client_info_from_proto(c) for c in reply.clients]

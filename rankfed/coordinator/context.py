@@ -1,0 +1,172 @@
+"""What the parts of a federation share: its configuration, stores and clock, the change
+notifier every long-poll and status stream waits on, and the state of the open round and
+the global adapter. `Federation` builds one and hands it to each part (registry, dispatch,
+rounds, ingest, status), so no part reaches into another's fields."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from rankfed.aggregation import Accumulator, Adapter, get_method
+from rankfed.coordinator import rank_policy
+from rankfed.coordinator.config import CoordinatorConfig
+from rankfed.coordinator.errors import ConfigError, NotFoundError
+from rankfed.coordinator.global_adapters import GlobalAdapters
+from rankfed.coordinator.models import ClientRecord, RoundRecord
+from rankfed.coordinator.store import BlobStore, StateStore
+from rankfed.protocol import FederationMode, LoraSettings, ParticipantState
+from rankfed.protocol.manifest import ModelManifest
+
+if TYPE_CHECKING:
+    from rankfed.coordinator.uploads import UploadSession
+
+# A participant in one of these states still owes the round something.
+OPEN_STATES = (
+    ParticipantState.ASSIGNED, ParticipantState.DOWNLOADING, ParticipantState.TRAINING, ParticipantState.UPLOADING,
+)
+
+
+class Changes:
+    """A version counter and an event that fires on every change: status streams and the
+    round loop wait on it instead of polling the store.
+
+    GetTask long-polls wait on a second event that fires only when what a task can be
+    changed: the phase given to `track_phase` (done, open round, its phase). Waking every
+    held long-poll on every join, heartbeat and chunk was, with 10,000 devices polling,
+    most of the event loop's time (py-spy, bench/load_bench.py)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._phase_event = asyncio.Event()
+        self._phase: Callable[[], object] = tuple
+        self._last_phase: object = None
+        self.version = 0
+
+    def track_phase(self, phase: Callable[[], object]) -> None:
+        self._phase = phase
+        self._last_phase = phase()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = asyncio.Event()
+        phase = self._phase()
+        if phase != self._last_phase:
+            self._last_phase = phase
+            self._phase_event.set()
+            self._phase_event = asyncio.Event()
+
+    async def wait_phase(self, timeout: float) -> None:
+        """Until the tracked phase changes, or `timeout` seconds."""
+        event = self._phase_event
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    @property
+    def event(self) -> asyncio.Event:
+        """The event the next change sets (take it before reading the state it guards)."""
+        return self._event
+
+    async def wait(self, timeout: float) -> None:
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as its inner wait ends, and stop() then hung until the
+        # round's deadline (a graceful SIGTERM became a SIGKILL under systemd's timeout).
+        event = self._event
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+
+@dataclass
+class RoundState:
+    """The open round and the global adapter, as the round loop, dispatch and ingest see them."""
+
+    open: RoundRecord | None = None
+    accumulator: Accumulator | None = None
+    global_adapter: Adapter | None = None
+    global_round: int = 0
+    global_sha: tuple[int, str] | None = None  # (round, sha256) cache of the global adapter's digest
+    reasons: dict[str, str] = field(default_factory=dict)  # why each participant got its rank
+    fold_failures: list[str] = field(default_factory=list)
+    uploading: dict[str, UploadSession] = field(default_factory=dict)  # open upload streams by client
+    done: bool = False
+    # Held while an update is committed and folded, and while a round closes.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def current_global(self) -> Adapter:
+        if self.global_adapter is None:
+            raise RuntimeError("the global adapter is loaded by Federation.start()")
+        return self.global_adapter
+
+
+class FederationContext:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: StateStore,
+        blobs: BlobStore,
+        manifest: ModelManifest,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        check_manifest_for_mode(manifest, config)
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self.manifest = manifest
+        self.clock = clock
+        self.changes = Changes()
+        self.state = RoundState()
+        state = self.state
+        self.changes.track_phase(lambda: (state.done, state.open.round if state.open else 0,
+                                          state.open.phase if state.open else None))
+        self.method = get_method(config.federation.method)
+        self.personalized = config.federation.mode == FederationMode.PERSONALIZED
+        # Rules that average A and B as they are need every client at the same rank.
+        self.homogeneous = self.personalized or self.method.homogeneous
+        self.spec = manifest.adapter_spec()
+        self.globals = GlobalAdapters(blobs, manifest, self.method, seed=config.federation.seed)
+
+    def lora_for_rank(self, rank: int, *, alpha: float | None = None) -> LoraSettings:
+        settings = rank_policy.lora_settings(
+            rank,
+            self.config.lora,
+            target_modules=tuple(self.manifest.target_modules),
+            modules_to_save=tuple(self.manifest.modules_to_save),
+        )
+        return settings if alpha is None else replace(settings, alpha=alpha)
+
+    def require_client(self, client_id: str) -> ClientRecord:
+        client = self.store.get_client(client_id)
+        if client is None:
+            raise NotFoundError(f"unknown client {client_id}")
+        return client
+
+
+SHARED_REASON = "personalized: every client shares one adapter at lora.max_rank {rank}"
+
+
+def check_manifest_for_mode(manifest: ModelManifest, config: CoordinatorConfig) -> None:
+    """A manifest that cannot serve the configured mode is a configuration error."""
+    if config.federation.mode == FederationMode.PERSONALIZED:
+        if manifest.dense or manifest.modules_to_save:
+            raise ConfigError(
+                f"model manifest: federation.mode = 'personalized' shares only a LoRA adapter (the head is "
+                f"private to each device), but the manifest federates dense tensors {sorted(manifest.dense)} / "
+                f"modules_to_save {list(manifest.modules_to_save)}; write it with "
+                "`rankfed edge manifest --shared-layers ...` (docs/personalized.md)"
+            )
+    elif len(manifest.allowed_models()) > 1:
+        raise ConfigError(
+            f"model manifest lists {len(manifest.allowed_models())} base models; several models can only "
+            "federate with federation.mode = 'personalized' (their LoRA modules differ)"
+        )

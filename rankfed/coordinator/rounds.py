@@ -1,0 +1,313 @@
+"""The round loop: WAITING_FOR_CLIENTS -> TRAINING -> AGGREGATING -> DONE (or FAILED when
+fewer than min_clients updates arrive by the deadline, or aggregation fails). It selects
+participants, plans their ranks, publishes the round, closes it at the deadline or once the
+quorum is in and stragglers had their grace, and after a crash rebuilds the open round from
+the acknowledged updates on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from rankfed.aggregation import Accumulator, AdapterError, AggregationError
+from rankfed.coordinator.context import OPEN_STATES, FederationContext
+from rankfed.coordinator.dispatch import TaskDispatcher
+from rankfed.coordinator.errors import StorageError
+from rankfed.coordinator.ingest import load_update
+from rankfed.coordinator.models import Participant, Receipt, RoundRecord
+from rankfed.coordinator.rank_planner import plan_round
+from rankfed.coordinator.registry import ClientRegistry
+from rankfed.coordinator.store.blobs import round_dir
+from rankfed.protocol import ParticipantState, RoundPhase
+
+log = logging.getLogger("rankfed.coordinator")
+ROUND_END_POLL_S = 0.05  # the round loop re-reads participants at most this often
+
+
+class RoundLoop:
+    def __init__(self, ctx: FederationContext, registry: ClientRegistry, dispatch: TaskDispatcher) -> None:
+        self._ctx = ctx
+        self._registry = registry
+        self._dispatch = dispatch
+        self.fatal: BaseException | None = None
+        # Called with each closed round's record (DONE or FAILED); the metrics use it.
+        self.on_round_closed: Callable[[RoundRecord], None] | None = None
+
+    # ------------------------------------------------------------------ start-up
+
+    async def load_global(self) -> None:
+        """The latest global adapter, or the initial one (created and saved on first start)."""
+        ctx, state = self._ctx, self._ctx.state
+        done = [r for r in ctx.store.list_rounds() if r.phase is RoundPhase.DONE]
+        if done:
+            state.global_round = done[-1].round
+            state.global_adapter = await asyncio.to_thread(ctx.globals.load, state.global_round)
+            return
+        if ctx.globals.exists(0):
+            state.global_adapter = await asyncio.to_thread(ctx.globals.load, 0)
+            state.global_sha = (0, await asyncio.to_thread(ctx.globals.sha256, 0))
+        else:
+            lora = ctx.lora_for_rank(ctx.config.lora.max_rank)
+            initial = ctx.spec.init_adapter(
+                rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora, seed=ctx.config.federation.seed
+            )
+            state.global_adapter = initial
+            state.global_sha = (0, await asyncio.to_thread(ctx.globals.save, 0, initial))
+        state.global_round = 0
+
+    async def resume_open_round(self) -> None:
+        ctx, state = self._ctx, self._ctx.state
+        latest = ctx.store.latest_round()
+        if latest is None or latest.phase in (RoundPhase.DONE, RoundPhase.FAILED):
+            state.done = latest is not None and latest.round >= ctx.config.federation.rounds
+            return
+        if latest.phase is RoundPhase.WAITING_FOR_CLIENTS:
+            return  # nothing was assigned yet: the loop starts this round afresh
+        # TRAINING or AGGREGATING: rebuild the accumulator from the acknowledged updates.
+        accumulator = self._new_accumulator()
+        receipts = ctx.store.list_receipts(latest.round)
+        # A crash between an update's fsync and its receipt leaves a file nobody acknowledged.
+        acknowledged = {r.blob_path for r in receipts}
+        for relpath in ctx.blobs.list_blobs(f"updates/{round_dir(latest.round)}"):
+            if relpath not in acknowledged:
+                ctx.blobs.delete(relpath)
+        for receipt in receipts:
+            adapter = await asyncio.to_thread(load_update, ctx, receipt)
+            await asyncio.to_thread(accumulator.fold, adapter, float(receipt.num_examples))
+        now = ctx.clock()
+        # The devices could not reach us while we were down: give them time to come back.
+        fed = ctx.config.federation
+        grace = fed.heartbeat_timeout_seconds + fed.straggler_grace_seconds
+        record = replace(latest, phase=RoundPhase.TRAINING, deadline=max(latest.deadline, now + grace))
+        ctx.store.put_round(record)
+        await self._dispatch.prepare_rank_files(ctx.store.list_participants(record.round))
+        state.open, state.accumulator = record, accumulator
+        log.info(
+            "resumed round",
+            extra={"round": record.round, "updates": len(receipts), "deadline_in": round(record.deadline - now, 1)},
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        ctx, state = self._ctx, self._ctx.state
+        try:
+            while True:
+                if state.open is None:
+                    round_no = self._next_round_number()
+                    if round_no > ctx.config.federation.rounds:
+                        state.done = True
+                        log.info("federation done", extra={"rounds": round_no - 1, "global_round": state.global_round})
+                        ctx.changes.notify()
+                        return
+                    await self._start_round(round_no)
+                await self._wait_round_end()
+                await self._close_round()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("round loop crashed")
+            self.fatal = exc  # the server sees it, turns health NOT_SERVING and exits non-zero
+            ctx.changes.notify()
+            raise
+
+    def _new_accumulator(self) -> Accumulator:
+        ctx = self._ctx
+        return ctx.method.accumulator(ctx.spec, global_rank=ctx.config.lora.max_rank, previous=ctx.state.global_adapter)
+
+    def _next_round_number(self) -> int:
+        latest = self._ctx.store.latest_round()
+        if latest is None:
+            return 1
+        return latest.round if latest.phase is RoundPhase.WAITING_FOR_CLIENTS else latest.round + 1
+
+    async def _start_round(self, round_no: int) -> None:
+        ctx, fed = self._ctx, self._ctx.config.federation
+        now = ctx.clock()
+        waiting = RoundRecord(
+            round=round_no, phase=RoundPhase.WAITING_FOR_CLIENTS, method=fed.method, started_at=now,
+            deadline=0.0, min_clients=fed.min_clients, global_rank=ctx.config.lora.max_rank,
+        )
+        ctx.store.put_round(waiting)
+        ctx.changes.notify()
+        online = await self._wait_for_clients()
+        chosen = online
+        if fed.clients_per_round and len(online) > fed.clients_per_round:
+            # Sampled in device-name order (client ids are random tokens), so a seed picks the
+            # same devices in every run of the same federation.
+            rng = random.Random(fed.seed * 1_000_003 + round_no)
+            names = {cid: ctx.require_client(cid).device_name for cid in online}
+            by_name = sorted(online, key=lambda cid: (names[cid], cid))
+            chosen = sorted(rng.sample(by_name, fed.clients_per_round))
+        participants, reasons = plan_round(ctx, round_no, chosen)
+        # Before the round is published: GetTask must never wait for an SVD or an fsync.
+        await self._dispatch.prepare_rank_files(participants)
+        now = ctx.clock()
+        record = replace(waiting, phase=RoundPhase.TRAINING, started_at=now, deadline=now + fed.round_deadline_seconds)
+        # The store and the open round change together (no await between): a status that
+        # shows the round TRAINING never meets a core that refuses it as not open.
+        with ctx.store.transaction():
+            for part in participants:
+                ctx.store.put_participant(part)
+            ctx.store.put_round(record)
+        ctx.state.reasons = reasons
+        ctx.state.open, ctx.state.accumulator = record, self._new_accumulator()
+        log.info("round started", extra={
+            "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
+        })
+        ctx.changes.notify()
+
+    async def _wait_for_clients(self) -> list[str]:
+        """Online clients, once min_clients are and either every active device (or
+        clients_per_round) is, or wait_for_clients_seconds have passed since the quorum."""
+        ctx, fed = self._ctx, self._ctx.config.federation
+        enough_since: float | None = None
+        while True:
+            online = self._registry.online_ids()
+            now = ctx.clock()
+            if len(online) >= fed.min_clients:
+                enough_since = now if enough_since is None else enough_since
+                active = [c for c in ctx.store.list_clients() if not c.left]
+                target = fed.clients_per_round or len(active)
+                if len(online) >= target or now - enough_since >= fed.wait_for_clients_seconds:
+                    return online
+            else:
+                enough_since = None
+            await ctx.changes.wait(0.5)
+
+    async def _wait_round_end(self) -> None:
+        ctx, fed = self._ctx, self._ctx.config.federation
+        quorum_since: float | None = None
+        while True:
+            record = ctx.state.open
+            assert record is not None
+            parts = ctx.store.list_participants(record.round)
+            uploaded = sum(p.state is ParticipantState.UPLOADED for p in parts)
+            pending = [p for p in parts if p.state in OPEN_STATES or p.client_id in ctx.state.uploading]
+            now = ctx.clock()
+            if not pending or now >= record.deadline:
+                return
+            if uploaded >= fed.min_clients:
+                quorum_since = now if quorum_since is None else quorum_since
+                if now - quorum_since >= fed.straggler_grace_seconds:
+                    return
+            wake = record.deadline - now
+            if quorum_since is not None:
+                wake = min(wake, quorum_since + fed.straggler_grace_seconds - now)
+            await ctx.changes.wait(min(wake, 1.0))
+            # Every join and heartbeat notifies; re-reading the round's participants after each
+            # one took most of the event loop with 10,000 devices joining (bench/load_bench.py):
+            # look again at most every ROUND_END_POLL_S seconds.
+            await asyncio.sleep(ROUND_END_POLL_S)
+
+    async def _close_round(self) -> None:
+        ctx, state = self._ctx, self._ctx.state
+        async with state.lock:
+            assert state.open is not None
+            record = replace(state.open, phase=RoundPhase.AGGREGATING)
+            state.open = record
+            ctx.store.put_round(record)
+            ctx.changes.notify()
+            self._mark_late(record.round)
+            receipts = ctx.store.list_receipts(record.round)
+            metrics = round_metrics(receipts, ctx.store.list_participants(record.round))
+            if ctx.personalized:
+                metrics.update(personal_metrics(receipts))
+            record = await self._aggregate(record, receipts, metrics)
+            ctx.store.put_round(record)
+            state.open, state.accumulator = None, None
+            state.fold_failures = []
+            state.uploading.clear()
+            state.done = record.round >= ctx.config.federation.rounds
+            ctx.changes.notify()
+        if self.on_round_closed is not None:
+            self.on_round_closed(record)
+
+    def _mark_late(self, round_no: int) -> None:
+        """Participants still owing an update are LATE; everyone who did not upload missed a deadline."""
+        store = self._ctx.store
+        with store.transaction():
+            for part in store.list_participants(round_no):
+                if part.state in OPEN_STATES:
+                    store.put_participant(replace(part, state=ParticipantState.LATE))
+                if part.state is not ParticipantState.UPLOADED:
+                    client = store.get_client(part.client_id)
+                    if client is not None:
+                        store.upsert_client(replace(client, deadlines_missed=client.deadlines_missed + 1))
+
+    async def _aggregate(self, record: RoundRecord, receipts: list[Receipt], metrics: dict[str, float]) -> RoundRecord:
+        """The closed round's record: DONE with the new global adapter saved, or FAILED
+        (no quorum, or aggregation or saving failed) with the previous global kept."""
+        ctx, state, fed = self._ctx, self._ctx.state, self._ctx.config.federation
+        now = ctx.clock()
+        if len(receipts) < fed.min_clients:
+            reason = f"quorum not reached: {len(receipts)} of {fed.min_clients} required updates by the deadline"
+            log.warning("round failed", extra={"round": record.round, "reason": reason})
+            return replace(record, phase=RoundPhase.FAILED, finished_at=now, metrics=metrics, failure_reason=reason)
+        started = time.perf_counter()
+        accumulator, state.accumulator = state.accumulator, None
+        try:
+            if accumulator is None or state.fold_failures:
+                raise AggregationError(f"updates could not be folded: {'; '.join(state.fold_failures)}")
+            result = await asyncio.to_thread(accumulator.result)
+            del accumulator  # its sums are as large as the global adapter: free them before encoding
+            sha = await asyncio.to_thread(ctx.globals.save, record.round, result)
+        except (AggregationError, AdapterError, StorageError) as exc:
+            # e.g. an aggregate that overflows float32, or a full disk: the round fails,
+            # the previous global adapter stays, and the federation goes on.
+            reason = f"aggregation failed: {exc}; kept the previous global adapter"
+            log.error("round failed", extra={"round": record.round, "reason": reason})
+            return replace(record, phase=RoundPhase.FAILED, finished_at=now, metrics=metrics, failure_reason=reason)
+        metrics["aggregation_seconds"] = time.perf_counter() - started
+        state.global_adapter, state.global_round = result, record.round
+        log.info("round done", extra={"round": record.round, "updates": len(receipts), "metrics": metrics})
+        return replace(
+            record, phase=RoundPhase.DONE, finished_at=ctx.clock(), metrics=metrics,
+            global_sha256=sha, global_rank=result.max_rank,
+        )
+
+    async def wait_fatal(self) -> BaseException:
+        """Return the exception that stopped the round loop (waits until one does)."""
+        while self.fatal is None:
+            await self._ctx.changes.wait(1.0)
+        return self.fatal
+
+
+def personal_metrics(receipts: list[Receipt]) -> dict[str, float]:
+    """Unweighted mean, spread, min and max across clients of each eval metric: pFedLoRA
+    reports each client's accuracy on its own held-out data, every client counting once."""
+    out: dict[str, float] = {}
+    keys = sorted(set().union(*(r.metrics.eval.keys() for r in receipts))) if receipts else []
+    for key in keys:
+        values = np.array([r.metrics.eval[key] for r in receipts if key in r.metrics.eval], dtype=np.float64)
+        out[f"personal_{key}_mean"] = float(values.mean())
+        out[f"personal_{key}_std"] = float(values.std())
+        out[f"personal_{key}_min"] = float(values.min())
+        out[f"personal_{key}_max"] = float(values.max())
+        out[f"personal_{key}_clients"] = float(len(values))
+    return out
+
+
+def round_metrics(receipts: list[Receipt], parts: list[Participant]) -> dict[str, float]:
+    metrics: dict[str, float] = {
+        "participants": float(len(parts)),
+        "updates": float(len(receipts)),
+        "bytes_up": float(sum(p.bytes_up for p in parts)),
+        "bytes_down": float(sum(p.bytes_down for p in parts)),
+    }
+    total = sum(r.num_examples for r in receipts)
+    if total:
+        metrics["loss_first"] = sum(r.metrics.loss_first * r.num_examples for r in receipts) / total
+        metrics["loss_last"] = sum(r.metrics.loss_last * r.num_examples for r in receipts) / total
+        keys = set().union(*(r.metrics.eval.keys() for r in receipts))
+        for key in sorted(keys):
+            having = [r for r in receipts if key in r.metrics.eval]
+            weight = sum(r.num_examples for r in having)
+            metrics[f"eval_{key}"] = sum(r.metrics.eval[key] * r.num_examples for r in having) / weight
+    return metrics

@@ -1,0 +1,48 @@
+"""The one vocabulary both ends of RankFed speak: message dataclasses (`types`), their
+protobuf conversions (`serde`), the model-manifest schema (`manifest`) and decode errors.
+
+It sits below the coordinator and the edge client, which never import each other; only
+`serde` touches generated code, so `from rankfed.protocol import JoinRequest` is cheap.
+"""
+
+from .errors import DecodeError, ManifestError, ProtocolError
+from .types import (
+    AlphaRule,
+    Assignment,
+    BaseModel,
+    Capability,
+    Chunk,
+    ClientInfo,
+    DeviceClass,
+    DoneTask,
+    DownloadRequest,
+    ErrorDetail,
+    ErrorReason,
+    FederationMode,
+    FederationStatus,
+    HeartbeatRequest,
+    HeartbeatResult,
+    JoinRequest,
+    JoinResult,
+    LeaveRequest,
+    LoraSettings,
+    ParticipantState,
+    ParticipantStatus,
+    RoundPhase,
+    RoundStatus,
+    Task,
+    TrainMetrics,
+    TrainTask,
+    TransferManifest,
+    UploadHeader,
+    UploadReceipt,
+    WaitTask,
+)
+
+__all__ = [
+    "AlphaRule", "Assignment", "BaseModel", "Capability", "Chunk", "ClientInfo", "DecodeError", "DeviceClass",
+    "DoneTask", "DownloadRequest", "ErrorDetail", "ErrorReason", "FederationMode", "FederationStatus", "HeartbeatRequest", "HeartbeatResult",
+    "JoinRequest", "JoinResult", "LeaveRequest", "LoraSettings", "ManifestError", "ParticipantState",
+    "ParticipantStatus", "ProtocolError", "RoundPhase", "RoundStatus", "Task", "TrainMetrics", "TrainTask",
+    "TransferManifest", "UploadHeader", "UploadReceipt", "WaitTask",
+]
