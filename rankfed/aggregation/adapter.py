@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+import numpy.typing as npt
 
+from .dtypes import F32Array
 from .errors import AdapterValidationError
 
 __all__ = ["LoraModule", "Adapter", "AdapterSpec", "as_readonly_f32"]
 
 
-def as_readonly_f32(array: np.ndarray) -> np.ndarray:
+def as_readonly_f32(array: npt.ArrayLike) -> F32Array:
     """A C-contiguous float32 read-only view of ``array`` (a copy only when needed)."""
     out = np.ascontiguousarray(array, dtype=np.float32)
     if out.flags.writeable:
@@ -46,8 +48,8 @@ class LoraModule:
     The rank is the number of rows of ``a``; ``b`` must have as many columns.
     """
 
-    a: np.ndarray
-    b: np.ndarray
+    a: F32Array
+    b: F32Array
     alpha: float
 
     def __post_init__(self) -> None:
@@ -84,11 +86,11 @@ class LoraModule:
         """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
         return lora_scaling(self.alpha, self.rank, use_rslora)
 
-    def delta(self, use_rslora: bool = False) -> np.ndarray:
+    def delta(self, use_rslora: bool = False) -> F32Array:
         """The dense update ``s · B @ A``, shape (d_out, d_in). For tests and small modules."""
-        return self.scaling(use_rslora) * (self.b @ self.a)  # (d_out, r) @ (r, d_in)
+        return np.float32(self.scaling(use_rslora)) * (self.b @ self.a)  # (d_out, r) @ (r, d_in)
 
-    def effective_b(self, use_rslora: bool = False) -> np.ndarray:
+    def effective_b(self, use_rslora: bool = False) -> F32Array:
         """``s · B`` (d_out, r): B with the scaling folded in, so that ΔW = B~ @ A."""
         return self.b * np.float32(self.scaling(use_rslora))
 
@@ -99,7 +101,7 @@ class Adapter:
     dense trainables (e.g. ``classifier.weight``) by parameter name."""
 
     modules: Mapping[str, LoraModule]
-    dense: Mapping[str, np.ndarray] = field(default_factory=dict)
+    dense: Mapping[str, F32Array] = field(default_factory=dict)
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
@@ -137,7 +139,7 @@ class Adapter:
     def scaling(self, name: str) -> float:
         return self.modules[name].scaling(self.use_rslora)
 
-    def delta(self, name: str) -> np.ndarray:
+    def delta(self, name: str) -> F32Array:
         """Dense ΔW of module ``name``, (d_out, d_in)."""
         return self.modules[name].delta(self.use_rslora)
 

@@ -27,7 +27,7 @@ import numpy as np
 import safetensors
 
 from .adapter import Adapter, AdapterSpec, LoraModule
-from .dtypes import HEADER_TO_WIRE, WIRE_DTYPES, from_wire, to_wire
+from .dtypes import HEADER_TO_WIRE, WIRE_DTYPES, F32Array, WireArray, from_wire, to_wire
 from .errors import AdapterFormatError, AdapterValidationError
 
 __all__ = [
@@ -64,18 +64,18 @@ def encode_adapter(
     if dtype not in WIRE_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
     meta: dict[str, str] = {}
-    for key, value in (metadata or {}).items():
+    for key, text in (metadata or {}).items():
         if key in _RESERVED or key == "__metadata__":
             raise ValueError(f"metadata key {key!r} is reserved by {FORMAT}")
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata must map str to str, got {key!r}: {type(value).__name__}")
-        meta[key] = value
+        if not isinstance(key, str) or not isinstance(text, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {type(text).__name__}")
+        meta[key] = text
     meta["format"] = FORMAT
     meta["ranks"] = json.dumps(adapter.ranks, sort_keys=True)
     meta["alphas"] = json.dumps(adapter.alphas, sort_keys=True)
     meta["use_rslora"] = "true" if adapter.use_rslora else "false"
 
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, F32Array] = {}
     for name, module in adapter.modules.items():
         key_a, key_b = lora_keys(name)
         tensors[key_a] = module.a
@@ -84,7 +84,7 @@ def encode_adapter(
         tensors[PREFIX + name] = value
 
     _, st_dtype, _ = WIRE_DTYPES[dtype]
-    wire: dict[str, np.ndarray] = {}  # keeps the buffers alive while serialize() reads them
+    wire: dict[str, WireArray] = {}  # keeps the buffers alive while serialize() reads them
     specs = {}
     for key, value in tensors.items():
         if not np.isfinite(value).all():
@@ -92,7 +92,7 @@ def encode_adapter(
         encoded = to_wire(value, dtype)
         if dtype == "float16" and not np.isfinite(encoded).all():
             raise AdapterValidationError(f"{key}: values overflow float16", key=key)
-        if dtype == "bfloat16" and ((encoded & 0x7F80) == 0x7F80).any():
+        if dtype == "bfloat16" and ((encoded.view(np.uint16) & 0x7F80) == 0x7F80).any():
             raise AdapterValidationError(f"{key}: values overflow bfloat16", key=key)
         wire[key] = encoded
         specs[key] = safetensors.TensorSpec(
@@ -117,6 +117,12 @@ def _parse_header(view: memoryview, max_header_bytes: int) -> tuple[dict[str, An
         header = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"header is not valid JSON: {exc}") from None
+    # Hostile headers: nesting deep enough to exhaust the parser's recursion, or integers
+    # longer than Python converts (4,300 digits). A header never needs either.
+    except RecursionError:
+        raise AdapterFormatError("header nests too deeply to be a safetensors header") from None
+    except ValueError as exc:
+        raise AdapterFormatError(f"header is not a valid safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise AdapterFormatError("header is not a JSON object")
     return header, 8 + n
@@ -193,6 +199,8 @@ def _json_object(meta: Mapping[str, str], field: str) -> dict[str, Any]:
         value = json.loads(meta[field])
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"metadata {field!r} is not valid JSON: {exc}", key=field) from None
+    except (RecursionError, ValueError) as exc:  # deep nesting, over-long integers
+        raise AdapterFormatError(f"metadata {field!r} is not a valid value: {type(exc).__name__}", key=field) from None
     if not isinstance(value, dict):
         raise AdapterFormatError(f"metadata {field!r} is not a JSON object", key=field)
     return value
@@ -225,7 +233,7 @@ def decode_adapter(
     if rslora not in ("true", "false"):
         raise AdapterFormatError(f"metadata use_rslora is {rslora!r}, expected true/false", key="use_rslora")
 
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, F32Array] = {}
     for key, (dtype, shape, raw) in _tensor_views(header, view, start).items():
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{key}: key does not start with {PREFIX!r}", key=key)
@@ -237,7 +245,7 @@ def decode_adapter(
         tensors[key] = array
 
     modules: dict[str, LoraModule] = {}
-    dense: dict[str, np.ndarray] = {}
+    dense: dict[str, F32Array] = {}
     for key, array in tensors.items():
         if key.endswith(_B_SUFFIX):
             name = key[len(PREFIX) : -len(_B_SUFFIX)]

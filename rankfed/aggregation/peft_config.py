@@ -13,14 +13,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .adapter import Adapter
 
 __all__ = ["peft_adapter_config"]
 
+_N = TypeVar("_N", int, float)
 
-def _most_common(values: Sequence[Any]) -> Any:
+
+def _most_common(values: Sequence[_N]) -> _N:
     counts = Counter(values)
     best = max(counts.values())
     return max(v for v, c in counts.items() if c == best)  # ties: the larger value
@@ -55,7 +57,10 @@ def peft_adapter_config(
     alpha = _most_common(list(alphas.values()))
     # Longest names first: peft takes the first pattern that matches.
     names = sorted(adapter.modules, key=lambda n: (-len(n), n))
-    key = lambda n: "^" + re.escape(n)  # noqa: E731 - anchored: peft prepends (.*\.)?
+
+    def key(n: str) -> str:
+        return "^" + re.escape(n)  # anchored: peft prepends (.*\.)?
+
     rank_pattern = {key(n): ranks[n] for n in names if ranks[n] != r}
     alpha_pattern = {key(n): alphas[n] for n in names if alphas[n] != alpha}
     return {

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .adapter import Adapter, LoraModule
+from .dtypes import F32Array
 from .svd import factored_svd_parts
 
 __all__ = ["truncate", "redistribute_truncate", "redistribute_svd", "rescale", "revive_inert", "per_module", "SPLITS"]
@@ -42,7 +43,7 @@ def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _pad(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(a: F32Array, b: F32Array, rank: int) -> tuple[F32Array, F32Array]:
     """First ``rank`` components of (a (r, d_in), b (d_out, r)); zeros beyond r."""
     r = a.shape[0]
     if rank <= r:

@@ -9,7 +9,10 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 from .adapter import Adapter, AdapterSpec
+from .errors import AggregationError
 from .redistribute import redistribute_svd, redistribute_truncate
 from .rules import padding, svd_based
 from .streaming import (
@@ -58,8 +61,13 @@ class Method:
         previous: Adapter | None = None,
         **options: Any,
     ) -> Adapter:
-        """The global adapter from all updates at once (the reference form)."""
-        return self.batch(adapters, weights, global_rank=global_rank, previous=previous, **options)
+        """The global adapter from all updates at once (the reference form). Like the
+        streaming form, it refuses to return a non-finite aggregate (AggregationError)."""
+        # An overflow is reported as an AggregationError below, not as numpy's warning.
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = self.batch(adapters, weights, global_rank=global_rank, previous=previous, **options)
+        check_finite(result, what=f"{self.name} aggregate")
+        return result
 
     def accumulator(
         self, spec: AdapterSpec, *, global_rank: int, previous: Adapter | None = None, **options: Any
@@ -80,6 +88,16 @@ class Method:
         if self.redistribution == "svd":
             return redistribute_svd(global_adapter, rank=rank, alpha=alpha, use_rslora=use_rslora, **options)
         return redistribute_truncate(global_adapter, rank=rank, alpha=alpha, use_rslora=use_rslora, **options)
+
+
+def check_finite(adapter: Adapter, *, what: str) -> None:
+    """AggregationError naming the first module or tensor holding NaN or Inf."""
+    for name, module in adapter.modules.items():
+        if not (np.isfinite(module.a).all() and np.isfinite(module.b).all()):
+            raise AggregationError(f"{what}: module {name!r} is not finite")
+    for name, value in adapter.dense.items():
+        if not np.isfinite(value).all():
+            raise AggregationError(f"{what}: dense tensor {name!r} is not finite")
 
 
 def _component(rule: str) -> Callable[..., Accumulator]:

@@ -25,11 +25,13 @@ and uses n_k for dense tensors). A fold with weight 0 counts but contributes not
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from .adapter import Adapter, AdapterSpec
+from .dtypes import F32Array
 from .errors import AggregationError
 from .rules.common import UNOWNED, fill_unowned, make_global
 from .rules.padding import FILLS, HETLORA_NORMS, update_norm
@@ -105,7 +107,7 @@ class _Base:
             total += np.float32(weight) * adapter.dense[name]
         self._dense_total += weight
 
-    def _dense_result(self) -> dict[str, np.ndarray]:
+    def _dense_result(self) -> dict[str, F32Array]:
         if self._dense_total <= 0:
             raise AggregationError("nothing folded with a positive weight")
         return {n: (total / self._dense_total).astype(np.float32) for n, total in self._dense.items()}
@@ -173,7 +175,7 @@ class ComponentAccumulator(_Base):
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values(), self._scratch]
+        arrays: list[npt.NDArray[np.floating[Any]]] = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values(), self._scratch]
         if self._top:
             arrays += [*self._top_a.values(), *self._top_b.values()]
         return int(sum(x.nbytes for x in arrays))
@@ -222,14 +224,14 @@ class ComponentAccumulator(_Base):
             if self._top:
                 self._fold_top(name, module.a, module.b, qa, qb, q)
 
-    def _axpy(self, acc: np.ndarray, q: np.float32, x: np.ndarray) -> None:
+    def _axpy(self, acc: F32Array, q: np.float32, x: F32Array) -> None:
         """acc += q · x through a reused scratch buffer: a fresh temporary per fold would be
         allocated (and, above glibc's mmap threshold, page-faulted) for every module."""
         tmp = self._scratch[: x.size].reshape(x.shape)
         np.multiply(x, q, out=tmp)
         np.add(acc, tmp, out=acc)
 
-    def _fold_top(self, name: str, a: np.ndarray, b: np.ndarray, qa: np.float32, qb: np.float32, q: float) -> None:
+    def _fold_top(self, name: str, a: F32Array, b: F32Array, qa: np.float32, qb: np.float32, q: float) -> None:
         """Running sums of the clients at the largest rank seen so far (reset when a larger
         rank arrives): the replication source for fill="top"."""
         r = a.shape[0]
@@ -280,8 +282,8 @@ class _StackAccumulator(_Base):
 
     def __init__(self, spec: AdapterSpec, global_rank: int) -> None:
         super().__init__(spec, global_rank)
-        self._bs: dict[str, list[np.ndarray]] = {n: [] for n in spec.modules}
-        self._as: dict[str, list[np.ndarray]] = {n: [] for n in spec.modules}
+        self._bs: dict[str, list[F32Array]] = {n: [] for n in spec.modules}
+        self._as: dict[str, list[F32Array]] = {n: [] for n in spec.modules}
         self._weight = 0.0
 
     @property
@@ -352,7 +354,7 @@ class FlexLoraAccumulator(_StackAccumulator):
             if at < 1:
                 raise ValueError(f"compress_at must be >= 1, got {compress_at}")
             self._switch_at[name] = at
-        self._sum: dict[str, np.ndarray] = {}
+        self._sum: dict[str, F32Array] = {}
         self.compressions = 0
 
     @property

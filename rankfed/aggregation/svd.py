@@ -23,17 +23,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .dtypes import F32Array, F64Array, FloatArray
 from .errors import AggregationError
 
 __all__ = ["factored_svd", "factored_svd_parts"]
 
 
 def factored_svd_parts(
-    bs: Sequence[np.ndarray],
-    as_: Sequence[np.ndarray],
+    bs: Sequence[FloatArray],
+    as_: Sequence[FloatArray],
     weights: Sequence[float] | None = None,
     rank: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[F64Array, F64Array, F64Array]:
     """(U (d_out, k), σ (k,), Vᵀ (k, d_in)) in float64, σ descending, of Σ w_k B_k A_k.
 
     ``k = min(rank, min(d_out, d_in, Σ r_k))``; ``rank=None`` keeps every component.
@@ -54,10 +55,17 @@ def factored_svd_parts(
         [np.float64(w) * np.asarray(b, np.float64) for w, b in zip(weights, bs)], axis=1
     )  # (d_out, S)
     a_cat = np.concatenate([np.asarray(a, np.float64) for a in as_], axis=0)  # (S, d_in)
+    if not (np.isfinite(b_cat).all() and np.isfinite(a_cat).all()):
+        # LAPACK would fail with LinAlgError ("SVD did not converge"): say what is wrong, in
+        # the package's own error, like every other rule does for a non-finite aggregate.
+        raise AggregationError("the weighted factors are not finite: the aggregate is not finite")
     q_b, r_b = np.linalg.qr(b_cat)  # (d_out, k1), (k1, S)
     q_a, r_a = np.linalg.qr(a_cat.T)  # (d_in, k2), (k2, S)
     core = r_b @ r_a.T  # (k1, S) @ (S, k2)
-    u_c, sigma, vt_c = np.linalg.svd(core, full_matrices=False)  # (k1, k), (k,), (k, k2)
+    try:
+        u_c, sigma, vt_c = np.linalg.svd(core, full_matrices=False)  # (k1, k), (k,), (k, k2)
+    except np.linalg.LinAlgError as exc:
+        raise AggregationError(f"the SVD of the aggregate failed: {exc}") from None
     k = len(sigma) if rank is None else max(0, min(int(rank), len(sigma)))
     u = q_b @ u_c[:, :k]  # (d_out, k1) @ (k1, k)
     vt = vt_c[:k] @ q_a.T  # (k, k2) @ (k2, d_in)
@@ -65,11 +73,11 @@ def factored_svd_parts(
 
 
 def factored_svd(
-    bs: Sequence[np.ndarray],
-    as_: Sequence[np.ndarray],
+    bs: Sequence[FloatArray],
+    as_: Sequence[FloatArray],
     weights: Sequence[float] | None = None,
     rank: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[F32Array, F32Array]:
     """Rank-``rank`` truncated SVD of Σ_k w_k B_k A_k as ``(U·Σ (d_out, k), Vᵀ (k, d_in))``.
 
     The product of the two (float32) factors is the best rank-k approximation of the sum

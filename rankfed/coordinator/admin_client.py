@@ -15,7 +15,7 @@ from types import TracebackType
 
 import grpc
 
-from rankfed.protocol import ClientInfo, FederationStatus, serde
+from rankfed.protocol import ClientInfo, FederationStatus, RoundStatus, serde
 from rankfed.tls import TlsOptions, channel_for
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import admin_pb2_grpc
@@ -77,9 +77,35 @@ class AdminClient:
             raise self._error(err, "WatchRounds") from None
 
     def clients(self) -> list[ClientInfo]:
-        """Every registered device, with its capability, rank and liveness."""
-        try:
-            reply = self._stub.ListClients(ProtoAdmin.ListClientsRequest(), metadata=self._metadata, timeout=self.timeout_s)
-        except grpc.RpcError as err:
-            raise self._error(err, "ListClients") from None
-        return [serde.client_info_from_proto(c) for c in reply.clients]
+        """Every registered device, with its capability, rank and liveness (all pages)."""
+        out: list[ClientInfo] = []
+        token = ""
+        while True:
+            try:
+                reply = self._stub.ListClients(
+                    ProtoAdmin.ListClientsRequest(page_token=token), metadata=self._metadata, timeout=self.timeout_s
+                )
+            except grpc.RpcError as err:
+                raise self._error(err, "ListClients") from None
+            page = serde.client_page_from_proto(reply)
+            out.extend(page.clients)
+            if not page.next_page_token:
+                return out
+            token = page.next_page_token
+
+    def history(self) -> list[RoundStatus]:
+        """Every finished round, oldest first (all pages of GetRoundStatus's history)."""
+        rounds: list[RoundStatus] = []
+        token = ""
+        while True:
+            try:
+                reply = self._stub.GetRoundStatus(
+                    ProtoAdmin.GetRoundStatusRequest(page_token=token), metadata=self._metadata, timeout=self.timeout_s
+                )
+            except grpc.RpcError as err:
+                raise self._error(err, "GetRoundStatus") from None
+            status = serde.federation_status_from_proto(reply)
+            rounds[:0] = status.history
+            if not status.next_page_token:
+                return rounds
+            token = status.next_page_token

@@ -14,6 +14,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rankfed.coordinator.errors import AuthError
@@ -76,9 +77,11 @@ class TokenSigner:
         return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())
 
 
-def bearer_token(metadata: dict[str, str]) -> str | None:
+def bearer_token(metadata: Mapping[str, str | bytes]) -> str | None:
     """The token from an `authorization: Bearer <token>` metadata entry, if any."""
     value = metadata.get("authorization", "")
+    if not isinstance(value, str):  # gRPC gives bytes only for "-bin" keys
+        return None
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None

@@ -14,7 +14,7 @@ from pathlib import Path
 from rankfed import logs
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("coordinator", help="run the coordinator daemon")
     commands = parser.add_subparsers(dest="coordinator_command", metavar="COMMAND", required=True)
     serve = commands.add_parser(

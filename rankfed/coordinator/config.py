@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import operator
 import os
 import tomllib
 import types
@@ -190,6 +191,12 @@ class FederationConfig:
     )
     straggler_grace_seconds: float = _f(
         30.0, "Once min_clients updates are in, longest wait for the others.", ge=0
+    )
+    robust_clip_factor: float = _f(
+        5.0, "Robust aggregation: an update whose norm exceeds this many times the round's median "
+        "update norm is scaled down to that bound before it is aggregated, so no single device can "
+        "dominate a round (needs 3 or more updates; 0 turns clipping off). Honest updates differ by "
+        "up to ~3x across ranks (docs/aggregation.md), so the default leaves them untouched.", ge=0,
     )
     local_steps: int = _f(20, "Local training steps each client does per round.", ge=1)
     learning_rate: float = _f(0.002, "Learning rate of local training.", gt=0)
@@ -456,6 +463,7 @@ def _build(
         cli = name in from_cli
         tp = types_[key]
         n_before = len(errors)
+        converted: Any  # a field value: its type is the field's, known only at run time
         if key == "tiers":
             converted = _convert_tiers(value, name, errors)
         else:
@@ -580,10 +588,10 @@ def _check_rules(f: dataclasses.Field[Any], value: Any, name: str, errors: list[
         )
         return
     bounds = [
-        ("ge", lambda v, b: v >= b, "≥"),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "≤"),
-        ("lt", lambda v, b: v < b, "<"),
+        ("ge", operator.ge, "≥"),
+        ("gt", operator.gt, ">"),
+        ("le", operator.le, "≤"),
+        ("lt", operator.lt, "<"),
     ]
     for rule, ok, sym in bounds:
         if rule in meta and not ok(value, meta[rule]):

@@ -96,7 +96,10 @@ class RoundState:
     global_round: int = 0
     global_sha: tuple[int, str] | None = None  # (round, sha256) cache of the global adapter's digest
     reasons: dict[str, str] = field(default_factory=dict)  # why each participant got its rank
-    fold_failures: list[str] = field(default_factory=list)
+    # Updates folded into the running aggregate, and their norms (for robust clipping).
+    norms: dict[str, float] = field(default_factory=dict)
+    # Updates whose fold failed (e.g. an overflow): the round closes without them.
+    fold_failures: dict[str, str] = field(default_factory=dict)
     uploading: dict[str, UploadSession] = field(default_factory=dict)  # open upload streams by client
     done: bool = False
     # Held while an update is committed and folded, and while a round closes.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.context import FederationContext
@@ -30,6 +30,7 @@ from rankfed.coordinator.store import BlobStore, StateStore
 from rankfed.protocol import (
     Chunk,
     ClientInfo,
+    ClientPage,
     DownloadRequest,
     FederationStatus,
     HeartbeatRequest,
@@ -165,14 +166,19 @@ class Federation:
 
     # ------------------------------------------------------------------ AdminService
 
-    def status(self, history_limit: int = 0) -> FederationStatus:
-        return self.view.status(history_limit)
+    def status(self, history_limit: int = 0, *, page_size: int = 0, page_token: str = "") -> FederationStatus:
+        return self.view.status(history_limit, page_size=page_size, page_token=page_token)
 
-    def watch(self, history_limit: int = 0) -> AsyncIterator[FederationStatus]:
+    def watch(self, history_limit: int = 0) -> AsyncGenerator[FederationStatus, None]:
         return self.view.watch(history_limit)
 
     def list_clients(self) -> list[ClientInfo]:
+        """Every registered device (for in-process use: the metrics)."""
         return self.registry.list_clients()
+
+    def client_page(self, page_size: int = 0, page_token: str = "") -> ClientPage:
+        """One page of the registered devices (ListClients)."""
+        return self.registry.client_page(page_size, page_token)
 
     def client(self, client_id: str) -> ClientRecord:
         """The registered device behind a client id (NotFoundError if unknown)."""

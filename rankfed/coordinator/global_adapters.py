@@ -15,17 +15,18 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from rankfed.aggregation import (
     Adapter,
+    Method,
     decode_adapter,
     encode_adapter,
-    peft_adapter_config,
     revive_inert,
 )
 from rankfed.coordinator.store import BlobStore
 from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
-from rankfed.protocol.artifact import AdapterCard
+from rankfed.protocol.artifact import AdapterCard, peft_config
 from rankfed.protocol.manifest import ModelManifest
 
 
@@ -41,7 +42,7 @@ def _round_dir(round_no: int) -> str:
 
 
 class GlobalAdapters:
-    def __init__(self, blobs: BlobStore, manifest: ModelManifest, method, *, seed: int = 0) -> None:
+    def __init__(self, blobs: BlobStore, manifest: ModelManifest, method: Method, *, seed: int = 0) -> None:
         self._blobs = blobs
         self._seed = seed
         self._manifest = manifest
@@ -55,13 +56,7 @@ class GlobalAdapters:
     def save(self, round_no: int, adapter: Adapter) -> str:
         """Write (fsynced) the global adapter of a round and its peft config; return its sha256."""
         data = encode_adapter(adapter, metadata=self._metadata(round_no))
-        config = peft_adapter_config(
-            adapter,
-            base_model_name_or_path=self._manifest.model_id,
-            target_modules=list(self._manifest.target_modules),
-            task_type="SEQ_CLS" if self._manifest.task == "sequence-classification" else "CAUSAL_LM",
-            modules_to_save=list(self._manifest.modules_to_save) or None,
-        )
+        config = peft_config(adapter, self._card(round_no))
         self._blobs.write_bytes(global_config_relpath(round_no), json.dumps(config, indent=2).encode())
         sha, _ = self._blobs.write_bytes(self.relpath(round_no), data)
         return sha
@@ -95,18 +90,21 @@ class GlobalAdapters:
                 del self._rank_files[old]
             return entry
 
-    def open(self, relpath: str):
+    def open(self, relpath: str) -> BinaryIO:
         return open(self._blobs.path(relpath), "rb")
 
-    def _metadata(self, round_no: int) -> dict[str, str]:
+    def _card(self, round_no: int) -> AdapterCard:
         m = self._manifest
-        card = AdapterCard(
+        return AdapterCard(
             task=m.task, target_modules=tuple(m.target_modules), labels=m.labels, num_labels=m.num_labels,
             modules_to_save=tuple(m.modules_to_save), base_model_id=m.model_id, base_model_sha256=m.weights_sha256,
             round=round_no, method=self._method.name,
         )
+
+    def _metadata(self, round_no: int) -> dict[str, str]:
+        m = self._manifest
         return {"round": str(round_no), "base_model_id": m.model_id, "base_model_sha256": m.weights_sha256,
-                **card.to_metadata()}
+                **self._card(round_no).to_metadata()}
 
 
 def directory_of(blobs: BlobStore, round_no: int) -> Path:

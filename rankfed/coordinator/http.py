@@ -33,6 +33,7 @@ from rankfed.coordinator.metrics import CONTENT_TYPE, CoordinatorMetrics
 
 if TYPE_CHECKING:
     from rankfed.coordinator.federation import Federation
+    from rankfed.protocol import FederationStatus
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -179,7 +180,7 @@ async def _event_stream(routes: _Routes, federation: Federation, reader: asyncio
     routes.streams += 1
     views = federation.watch()
     peer_gone = asyncio.ensure_future(reader.read(1))  # EOF (or stray bytes) ends the stream
-    pending: asyncio.Future | None = None
+    pending: asyncio.Future[FederationStatus] | None = None
     try:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n"
                      b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\nretry: 2000\n\n")
@@ -187,8 +188,8 @@ async def _event_stream(routes: _Routes, federation: Federation, reader: asyncio
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(views))
-            done, _ = await asyncio.wait({pending, peer_gone}, timeout=_KEEPALIVE_SECONDS,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[FederationStatus] | asyncio.Future[bytes]] = {pending, peer_gone}
+            done, _ = await asyncio.wait(waiting, timeout=_KEEPALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
             if peer_gone in done:
                 return
             if pending not in done:

@@ -30,7 +30,8 @@ from collections.abc import AsyncIterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from rankfed.aggregation import Adapter, decode_adapter
+from rankfed.aggregation import Accumulator, Adapter, decode_adapter
+from rankfed.aggregation.robust import update_norm
 from rankfed.coordinator.context import FederationContext
 from rankfed.coordinator.dispatch import TaskDispatcher
 from rankfed.coordinator.errors import (
@@ -47,6 +48,7 @@ from rankfed.protocol import (
     ErrorReason,
     ParticipantState,
     UploadHeader,
+    limits,
 )
 
 log = logging.getLogger("rankfed.coordinator")
@@ -115,6 +117,8 @@ class Ingest:
                 f"(state {part.state.value})"
             )
         check_header(header, part, max_upload_bytes=ctx.config.server.max_upload_bytes, homogeneous=ctx.homogeneous)
+        # Metrics are stored and shown to operators: bounded before anything is written.
+        limits.check_metrics(header.metrics.eval)
         uploading = ctx.state.uploading
         previous = uploading.get(client_id)
         if previous is not None:
@@ -193,10 +197,12 @@ class Ingest:
                 if state.accumulator is None:
                     raise RuntimeError(f"round {session.round} is open but has no accumulator")
                 try:
-                    await asyncio.to_thread(state.accumulator.fold, adapter, float(header.num_examples))
-                except Exception as exc:  # validated input should always fold: a bug, not a client error
-                    log.exception("could not fold an accepted update", extra={"round": session.round})
-                    state.fold_failures.append(f"{session.client_id}: {exc}")
+                    await asyncio.to_thread(fold_update, state.accumulator, adapter, header.num_examples,
+                                            state.norms, session.client_id)
+                except Exception as exc:  # noqa: BLE001 - e.g. an overflow: the round closes without it
+                    log.warning("could not fold an accepted update", extra={
+                        "round": session.round, "client_id": session.client_id, "error": repr(exc)})
+                    state.fold_failures[session.client_id] = f"{type(exc).__name__}: {exc}"
         except BaseException:
             session.abort()  # a no-op once committed
             self._revert_uploading(session)
@@ -220,6 +226,14 @@ class Ingest:
             ctx.store.upsert_client(replace(
                 client, rounds_completed=client.rounds_completed + 1, deadlines_missed=0, last_seen_at=ctx.clock()
             ))
+
+
+def fold_update(accumulator: Accumulator, adapter: Adapter, num_examples: int, norms: dict[str, float],
+                client_id: str) -> None:
+    """Fold an update into the round's running aggregate and note its norm (robust clipping
+    at close compares every update with the round's median)."""
+    norms[client_id] = update_norm(adapter)
+    accumulator.fold(adapter, float(num_examples))
 
 
 def load_update(ctx: FederationContext, receipt: Receipt) -> Adapter:

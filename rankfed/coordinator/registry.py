@@ -25,6 +25,7 @@ from rankfed.protocol import (
     Assignment,
     BaseModel,
     ClientInfo,
+    ClientPage,
     FederationMode,
     HeartbeatRequest,
     HeartbeatResult,
@@ -33,9 +34,12 @@ from rankfed.protocol import (
     LeaveRequest,
     ParticipantState,
     RoundPhase,
+    limits,
 )
 
 log = logging.getLogger("rankfed.coordinator")
+
+MAX_CLIENT_PAGE = 500  # devices per ListClients reply: ~200 bytes each, far below the message limit
 
 
 class ClientRegistry:
@@ -94,13 +98,12 @@ class ClientRegistry:
         """Register (or re-register) a device. `enrolled_by_certificate`: the transport
         verified the device's client certificate (mutual TLS), which replaces the secret."""
         ctx, cfg = self._ctx, self._ctx.config
+        secret = limits.check_secret(info.enrollment_secret)
         if (cfg.server.enrollment_secret and not enrolled_by_certificate
-                and not secrets.compare_digest(info.enrollment_secret, cfg.server.enrollment_secret)):
+                and not secrets.compare_digest(secret, cfg.server.enrollment_secret.encode())):
             raise PermissionDeniedError("enrollment secret is wrong; ask the operator for the federation's secret")
-        name = info.device_name.strip()
-        if not name or len(name) > 128:
-            raise InvalidArgumentError("device_name must be 1 to 128 characters; use a stable name per device")
-        _check_capability(info)
+        name = limits.check_device_name(info.device_name)
+        _check_join(info)
         model = ctx.manifest.model_for(info.base_model_sha256)
         if model is None:
             allowed = ctx.manifest.allowed_models()
@@ -217,6 +220,19 @@ class ClientRegistry:
 
     # ------------------------------------------------------------------ views
 
+    def client_page(self, page_size: int = 0, page_token: str = "") -> ClientPage:
+        """Registered devices in registration order, a page at a time (ListClients)."""
+        try:
+            start = int(page_token) if page_token else 0
+        except ValueError:
+            raise InvalidArgumentError(
+                f"page_token {page_token[:40]!r} is not one this coordinator issued; pass next_page_token back"
+            ) from None
+        size = min(page_size or MAX_CLIENT_PAGE, MAX_CLIENT_PAGE)
+        everyone = self.list_clients()
+        end = start + size
+        return ClientPage(clients=tuple(everyone[start:end]), next_page_token=str(end) if end < len(everyone) else "")
+
     def list_clients(self) -> list[ClientInfo]:
         return [
             ClientInfo(
@@ -229,9 +245,16 @@ class ClientRegistry:
         ]
 
 
-def _check_capability(info: JoinRequest) -> None:
+def _check_join(info: JoinRequest) -> None:
+    """Everything of a Join that is stored and shown to operators, within its bound."""
     cap = info.capability
     for name in ("compute_gflops", "upload_bytes_per_second", "download_bytes_per_second"):
         value = getattr(cap, name)
         if not math.isfinite(value) or value < 0:
             raise InvalidArgumentError(f"capability.{name} must be a finite non-negative number, got {value}")
+    for name in ("memory_total_bytes", "memory_free_bytes", "cpu_cores", "accelerator_memory_bytes"):
+        limits.check_int(getattr(cap, name), f"capability.{name}")
+    limits.check_text(cap.platform, "capability.platform")
+    limits.check_text(cap.accelerator_name, "capability.accelerator_name")
+    limits.check_text(info.client_version, "client_version")
+    limits.check_int(info.num_examples, "num_examples", limits.MAX_NUM_EXAMPLES)

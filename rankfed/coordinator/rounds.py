@@ -10,21 +10,24 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
 from rankfed.aggregation import Accumulator, AdapterError, AggregationError
+from rankfed.aggregation.robust import clip_factors, scale_update
 from rankfed.coordinator.context import OPEN_STATES, FederationContext
 from rankfed.coordinator.dispatch import TaskDispatcher
 from rankfed.coordinator.errors import StorageError
-from rankfed.coordinator.ingest import load_update
+from rankfed.coordinator.ingest import fold_update, load_update
 from rankfed.coordinator.models import Participant, Receipt, RoundRecord
 from rankfed.coordinator.rank_planner import plan_round
 from rankfed.coordinator.registry import ClientRegistry
 from rankfed.coordinator.store.blobs import round_dir
 from rankfed.protocol import ParticipantState, RoundPhase
+from rankfed.protocol.limits import MAX_METRICS
 
 log = logging.getLogger("rankfed.coordinator")
 ROUND_END_POLL_S = 0.05  # the round loop re-reads participants at most this often
@@ -77,9 +80,14 @@ class RoundLoop:
         for relpath in ctx.blobs.list_blobs(f"updates/{round_dir(latest.round)}"):
             if relpath not in acknowledged:
                 ctx.blobs.delete(relpath)
+        state.norms, state.fold_failures = {}, {}
         for receipt in receipts:
             adapter = await asyncio.to_thread(load_update, ctx, receipt)
-            await asyncio.to_thread(accumulator.fold, adapter, float(receipt.num_examples))
+            try:
+                await asyncio.to_thread(fold_update, accumulator, adapter, receipt.num_examples, state.norms,
+                                        receipt.client_id)
+            except Exception as exc:  # noqa: BLE001 - as at ingest: the round closes without it
+                state.fold_failures[receipt.client_id] = f"{type(exc).__name__}: {exc}"
         now = ctx.clock()
         # The devices could not reach us while we were down: give them time to come back.
         fed = ctx.config.federation
@@ -157,6 +165,7 @@ class RoundLoop:
                 ctx.store.put_participant(part)
             ctx.store.put_round(record)
         ctx.state.reasons = reasons
+        ctx.state.norms, ctx.state.fold_failures = {}, {}
         ctx.state.open, ctx.state.accumulator = record, self._new_accumulator()
         log.info("round started", extra={
             "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
@@ -222,7 +231,7 @@ class RoundLoop:
             record = await self._aggregate(record, receipts, metrics)
             ctx.store.put_round(record)
             state.open, state.accumulator = None, None
-            state.fold_failures = []
+            state.fold_failures, state.norms = {}, {}
             state.uploading.clear()
             state.done = record.round >= ctx.config.federation.rounds
             ctx.changes.notify()
@@ -253,14 +262,31 @@ class RoundLoop:
         started = time.perf_counter()
         accumulator, state.accumulator = state.accumulator, None
         try:
-            if accumulator is None or state.fold_failures:
-                raise AggregationError(f"updates could not be folded: {'; '.join(state.fold_failures)}")
+            rejected = dict(state.fold_failures)
+            clip = clip_factors({r.client_id: state.norms[r.client_id] for r in receipts if r.client_id in state.norms},
+                                fed.robust_clip_factor)
+            if rejected or clip or accumulator is None:
+                # An update dominates the round or could not be folded: aggregate again from
+                # the stored updates, the large ones scaled to the bound, the failed ones left out.
+                accumulator = await asyncio.to_thread(self._refold, receipts, clip, rejected)
+                metrics["clipped_updates"] = float(len(clip))
+                if rejected:
+                    self._reject(record.round, rejected)
+                    metrics["rejected_updates"] = float(len(rejected))
+                    kept = len(receipts) - len(rejected)
+                    if kept < fed.min_clients:
+                        raise AggregationError(
+                            f"{kept} of {fed.min_clients} required updates could be aggregated "
+                            f"(rejected: {'; '.join(f'{k}: {v}' for k, v in sorted(rejected.items()))})"
+                        )
             result = await asyncio.to_thread(accumulator.result)
             del accumulator  # its sums are as large as the global adapter: free them before encoding
             sha = await asyncio.to_thread(ctx.globals.save, record.round, result)
-        except (AggregationError, AdapterError, StorageError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any aggregation error fails this round, never the daemon
             # e.g. an aggregate that overflows float32, or a full disk: the round fails,
             # the previous global adapter stays, and the federation goes on.
+            if not isinstance(exc, AggregationError | AdapterError | StorageError):
+                log.exception("unexpected error while aggregating", extra={"round": record.round})
             reason = f"aggregation failed: {exc}; kept the previous global adapter"
             log.error("round failed", extra={"round": record.round, "reason": reason})
             return replace(record, phase=RoundPhase.FAILED, finished_at=now, metrics=metrics, failure_reason=reason)
@@ -272,6 +298,35 @@ class RoundLoop:
             global_sha256=sha, global_rank=result.max_rank,
         )
 
+    def _refold(self, receipts: list[Receipt], clip: dict[str, float], rejected: dict[str, str]) -> Accumulator:
+        """A fresh aggregate of the stored updates: each in `clip` scaled by its factor, each
+        that fails to fold added to `rejected` and left out (runs in a thread)."""
+        accumulator = self._new_accumulator()
+        for receipt in receipts:
+            if receipt.client_id in rejected:
+                continue
+            adapter = load_update(self._ctx, receipt)
+            if receipt.client_id in clip:
+                adapter = scale_update(adapter, clip[receipt.client_id])
+                log.warning("update clipped", extra={"round": receipt.round, "client_id": receipt.client_id,
+                                                     "factor": round(clip[receipt.client_id], 6)})
+            try:
+                accumulator.fold(adapter, float(receipt.num_examples))
+            except Exception as exc:  # noqa: BLE001 - left out; the rest may still make the quorum
+                rejected[receipt.client_id] = f"{type(exc).__name__}: {exc}"
+        return accumulator
+
+    def _reject(self, round_no: int, rejected: dict[str, str]) -> None:
+        """Participants whose stored update could not be aggregated: REJECTED, visible in status."""
+        store = self._ctx.store
+        with store.transaction():
+            for client_id, why in rejected.items():
+                part = store.get_participant(round_no, client_id)
+                if part is not None:
+                    store.put_participant(replace(part, state=ParticipantState.REJECTED))
+                log.warning("update rejected at aggregation", extra={"round": round_no, "client_id": client_id,
+                                                                     "reason": why})
+
     async def wait_fatal(self) -> BaseException:
         """Return the exception that stopped the round loop (waits until one does)."""
         while self.fatal is None:
@@ -279,12 +334,18 @@ class RoundLoop:
         return self.fatal
 
 
+def _common_keys(receipts: list[Receipt]) -> list[str]:
+    """The evaluation metrics most devices report, at most MAX_METRICS of them: each device
+    may send its own names, and a round's record must stay bounded whatever they send."""
+    counts = Counter(key for r in receipts for key in r.metrics.eval)
+    return sorted(sorted(counts, key=lambda k: (-counts[k], k))[:MAX_METRICS])
+
+
 def personal_metrics(receipts: list[Receipt]) -> dict[str, float]:
     """Unweighted mean, spread, min and max across clients of each eval metric: pFedLoRA
     reports each client's accuracy on its own held-out data, every client counting once."""
     out: dict[str, float] = {}
-    keys = sorted(set().union(*(r.metrics.eval.keys() for r in receipts))) if receipts else []
-    for key in keys:
+    for key in _common_keys(receipts):
         values = np.array([r.metrics.eval[key] for r in receipts if key in r.metrics.eval], dtype=np.float64)
         out[f"personal_{key}_mean"] = float(values.mean())
         out[f"personal_{key}_std"] = float(values.std())
@@ -305,8 +366,7 @@ def round_metrics(receipts: list[Receipt], parts: list[Participant]) -> dict[str
     if total:
         metrics["loss_first"] = sum(r.metrics.loss_first * r.num_examples for r in receipts) / total
         metrics["loss_last"] = sum(r.metrics.loss_last * r.num_examples for r in receipts) / total
-        keys = set().union(*(r.metrics.eval.keys() for r in receipts))
-        for key in sorted(keys):
+        for key in _common_keys(receipts):
             having = [r for r in receipts if key in r.metrics.eval]
             weight = sum(r.num_examples for r in having)
             metrics[f"eval_{key}"] = sum(r.metrics.eval[key] * r.num_examples for r in having) / weight

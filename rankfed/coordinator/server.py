@@ -26,10 +26,10 @@ from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.retention import UpdateRetention, disk_usage
 from rankfed.coordinator.servicer_admin import AdminServicer
 from rankfed.coordinator.servicer_edge import EdgeServicer, add_edge_service
-from rankfed.coordinator.store import open_store
+from rankfed.coordinator.store import BlobStore, SqliteStore, StateStore, open_store
 from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.protocol import ManifestError
-from rankfed.protocol.manifest import load_manifest
+from rankfed.protocol.manifest import ModelManifest, load_manifest
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
 from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2
 
@@ -57,7 +57,7 @@ class Coordinator:
     federation: Federation
     health: health.aio.HealthServicer
     port: int
-    _store: object
+    _store: StateStore
     metrics: CoordinatorMetrics | None = None
     metrics_port: int = 0
     _http: HttpListener | None = None
@@ -171,7 +171,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     )
 
 
-def _open_data_dir(data_dir: Path):
+def _open_data_dir(data_dir: Path) -> tuple[SqliteStore, BlobStore]:
     """open_store, with the usual failures (not writable, not a directory, not a database)
     as one ConfigError naming the directory and the fix."""
     import sqlite3
@@ -190,7 +190,7 @@ def _open_data_dir(data_dir: Path):
 _MODEL_KEY = "model_weights_sha256"
 
 
-def _check_data_dir_model(store, manifest, data_dir: Path) -> None:
+def _check_data_dir_model(store: StateStore, manifest: ModelManifest, data_dir: Path) -> None:
     """A data directory belongs to one base model: its rounds, adapters and tokens mean
     nothing for another. The first start records the model; later starts must match."""
     held = store.get_meta(_MODEL_KEY)

@@ -8,12 +8,13 @@ configured, only loopback callers and operator certificates get in.
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 
 from rankfed.coordinator.auth import bearer_token
 from rankfed.coordinator.errors import AuthError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
-from rankfed.coordinator.servicer_errors import streaming, unary
+from rankfed.coordinator.servicer_errors import ServicerContext, streaming, unary
 from rankfed.protocol import serde
 from rankfed.tls import OPERATOR_OU, peer_identity, peer_is_loopback
 from rankfed.v1 import admin_pb2 as ProtoAdmin
@@ -26,7 +27,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._token = admin_token
         self.metrics = metrics or CoordinatorMetrics()
 
-    def _authorize(self, context) -> None:
+    def _authorize(self, context: ServicerContext) -> None:
         identity = peer_identity(context.auth_context())
         if identity is not None and identity.is_operator:
             return
@@ -49,19 +50,25 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )
 
     @unary
-    async def GetRoundStatus(self, request: ProtoAdmin.GetRoundStatusRequest, context) -> ProtoAdmin.FederationStatus:
+    async def GetRoundStatus(
+        self, request: ProtoAdmin.GetRoundStatusRequest, context: ServicerContext
+    ) -> ProtoAdmin.FederationStatus:
         self._authorize(context)
-        return serde.federation_status_to_proto(self._fed.status(request.history_limit))
+        return serde.federation_status_to_proto(
+            self._fed.status(request.history_limit, page_size=request.page_size, page_token=request.page_token)
+        )
 
     @streaming
-    async def WatchRounds(self, request: ProtoAdmin.WatchRoundsRequest, context):
+    async def WatchRounds(
+        self, request: ProtoAdmin.WatchRoundsRequest, context: ServicerContext
+    ) -> AsyncIterator[ProtoAdmin.FederationStatus]:
         self._authorize(context)
         async for view in self._fed.watch(request.history_limit):
             yield serde.federation_status_to_proto(view)
 
     @unary
-    async def ListClients(self, request: ProtoAdmin.ListClientsRequest, context) -> ProtoAdmin.ListClientsResponse:
+    async def ListClients(
+        self, request: ProtoAdmin.ListClientsRequest, context: ServicerContext
+    ) -> ProtoAdmin.ListClientsResponse:
         self._authorize(context)
-        return ProtoAdmin.ListClientsResponse(
-            clients=[serde.client_info_to_proto(c) for c in self._fed.list_clients()]
-        )
+        return serde.client_page_to_proto(self._fed.client_page(request.page_size, request.page_token))

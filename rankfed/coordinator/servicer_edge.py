@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import cast
 
 import grpc
 
@@ -131,7 +132,8 @@ def add_edge_service(servicer: EdgeServicer, server: grpc.aio.Server) -> None:
         def add_registered_method_handlers(self, _service, table) -> None:
             handlers.update(table)
 
-    edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, _Collect())
+    # The generated function only calls the two methods above on its `server`.
+    edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, cast(grpc.aio.Server, _Collect()))
     generated = handlers["UploadUpdate"]
     handlers["UploadUpdate"] = grpc.stream_unary_rpc_method_handler(
         servicer.UploadUpdate, request_deserializer=upload_message_from_bytes,

@@ -7,7 +7,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
@@ -16,6 +17,13 @@ from rankfed.coordinator import errors
 from rankfed.protocol import DecodeError, serde
 
 log = logging.getLogger("rankfed.coordinator")
+
+ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+"""What a handler of the asyncio server receives as ``context``."""
+
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -41,7 +49,7 @@ def status_of(exc: Exception) -> grpc.StatusCode | None:
     return None
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+async def _abort(context: ServicerContext, exc: Exception, method: str) -> NoReturn:
     code = status_of(exc)
     if code is None:
         log.exception("internal error in %s", method)
@@ -52,7 +60,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(code, str(exc), trailing_metadata=trailers)
 
 
-def _record(servicer, method: str, started: float, code: str, exc: BaseException | None) -> None:
+def _record(servicer: object, method: str, started: float, code: str, exc: BaseException | None) -> None:
     metrics = getattr(servicer, "metrics", None)
     if metrics is not None:
         metrics.rpc_done(method, code, time.perf_counter() - started, exc)
@@ -63,12 +71,15 @@ def _code(exc: BaseException) -> str:
     return (code or grpc.StatusCode.INTERNAL).name
 
 
-def unary(fn: Callable):
+def unary(
+    fn: Callable[[_Servicer, _Request, ServicerContext], Awaitable[_Response]],
+) -> Callable[[_Servicer, _Request, ServicerContext], Coroutine[Any, Any, _Response]]:
     """Map core exceptions of a unary (or stream-unary) handler to statuses."""
 
     @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        started, code, error = time.perf_counter(), "OK", None
+    async def wrapper(self: _Servicer, request: _Request, context: ServicerContext) -> _Response:
+        started, code = time.perf_counter(), "OK"
+        error: BaseException | None = None
         try:
             return await fn(self, request, context)
         except asyncio.CancelledError as exc:  # the client went away or its deadline passed
@@ -86,12 +97,15 @@ def unary(fn: Callable):
     return wrapper
 
 
-def streaming(fn: Callable[..., AsyncIterator]):
+def streaming(
+    fn: Callable[[_Servicer, _Request, ServicerContext], AsyncIterator[_Response]],
+) -> Callable[[_Servicer, _Request, ServicerContext], AsyncIterator[_Response]]:
     """The same for server-streaming handlers (async generators)."""
 
     @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        started, code, error = time.perf_counter(), "OK", None
+    async def wrapper(self: _Servicer, request: _Request, context: ServicerContext) -> AsyncIterator[_Response]:
+        started, code = time.perf_counter(), "OK"
+        error: BaseException | None = None
         try:
             async for item in fn(self, request, context):
                 yield item

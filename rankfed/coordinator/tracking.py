@@ -74,7 +74,7 @@ class Writer(Protocol):
 class TensorBoardWriter:
     def __init__(self, directory: Path, federation_id: str) -> None:
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # type: ignore[import-untyped]  # ships no type information
         except ImportError:
             raise ConfigError(f"tracking.tensorboard_dir is set but tensorboardX is missing: {_EXTRA_HINT}") from None
         self._writer = SummaryWriter(logdir=str(directory / federation_id))

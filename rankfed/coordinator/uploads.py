@@ -40,12 +40,12 @@ from rankfed.coordinator.errors import (
 from rankfed.coordinator.models import Participant
 from rankfed.coordinator.store import BlobWriter
 from rankfed.protocol import UploadHeader
+from rankfed.protocol.limits import MAX_NUM_EXAMPLES
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOW = 2  # chunks queued for the writer per stream before the stream waits
 
 
-MAX_NUM_EXAMPLES = 10**9  # an aggregation weight beyond this is a mistake or an attack
 
 
 def check_header(

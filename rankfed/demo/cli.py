@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1 if not args.in_process else (os.cpu_count() or 1))
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    # transformers leaves it unannotated (unused-ignore: only strict checking flags the call).
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call, unused-ignore]
     opts = DemoOptions(
         clients=args.clients, rounds=args.rounds, local_steps=args.local_steps, method=args.method,
         alpha=args.alpha, max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.lr,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import DataError
 
@@ -131,6 +132,7 @@ class TextDataset:
         seq = max(len(e.input_ids) for e in items)
         ids = np.full((len(items), seq), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(items), seq), dtype=np.int64)
+        labels: npt.NDArray[np.int64]  # (batch, seq) for causal-lm, (batch,) class ids otherwise
         if self.task == "causal-lm":
             labels = np.full((len(items), seq), IGNORE_INDEX, dtype=np.int64)
         else:

@@ -11,13 +11,12 @@ from typing import Any
 
 from rankfed.protocol import LoraSettings
 from rankfed.protocol.errors import ManifestError
-from rankfed.protocol.manifest import MANIFEST_FORMAT, manifest_from_dict
+from rankfed.protocol.manifest import MANIFEST_FORMAT, TASKS, manifest_from_dict
 from rankfed.protocol.manifest import write_manifest as protocol_write_manifest
 
 from .errors import ConfigError, ModelError
 from .model import (
     PEFT_PREFIX,
-    TASKS,
     build_peft_model,
     default_modules_to_save,
     resolve_model_dir,
@@ -37,13 +36,15 @@ def _meta_model(model_dir: Path, task: str, num_labels: int) -> Any:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the config in {model_dir}: {err}") from err
+    auto: type[AutoModelForSequenceClassification] | type[AutoModelForCausalLM]
     if task == "sequence-classification":
         config.num_labels = num_labels
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
     with torch.device("meta"):
-        return auto.from_config(config)
+        # transformers leaves from_config unannotated (unused-ignore: only strict checking flags the call).
+        return auto.from_config(config)  # type: ignore[no-untyped-call, unused-ignore]
 
 
 def build_manifest(

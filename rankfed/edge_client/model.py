@@ -146,7 +146,7 @@ def peft_config(
     }
     return LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft scales by any number; its stub says int
         lora_dropout=settings.dropout,
         use_rslora=settings.use_rslora,
         target_modules=list(settings.target_modules),
@@ -215,8 +215,12 @@ def adapter_from_peft(peft_model: PeftModel) -> Adapter:
             raise AdapterError(f"unsupported LoRA tensor {key!r} (only lora_A/lora_B)", key=key)
         else:
             dense[name] = _to_numpy(tensor)
-    config = peft_model.peft_config["default"]
-    return Adapter(modules=modules, dense=dense, use_rslora=bool(config.use_rslora))
+    return Adapter(modules=modules, dense=dense, use_rslora=_uses_rslora(peft_model))
+
+
+def _uses_rslora(peft_model: PeftModel) -> bool:
+    """Whether the model's LoRA scales by alpha/sqrt(r) (its config is a LoraConfig)."""
+    return bool(getattr(peft_model.peft_config["default"], "use_rslora", False))
 
 
 def load_adapter(peft_model: PeftModel, adapter: Adapter) -> None:
@@ -228,11 +232,10 @@ def load_adapter(peft_model: PeftModel, adapter: Adapter) -> None:
 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     layers = _lora_layers(peft_model)
-    config = peft_model.peft_config["default"]
-    if bool(config.use_rslora) != adapter.use_rslora:
+    if _uses_rslora(peft_model) != adapter.use_rslora:
         raise AdapterError(
             f"adapter use_rslora={adapter.use_rslora} but the model was built with "
-            f"use_rslora={bool(config.use_rslora)}"
+            f"use_rslora={_uses_rslora(peft_model)}"
         )
     incoming: dict[str, torch.Tensor] = {}
     for name, module in adapter.modules.items():
@@ -258,7 +261,7 @@ def load_adapter(peft_model: PeftModel, adapter: Adapter) -> None:
                 f"{key}: adapter shape {tuple(tensor.shape)}, the model expects {expected[key]}",
                 key=key.removeprefix(PEFT_PREFIX),
             )
-    result = set_peft_model_state_dict(peft_model, incoming)
+    result: Any = set_peft_model_state_dict(peft_model, incoming)  # torch's (missing, unexpected) keys
     if result.unexpected_keys:
         raise AdapterError(f"peft did not load {result.unexpected_keys[0]!r}", key=result.unexpected_keys[0])
     missed = [k for k in result.missing_keys if ".lora_" in k or ".modules_to_save." in k]

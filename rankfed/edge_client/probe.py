@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -79,14 +80,14 @@ def measure_gflops(n: int = 256, budget_s: float = 0.5, device: str = "cpu", rep
         a = rng.standard_normal((n, n), dtype=np.float32)
         b = rng.standard_normal((n, n), dtype=np.float32)
         return flops / _median_seconds(lambda: a @ b, lambda: None, budget_s, repetitions) / 1e9
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ta = torch.randn(n, n, device=device)
+    tb = torch.randn(n, n, device=device)
+    sync: Callable[[], object] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
-        return flops / _median_seconds(lambda: a @ b, sync, budget_s, repetitions) / 1e9
+        return flops / _median_seconds(lambda: ta @ tb, sync, budget_s, repetitions) / 1e9
 
 
-def _median_seconds(op, sync, budget_s: float, repetitions: int) -> float:
+def _median_seconds(op: Callable[[], object], sync: Callable[[], object], budget_s: float, repetitions: int) -> float:
     """Median seconds per `op` over `repetitions` timed runs, after a warm-up."""
     warm_until = time.perf_counter() + budget_s / 10
     calls = 0

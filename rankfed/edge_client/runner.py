@@ -4,6 +4,11 @@ Plain Python over a transport object (`transport.EdgeTransport`, or a fake in te
 grpc here. Every step reports an event through `on_event(name, fields)`; the CLI prints
 them for people or as JSON lines (`--json`).
 
+- One round method for every federation mode; what differs (the model built from the
+  downloaded adapter, the step schedule, the update uploaded, what the device keeps) is a
+  `strategies.RoundStrategy`, chosen from the mode the coordinator answers at Join.
+- The base model and tokenizer come from a `provider.ModelProvider` (default: the model
+  directory); the simulation passes one shared by all its devices.
 - Heartbeats go out from a background thread while a round is worked on; when the
   coordinator says the round closed, training stops and the client returns to GetTask.
 - The rank (and alpha) of each round come with the task and the downloaded adapter; the
@@ -22,9 +27,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from rankfed import __version__
 from rankfed.aggregation import (
@@ -33,9 +38,6 @@ from rankfed.aggregation import (
     AdapterValidationError,
     decode_adapter,
     encode_adapter,
-    hetlora_prune_rank,
-    hetlora_tail_norm,
-    truncate,
 )
 from rankfed.protocol import (
     Capability,
@@ -44,7 +46,6 @@ from rankfed.protocol import (
     HeartbeatResult,
     JoinRequest,
     JoinResult,
-    LoraSettings,
     ParticipantState,
     Task,
     TrainMetrics,
@@ -54,6 +55,7 @@ from rankfed.protocol import (
     UploadReceipt,
     WaitTask,
 )
+from rankfed.protocol.artifact import ADAPTER_FILE, write_adapter_dir
 
 from .data import (
     TextDataset,
@@ -65,28 +67,20 @@ from .data import (
 from .errors import (
     AdapterError,
     AuthError,
-    ConfigError,
     DuplicateError,
     ModelMismatchError,
     RejectedError,
     StaleRoundError,
     TransportError,
 )
-from .model import (
-    adapter_from_peft,
-    build_peft_model,
-    load_adapter,
-    load_base_model,
-    load_tokenizer,
-    weights_sha256,
-)
-from .personal import PersonalModel, PersonalStore, PrivateSettings
+from .model import weights_sha256
+from .personal import PrivateSettings
 from .probe import probe, with_bandwidth
-from .train import StepInfo, TrainConfig, TrainResult, evaluate, lora_pairs, train_local
+from .provider import DiskModelProvider, ModelProvider
+from .strategies import EventFn, RoundContext, RoundPlan, RoundStrategy, strategy_for
+from .train import StepInfo, TrainConfig, TrainResult, evaluate, train_local
 
 log = logging.getLogger(__name__)
-
-EventFn = Callable[[str, dict[str, Any]], None]
 
 
 class Transport(Protocol):
@@ -170,7 +164,7 @@ class Heartbeater:
         self.sent = 0
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-r{round}", daemon=True)
 
-    def __enter__(self) -> Heartbeater:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -197,15 +191,6 @@ class Heartbeater:
                 wait = result.next_in_s
 
 
-def _structure(adapter: Adapter) -> tuple[Any, ...]:
-    return (
-        tuple(sorted(adapter.ranks.items())),
-        tuple(sorted(adapter.alphas.items())),
-        adapter.use_rslora,
-        tuple(sorted(adapter.dense)),
-    )
-
-
 class EdgeRunner:
     """One device taking part in one federation."""
 
@@ -217,24 +202,26 @@ class EdgeRunner:
         on_event: EventFn | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
         capability: Capability | None = None,
+        models: ModelProvider | None = None,
+        strategy: RoundStrategy | None = None,
     ) -> None:
+        """``models``: where the base model and tokenizer come from (default: loaded from
+        ``config.model_dir``, peft model kept between rounds). ``strategy``: the round's
+        mode-specific parts (default: chosen from the mode the coordinator answers at Join)."""
         self.transport = transport
         self.config = config
+        self.models: ModelProvider = models or DiskModelProvider(config.model_dir)
+        self.strategy = strategy
         self._emit = on_event or (lambda name, fields: None)
         self._on_step = on_step
         self._capability = capability
         self.base_sha256 = ""
         self.join_result: JoinResult | None = None
         self._base: Any = None
-        self._peft: Any = None
-        self._peft_key: tuple[Any, ...] | None = None
         self._dataset: TextDataset | None = None
         self._eval_dataset: TextDataset | None = None
         self._split_done = False
         self._num_records = 0
-        self._personal: PersonalModel | None = None
-        self._private: Adapter | None = None
-        self._personal_info: dict[str, Any] = {}
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -279,12 +266,19 @@ class EdgeRunner:
         return result
 
     def _prepare(self, joined: JoinResult) -> None:
-        """Load base model, tokenizer and data once (after Join: it tells task and labels)."""
+        """Load base model, tokenizer and data once (after Join: it tells task, labels, mode)."""
+        if self.strategy is None:
+            c = self.config
+            self.strategy = strategy_for(
+                joined.mode, hetlora_lambda=c.hetlora_lambda, hetlora_gamma=c.hetlora_gamma,
+                hetlora_min_rank=c.hetlora_min_rank, private=c.private, personal_dir=c.personal_dir,
+                private_steps=c.private_steps, shared_steps=c.shared_steps,
+            )
         if self._base is not None:
             return
         info = joined.base_model
-        self._base = load_base_model(self.config.model_dir, info.task, num_labels=info.num_labels)
-        tokenizer = load_tokenizer(self.config.model_dir)
+        self._base = self.models.base_model(info.task, info.num_labels)
+        tokenizer = self.models.tokenizer()
         names = self.config.label_names or model_label_names(self._base.config)
         self._dataset = load_dataset(
             self.config.data_path,
@@ -306,10 +300,10 @@ class EdgeRunner:
         if self._split_done:
             return
         self._split_done = True
-        assert self._dataset is not None and self.join_result is not None
+        assert self._dataset is not None and self.strategy is not None
         fraction = self.config.holdout_fraction
-        if fraction is None and self.join_result.mode == "personalized":
-            fraction = 0.2
+        if fraction is None:
+            fraction = self.strategy.default_holdout
         if self._eval_dataset is None and fraction:
             self._dataset, self._eval_dataset = split_holdout(self._dataset, fraction, seed=0)
             self._emit("holdout", {"train": len(self._dataset), "eval": len(self._eval_dataset)})
@@ -389,100 +383,52 @@ class EdgeRunner:
         self._emit("rejoin", {"reason": "bandwidth measured", "upload_bytes_per_second": measured})
         self._join()
 
-    def _model_for(self, adapter: Adapter, lora: LoraSettings) -> Any:
-        key = _structure(adapter) + (tuple(lora.target_modules),)
-        if self._peft is None or key != self._peft_key:
-            assert self.join_result is not None
-            settings = replace(lora, use_rslora=adapter.use_rslora)
-            self._peft = build_peft_model(
-                self._base, settings, self.join_result.base_model.task, ranks=adapter.ranks, alphas=adapter.alphas
-            )
-            self._peft_key = key
-            self._emit("model", {"ranks": sorted(set(adapter.ranks.values())), "rebuilt": True})
-        load_adapter(self._peft, adapter)
-        return self._peft
-
     def _round(self, task: TrainTask) -> dict[str, Any] | None:
-        assert self.join_result is not None and self._dataset is not None
+        """One round in any mode: download the adapter, build the model, train the strategy's
+        phases under heartbeats, evaluate, upload; the record of the round, or None when it
+        did not count (stale, abandoned, refused)."""
+        assert self.join_result is not None and self.strategy is not None
         self._ensure_eval_split()
-        if self.join_result.mode == "personalized":
-            return self._personal_round(task)
+        try:
+            return self._work(task, self.strategy)
+        finally:
+            if not self.models.keep_model:
+                self.strategy.release()
+
+    def _work(self, task: TrainTask, strategy: RoundStrategy) -> dict[str, Any] | None:
+        assert self.join_result is not None and self._dataset is not None
+        ctx = RoundContext(task, self.join_result, self.base_sha256, self._emit)
         lora = task.assignment.lora
-        self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha, "steps": task.local_steps})
-        interval = self.join_result.heartbeat_interval_s or 5.0
-        with Heartbeater(self.transport, task.round, interval) as beat:
-            try:
-                manifest, blob = self.transport.download(
-                    task.round,
-                    expected_sha256=task.adapter_sha256,
-                    progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
-                )
-            except StaleRoundError as err:
-                self._emit("stale", {"round": task.round, "detail": str(err)})
+        plan = strategy.plan(task, self._train_config(task))
+        self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha, **plan.fields})
+        with Heartbeater(self.transport, task.round, self.join_result.heartbeat_interval_s or 5.0) as beat:
+            fetched = self._download(task, strategy.adapter_kind)
+            if fetched is None:
                 return None
-            try:
-                adapter = decode_adapter(blob)
-            except (AdapterFormatError, AdapterValidationError) as err:
-                raise AdapterError(f"the global adapter of round {task.round} is malformed: {err}") from err
-            if adapter.max_rank != lora.rank:
-                log.warning("task rank %d but the adapter has rank %d; training at the adapter's", lora.rank, adapter.max_rank)
-            model = self._model_for(adapter, lora)
-
+            manifest, adapter = fetched
+            model = strategy.model_for(self._base, adapter, ctx)
             beat.state = ParticipantState.TRAINING
-
-            def should_stop() -> bool:
-                # The coordinator's word (heartbeat round_open), not the task deadline compared
-                # with this device's clock, which may be skewed.
-                return beat.round_closed.is_set()
-
-            def on_step(info: StepInfo) -> None:
-                beat.progress = info.step / info.total
-                if self._on_step is not None:
-                    self._on_step(info)
-
-            tail_before = self._tail(model) if self.config.hetlora_lambda > 0 else 0.0
-            train_cfg = self._train_config(task)
-            result = train_local(model, self._dataset, train_cfg, on_step=on_step, should_stop=should_stop)
-            if result.stopped_early:
-                self._emit("abandoned", {"round": task.round, "steps": result.steps, "reason": "the coordinator closed the round"})
+            results = self._train(model, plan, strategy, beat)
+            strategy.end_training()
+            if results[-1].stopped_early:
+                self._emit("abandoned", {"round": task.round, "steps": sum(r.steps for r in results),
+                                         "reason": "the coordinator closed the round"})
                 return None
-            update = adapter_from_peft(model)
-            rank = update.max_rank
-            if self.config.hetlora_lambda > 0:
-                rank = hetlora_prune_rank(
-                    rank,
-                    tail_before=tail_before,
-                    tail_after=self._tail(model),
-                    gamma=self.config.hetlora_gamma,
-                    min_rank=self.config.hetlora_min_rank,
-                )
-                if rank < update.max_rank:
-                    self._emit("pruned", {"round": task.round, "from_rank": update.max_rank, "to_rank": rank})
-                    update = truncate(update, rank)
+            update = strategy.update(model, ctx)
             scores = self._evaluate(model)
-            blob = encode_adapter(
-                update,
-                dtype=self.config.upload_dtype,
-                metadata={
-                    "round": str(task.round),
-                    "base_model_sha256": self.base_sha256,
-                    "client_id": self.join_result.client_id,
-                },
-            )
+            strategy.after_round(scores, ctx)
+            blob = encode_adapter(update.adapter, dtype=self.config.upload_dtype, metadata=dict(update.metadata))
             digest = hashlib.sha256(blob).hexdigest()
+            metrics = TrainMetrics(
+                loss_first=results[0].loss_first,
+                loss_last=results[-1].loss_last,
+                steps=sum(r.steps for r in results),
+                train_seconds=sum(r.seconds for r in results),
+                eval=scores,
+            )
             header = UploadHeader(
-                round=task.round,
-                rank=rank,
-                num_examples=len(self._dataset),
-                total_bytes=len(blob),
-                sha256=digest,
-                metrics=TrainMetrics(
-                    loss_first=result.loss_first,
-                    loss_last=result.loss_last,
-                    steps=result.steps,
-                    train_seconds=result.seconds,
-                    eval=scores,
-                ),
+                round=task.round, rank=update.adapter.max_rank, num_examples=len(self._dataset),
+                total_bytes=len(blob), sha256=digest, metrics=metrics,
             )
             beat.state = ParticipantState.UPLOADING
             receipt = self._upload(task, header, blob)
@@ -490,12 +436,13 @@ class EdgeRunner:
                 return None
         record = {
             "round": task.round,
-            "rank": rank,
+            **strategy.record_fields(plan, scores),
+            "rank": header.rank,
             "assigned_rank": lora.rank,
-            "steps": result.steps,
-            "loss_first": result.loss_first,
-            "loss_last": result.loss_last,
-            "train_seconds": round(result.seconds, 3),
+            "steps": metrics.steps,
+            "loss_first": metrics.loss_first,
+            "loss_last": metrics.loss_last,
+            "train_seconds": round(metrics.train_seconds, 3),
             "upload_bytes": len(blob),
             "sha256": digest,
             "duplicate": receipt.duplicate,
@@ -505,139 +452,47 @@ class EdgeRunner:
         self._emit("uploaded", record)
         return record
 
-    # -- personalized mode (pFedLoRA) ------------------------------------------------------
-
-    def _phase_steps(self, task: TrainTask) -> tuple[int, int]:
-        """(private steps, shared steps): the flags, else the task's local_steps halved."""
-        c = self.config
-        total = max(2, task.local_steps)
-        private = c.private_steps if c.private_steps is not None else (total + 1) // 2
-        shared = c.shared_steps if c.shared_steps is not None else total - (total + 1) // 2
-        if private < 0 or shared < 0 or private + shared == 0:
-            raise ConfigError(f"--private-steps {private} and --shared-steps {shared}: need >= 0 each, > 0 together")
-        return private, shared
-
-    def _personal_model_for(self, shared: Adapter, lora: LoraSettings) -> PersonalModel:
-        """The personal model (built once per shared-adapter shape) holding ``shared`` and the
-        private part: from memory, else from --personal-dir, else freshly initialised."""
-        assert self.join_result is not None
-        rebuild = self._personal is None or self._personal.key[:3] != (
-            tuple(sorted(shared.ranks.items())), tuple(sorted(shared.alphas.items())), shared.use_rslora
-        )
-        if rebuild:
-            self._personal = PersonalModel(self._base, self.join_result.base_model.task, lora, shared, self.config.private)
-            self._emit("model", {
-                "mode": "personalized", "shared": dict(self._personal.shared_map),
-                "private_modules": len(self._personal.private_names), "rebuilt": True,
-            })
-        assert self._personal is not None
-        if self._private is None and self.config.personal_dir is not None:
-            loaded = PersonalStore(self.config.personal_dir).load(self.base_sha256)
-            if loaded is not None:
-                self._private, self._personal_info = loaded
-                self._emit("personal_state", {
-                    "loaded": str(self.config.personal_dir), "rounds": self._personal_info.get("rounds", 0),
-                })
-        if self._private is None:
-            _, self._private = self._personal.split()  # peft's initialisation: B = 0, a fresh head
-            self._personal_info = {"rounds": 0, "history": []}
-        self._personal.load(shared, self._private)
-        return self._personal
-
-    def _save_private(self, task: TrainTask, scores: dict[str, float]) -> None:
-        assert self._personal is not None and self.join_result is not None
-        _, self._private = self._personal.split()
-        history = list(self._personal_info.get("history", []))[-99:]
-        history.append({"round": task.round, **scores})
-        self._personal_info = {
-            "base_model_sha256": self.base_sha256,
-            "federation_id": self.join_result.federation_id,
-            "client_id": self.join_result.client_id,
-            "rounds": int(self._personal_info.get("rounds", 0)) + 1,
-            "last_round": task.round,
-            "shared_modules": dict(self._personal.shared_map),
-            "history": history,
-        }
-        if self.config.personal_dir is not None:
-            PersonalStore(self.config.personal_dir).save(self._private, self._personal_info)
-
-    def _personal_round(self, task: TrainTask) -> dict[str, Any] | None:
-        """Download the shared adapter, train the private part (shared frozen), then the
-        shared adapter (private frozen), evaluate on the held-out data, keep the private
-        part, upload the shared adapter only."""
-        assert self.join_result is not None and self._dataset is not None
+    def _download(self, task: TrainTask, kind: str) -> tuple[TransferManifest, Adapter] | None:
+        """The round's adapter (``kind``: "global" or "shared", for errors); None when the
+        round closed before it came."""
         lora = task.assignment.lora
-        private_steps, shared_steps = self._phase_steps(task)
-        self._emit("task", {"round": task.round, "rank": lora.rank, "alpha": lora.alpha,
-                            "private_steps": private_steps, "shared_steps": shared_steps})
-        interval = self.join_result.heartbeat_interval_s or 5.0
-        with Heartbeater(self.transport, task.round, interval) as beat:
-            try:
-                manifest, blob = self.transport.download(
-                    task.round, expected_sha256=task.adapter_sha256,
-                    progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
-                )
-            except StaleRoundError as err:
-                self._emit("stale", {"round": task.round, "detail": str(err)})
-                return None
-            try:
-                shared = decode_adapter(blob)
-            except (AdapterFormatError, AdapterValidationError) as err:
-                raise AdapterError(f"the shared adapter of round {task.round} is malformed: {err}") from err
-            personal = self._personal_model_for(shared, lora)
-            beat.state = ParticipantState.TRAINING
-            total = private_steps + shared_steps
-            results: list[TrainResult] = []
-            base_cfg = self._train_config(task)
-            for phase, steps, offset in (("private", private_steps, 0), ("shared", shared_steps, private_steps)):
-                if steps == 0:
-                    continue
-
-                def on_step(info: StepInfo, offset: int = offset) -> None:
-                    beat.progress = (offset + info.step) / total
-                    if self._on_step is not None:
-                        self._on_step(info)
-
-                personal.set_phase(phase)
-                cfg = replace(base_cfg, steps=steps, epochs=None, seed=base_cfg.seed + (7919 if phase == "shared" else 0))
-                result = train_local(personal.model, self._dataset, cfg, on_step=on_step,
-                                     should_stop=beat.round_closed.is_set)
-                results.append(result)
-                if result.stopped_early:
-                    personal.set_phase("frozen")
-                    self._emit("abandoned", {"round": task.round, "steps": sum(r.steps for r in results),
-                                             "reason": "the coordinator closed the round"})
-                    return None
-            personal.set_phase("frozen")
-            scores = self._evaluate(personal.model)
-            self._save_private(task, scores)
-            update, _ = personal.split()  # only the shared adapter leaves the device
-            blob = encode_adapter(update, dtype=self.config.upload_dtype, metadata={
-                "round": str(task.round), "client_id": self.join_result.client_id, "kind": "shared",
-            })
-            digest = hashlib.sha256(blob).hexdigest()
-            header = UploadHeader(
-                round=task.round, rank=update.max_rank, num_examples=len(self._dataset), total_bytes=len(blob),
-                sha256=digest,
-                metrics=TrainMetrics(
-                    loss_first=results[0].loss_first, loss_last=results[-1].loss_last,
-                    steps=sum(r.steps for r in results), train_seconds=sum(r.seconds for r in results), eval=scores,
-                ),
+        try:
+            manifest, blob = self.transport.download(
+                task.round,
+                expected_sha256=task.adapter_sha256,
+                progress=lambda done, total: self._emit("download", {"bytes": done, "total": total}),
             )
-            beat.state = ParticipantState.UPLOADING
-            receipt = self._upload(task, header, blob)
-            if receipt is None:
-                return None
-        record = {
-            "round": task.round, "mode": "personalized", "rank": update.max_rank, "assigned_rank": lora.rank,
-            "steps": header.metrics.steps, "private_steps": private_steps, "shared_steps": shared_steps,
-            "loss_first": header.metrics.loss_first, "loss_last": header.metrics.loss_last,
-            "train_seconds": round(header.metrics.train_seconds, 3), "eval": scores,
-            "upload_bytes": len(blob), "sha256": digest, "duplicate": receipt.duplicate,
-            "heartbeats": beat.sent, "download_sha256": manifest.sha256,
-        }
-        self._emit("uploaded", record)
-        return record
+        except StaleRoundError as err:
+            self._emit("stale", {"round": task.round, "detail": str(err)})
+            return None
+        try:
+            adapter = decode_adapter(blob)
+        except (AdapterFormatError, AdapterValidationError) as err:
+            raise AdapterError(f"the {kind} adapter of round {task.round} is malformed: {err}") from err
+        if adapter.max_rank != lora.rank:
+            log.warning("task rank %d but the adapter has rank %d; training at the adapter's", lora.rank, adapter.max_rank)
+        return manifest, adapter
+
+    def _train(self, model: Any, plan: RoundPlan, strategy: RoundStrategy, beat: Heartbeater) -> list[TrainResult]:
+        """Train the plan's phases in order; stops after a phase the coordinator cut short
+        (its heartbeat said the round closed: the coordinator's clock, not this device's)."""
+        assert self._dataset is not None
+        results: list[TrainResult] = []
+        for i, phase in enumerate(plan.phases):
+            done = sum(r.steps for r in results)
+            later = sum(p.train.steps or 0 for p in plan.phases[i + 1 :])
+
+            def on_step(info: StepInfo, done: int = done, later: int = later) -> None:
+                beat.progress = (done + info.step) / (done + info.total + later)
+                if self._on_step is not None:
+                    self._on_step(info)
+
+            strategy.enter_phase(phase.name)
+            result = train_local(model, self._dataset, phase.train, on_step=on_step, should_stop=beat.round_closed.is_set)
+            results.append(result)
+            if result.stopped_early:
+                break
+        return results
 
     def _upload(self, task: TrainTask, header: UploadHeader, blob: bytes) -> UploadReceipt | None:
         """Upload one update; None when this round's update cannot count (the round closed,
@@ -655,11 +510,6 @@ class EdgeRunner:
             log.error("round %d: the coordinator refused our update: %s", task.round, err)
             self._emit("rejected", {"round": task.round, "code": err.code, "detail": str(err)})
         return None
-
-    def _tail(self, model: Any) -> float:
-        return float(
-            sum(float(hetlora_tail_norm(a.detach(), b.detach(), gamma=self.config.hetlora_gamma)) for a, b in lora_pairs(model))
-        )
 
     def _train_config(self, task: TrainTask) -> TrainConfig:
         c = self.config
@@ -681,11 +531,10 @@ class EdgeRunner:
         if self.config.out_dir is None:
             return ""
         _, blob = self.transport.download(0, expected_sha256=task.final_adapter_sha256, full=True)
-        out = Path(self.config.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "adapter_model.safetensors"
-        path.write_bytes(blob)
-        return str(path)
+        # The adapter describes itself (task, labels, target modules): the directory loads with
+        # PeftModel.from_pretrained and exports with nothing but the base model.
+        write_adapter_dir(self.config.out_dir, blob)
+        return str(Path(self.config.out_dir) / ADAPTER_FILE)
 
 
 def _capability_fields(cap: Capability) -> dict[str, Any]:

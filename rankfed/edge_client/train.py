@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .data import TextDataset
-from .errors import TrainingError
+from .errors import ModelError, TrainingError
 
 if TYPE_CHECKING:
     import torch
@@ -71,12 +71,16 @@ class TrainResult:
 
 def lora_pairs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) weight pairs of every LoRA layer of a peft model (active adapter 'default')."""
+    import torch
     from peft.tuners.lora import LoraLayer
 
     pairs = []
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            pairs.append((module.lora_A["default"].weight, module.lora_B["default"].weight))
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+                raise ModelError(f"{name}: the LoRA factors' weights are not tensors")
+            pairs.append((a, b))
     return pairs
 
 

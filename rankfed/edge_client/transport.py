@@ -332,7 +332,7 @@ class EdgeTransport:
             raise ValueError("upload header does not describe the blob (size or sha256)")
         chunk_bytes = self.max_chunk_bytes
 
-        def messages() -> Iterator[object]:
+        def messages() -> Iterator[ProtoEdge.UploadMessage]:
             yield ProtoEdge.UploadMessage(header=serde.upload_header_to_proto(header))
             for offset in range(0, len(blob), chunk_bytes):
                 yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=blob[offset : offset + chunk_bytes]))

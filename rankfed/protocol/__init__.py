@@ -13,6 +13,7 @@ from .types import (
     Capability,
     Chunk,
     ClientInfo,
+    ClientPage,
     DeviceClass,
     DoneTask,
     DownloadRequest,
@@ -40,7 +41,7 @@ from .types import (
 )
 
 __all__ = [
-    "AlphaRule", "Assignment", "BaseModel", "Capability", "Chunk", "ClientInfo", "DecodeError", "DeviceClass",
+    "AlphaRule", "Assignment", "BaseModel", "Capability", "Chunk", "ClientInfo", "ClientPage", "DecodeError", "DeviceClass",
     "DoneTask", "DownloadRequest", "ErrorDetail", "ErrorReason", "FederationMode", "FederationStatus", "HeartbeatRequest", "HeartbeatResult",
     "JoinRequest", "JoinResult", "LeaveRequest", "LoraSettings", "ManifestError", "ParticipantState",
     "ParticipantStatus", "ProtocolError", "RoundPhase", "RoundStatus", "Task", "TrainMetrics", "TrainTask",

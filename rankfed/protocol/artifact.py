@@ -9,8 +9,14 @@ where it came from (base model, round, method). It travels inside the safetensor
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rankfed.aggregation import Adapter, decode_adapter, peft_adapter_config, read_adapter_metadata
 
 from .errors import DecodeError
 
@@ -75,3 +81,52 @@ def _strings(metadata: Mapping[str, str], name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise DecodeError(f"adapter metadata {_KEY}{name} is not a list of strings")
     return tuple(value)
+
+
+def peft_config(adapter: Adapter, card: AdapterCard) -> dict[str, Any]:
+    """The adapter's `adapter_config.json` (peft LoraConfig), from the adapter's own ranks and
+    alphas and the card's target modules, task and base model."""
+    return peft_adapter_config(
+        adapter,
+        base_model_name_or_path=card.base_model_id,
+        target_modules=list(card.target_modules),
+        task_type="SEQ_CLS" if card.task == "sequence-classification" else "CAUSAL_LM",
+        modules_to_save=list(card.modules_to_save) or None,
+    )
+
+
+def write_adapter_dir(out: Path | str, blob: bytes) -> AdapterCard | None:
+    """Write a downloaded global adapter as a directory PeftModel.from_pretrained loads:
+    the safetensors bytes as they came, and (when the adapter carries a card) its
+    adapter_config.json. Returns the card."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = AdapterCard.from_metadata(read_adapter_metadata(blob))
+    _write_atomic(out / ADAPTER_FILE, blob)
+    if card is not None:
+        config = peft_config(decode_adapter(blob), card)
+        _write_atomic(out / PEFT_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    return card
+
+
+def read_card(adapter_dir: Path | str) -> AdapterCard | None:
+    """The card of the adapter in a directory (or of a .safetensors file), None without one."""
+    path = Path(adapter_dir)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        blob = head + fh.read(min(size, 100 * 1024 * 1024))  # the header only: metadata lives there
+    return AdapterCard.from_metadata(read_adapter_metadata(blob))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

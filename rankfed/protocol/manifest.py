@@ -286,8 +286,8 @@ def _validate(m: ModelManifest) -> None:
             raise ManifestError(
                 f"modules[{name!r}]: matches none of target_modules {list(m.target_modules)}"
             )
-    for name, dims in m.dense.items():
-        if not dims or any(d <= 0 for d in dims):
+    for name, shape in m.dense.items():
+        if not shape or any(d <= 0 for d in shape):
             raise ManifestError(
-                f"dense[{name!r}] = {list(dims)}: expected a non-empty shape of positive sizes"
+                f"dense[{name!r}] = {list(shape)}: expected a non-empty shape of positive sizes"
             )

@@ -15,7 +15,7 @@ from google.protobuf.any_pb2 import Any as ProtoAny
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2 as ProtoErrorDetails
+from google.rpc import error_details_pb2 as ProtoErrorDetails  # type: ignore[import-untyped]  # .pyi, no py.typed
 from google.rpc import status_pb2 as ProtoStatus
 
 from rankfed.v1 import admin_pb2 as ProtoAdmin
@@ -31,6 +31,7 @@ from .types import (
     Capability,
     Chunk,
     ClientInfo,
+    ClientPage,
     DeviceClass,
     DoneTask,
     DownloadRequest,
@@ -79,6 +80,7 @@ PARTICIPANT_STATE_TO_PROTO = {
     ParticipantState.UPLOADED: ProtoCommon.PARTICIPANT_STATE_UPLOADED,
     ParticipantState.LATE: ProtoCommon.PARTICIPANT_STATE_LATE,
     ParticipantState.DROPPED: ProtoCommon.PARTICIPANT_STATE_DROPPED,
+    ParticipantState.REJECTED: ProtoCommon.PARTICIPANT_STATE_REJECTED,
 }
 PARTICIPANT_STATE_FROM_PROTO = {v: k for k, v in PARTICIPANT_STATE_TO_PROTO.items()}
 ROUND_PHASE_TO_PROTO = {
@@ -126,7 +128,7 @@ def timestamp_to_proto(unix_s: float) -> Timestamp | None:
 
 def timestamp_from_proto(ts: Timestamp) -> float:
     # One correctly rounded division of an exact integer: the float that was sent comes back.
-    return (ts.seconds * 1_000_000_000 + ts.nanos) / 1e9
+    return (ts.seconds * 1_000_000_000 + ts.nanos) / 1_000_000_000  # int / int: correctly rounded
 
 
 def duration_to_proto(seconds: float) -> Duration:
@@ -137,7 +139,7 @@ def duration_to_proto(seconds: float) -> Duration:
 
 
 def duration_from_proto(d: Duration) -> float:
-    return (d.seconds * 1_000_000_000 + d.nanos) / 1e9
+    return (d.seconds * 1_000_000_000 + d.nanos) / 1_000_000_000
 
 
 def _finite(values: Mapping[str, float], prefix: str) -> None:
@@ -423,6 +425,7 @@ def round_status_to_proto(r: RoundStatus) -> ProtoAdmin.RoundStatus:
         finished_at=timestamp_to_proto(r.finished_at), min_clients=r.min_clients, metrics=dict(r.metrics),
         global_adapter_sha256=r.global_adapter_sha256, global_rank=r.global_rank, failure_reason=r.failure_reason,
         participants=[participant_status_to_proto(p) for p in r.participants],
+        participants_omitted=r.participants_omitted,
     )
 
 
@@ -433,6 +436,7 @@ def round_status_from_proto(p: ProtoAdmin.RoundStatus) -> RoundStatus:
         finished_at=timestamp_from_proto(p.finished_at), min_clients=p.min_clients, global_rank=p.global_rank,
         global_adapter_sha256=p.global_adapter_sha256, failure_reason=p.failure_reason, metrics=dict(p.metrics),
         participants=tuple(participant_status_from_proto(x) for x in p.participants),
+        participants_omitted=p.participants_omitted,
     )
 
 
@@ -442,7 +446,7 @@ def federation_status_to_proto(s: FederationStatus) -> ProtoAdmin.FederationStat
         current=None if s.current is None else round_status_to_proto(s.current),
         history=[round_status_to_proto(r) for r in s.history], done=s.done, clients_online=s.clients_online,
         base_model=base_model_to_proto(s.base_model), mode=MODE_TO_PROTO[s.mode],
-        models=[base_model_to_proto(m) for m in s.models],
+        models=[base_model_to_proto(m) for m in s.models], next_page_token=s.next_page_token,
     )
 
 
@@ -452,7 +456,7 @@ def federation_status_from_proto(p: ProtoAdmin.FederationStatus) -> FederationSt
         current=round_status_from_proto(p.current) if p.HasField("current") else None,
         history=tuple(round_status_from_proto(r) for r in p.history), done=p.done, clients_online=p.clients_online,
         mode=MODE_FROM_PROTO.get(p.mode, FederationMode.RANK_HETEROGENEOUS),
-        models=tuple(base_model_from_proto(m) for m in p.models),
+        models=tuple(base_model_from_proto(m) for m in p.models), next_page_token=p.next_page_token,
     )
 
 
@@ -472,6 +476,16 @@ def client_info_from_proto(p: ProtoAdmin.ClientInfo) -> ClientInfo:
         last_seen_at=timestamp_from_proto(p.last_seen_at), rounds_completed=p.rounds_completed,
         deadlines_missed=p.deadlines_missed, num_examples=p.num_examples, left=p.left,
     )
+
+
+def client_page_to_proto(page: ClientPage) -> ProtoAdmin.ListClientsResponse:
+    return ProtoAdmin.ListClientsResponse(
+        clients=[client_info_to_proto(c) for c in page.clients], next_page_token=page.next_page_token,
+    )
+
+
+def client_page_from_proto(p: ProtoAdmin.ListClientsResponse) -> ClientPage:
+    return ClientPage(clients=tuple(client_info_from_proto(c) for c in p.clients), next_page_token=p.next_page_token)
 
 
 # ------------------------------------------------------------------ error details

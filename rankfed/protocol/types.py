@@ -33,6 +33,7 @@ class ParticipantState(enum.StrEnum):
     UPLOADED = "uploaded"
     LATE = "late"
     DROPPED = "dropped"
+    REJECTED = "rejected"  # its stored update could not be aggregated; the round went on without it
 
 
 class RoundPhase(enum.StrEnum):
@@ -281,6 +282,7 @@ class RoundStatus:
     failure_reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     participants: tuple[ParticipantStatus, ...] = ()
+    participants_omitted: int = 0  # left out to keep a reply bounded (all of them in history)
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,7 @@ class FederationStatus:
     clients_online: int = 0
     mode: FederationMode = FederationMode.RANK_HETEROGENEOUS
     models: tuple[BaseModel, ...] = ()  # every admitted base model
+    next_page_token: str = ""  # older history: pass it back as page_token ("": none left)
 
 
 @dataclass(frozen=True)
@@ -310,3 +313,11 @@ class ClientInfo:
     deadlines_missed: int = 0
     num_examples: int = 0
     left: bool = False
+
+
+@dataclass(frozen=True)
+class ClientPage:
+    """One page of ListClients; pass `next_page_token` back for the next ("": the last page)."""
+
+    clients: tuple[ClientInfo, ...] = ()
+    next_page_token: str = ""

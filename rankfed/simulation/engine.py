@@ -28,8 +28,7 @@ from typing import Any
 
 from rankfed.aggregation import get_method
 from rankfed.coordinator.export import global_adapter_dir
-from rankfed.edge_client.data import load_dataset, model_label_names
-from rankfed.edge_client.model import load_base_model, load_tokenizer
+from rankfed.edge_client.provider import DiskModelProvider
 from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
 from rankfed.protocol import Capability, DeviceClass
 from rankfed.protocol.artifact import ADAPTER_FILE
@@ -60,6 +59,7 @@ class SimClient:
     name: str
     profile: str  # a key of PROFILES
     data_path: Path
+    eval_path: Path | None = None  # held-out data, scored after local training (metrics.eval)
 
 
 @dataclass(frozen=True)
@@ -109,61 +109,6 @@ class SimResult:
     final_global_path: str
     seconds: float
     data_dir: str
-
-
-class _SharedModel:
-    """One frozen base model and one tokenizer for every simulated device."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.model_dir = model_dir
-        self._lock = threading.Lock()
-        self._base: dict[tuple[str, int], Any] = {}
-        self._tokenizer: Any = None
-
-    def base(self, task: str, num_labels: int) -> Any:
-        with self._lock:
-            key = (task, num_labels)
-            if key not in self._base:
-                self._base[key] = load_base_model(self.model_dir, task, num_labels=num_labels)
-            return self._base[key]
-
-    def tokenizer(self) -> Any:
-        with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = load_tokenizer(self.model_dir)
-            return self._tokenizer
-
-
-class SimRunner(EdgeRunner):
-    """`EdgeRunner` with the base model and tokenizer shared between devices, and the peft
-    model dropped after each round (rebuilt from the shared base on the next). Everything
-    else, from Join to upload, is the edge client's own code."""
-
-    def __init__(self, transport: InProcessTransport, config: RunnerConfig, shared: _SharedModel, **kwargs: Any) -> None:
-        super().__init__(transport, config, **kwargs)
-        self._shared = shared
-
-    def _prepare(self, joined: Any) -> None:  # mirrors EdgeRunner._prepare, minus the reload
-        if self._base is not None:
-            return
-        info = joined.base_model
-        self._base = self._shared.base(info.task, info.num_labels)
-        names = self.config.label_names or model_label_names(self._base.config)
-        self._dataset = load_dataset(
-            self.config.data_path,
-            self._shared.tokenizer(),
-            task=info.task,
-            num_labels=info.num_labels,
-            label_names=names,
-            max_length=self.config.max_length,
-        )
-        self._emit("data", {"examples": len(self._dataset), "path": str(self.config.data_path)})
-
-    def _round(self, task: Any) -> dict[str, Any] | None:
-        try:
-            return super()._round(task)
-        finally:
-            self._peft, self._peft_key = None, None
 
 
 def coordinator_overrides(cfg: SimConfig, *, data_dir: Path, manifest: Path, num_clients: int) -> dict[str, Any]:
@@ -222,6 +167,7 @@ def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> lis
                 "num_examples": p.num_examples,
                 "loss_first": p.metrics.loss_first if p.metrics else None,
                 "loss_last": p.metrics.loss_last if p.metrics else None,
+                "eval": dict(p.metrics.eval) if p.metrics else {},
             })
         clients.sort(key=lambda c: c["name"])
         m = rec.metrics
@@ -269,7 +215,8 @@ def run_simulation(
 
     config = load_config(None, overrides=coordinator_overrides(cfg, data_dir=data_dir, manifest=manifest,
                                                                num_clients=len(clients)))
-    shared = _SharedModel(Path(model_dir))
+    # One frozen base model for every device; each drops its peft model after its round.
+    models = DiskModelProvider(Path(model_dir), keep_model=False)
     compute = threading.Semaphore(max(1, cfg.parallel))
     errors: list[BaseException] = []
     start = time.time()
@@ -277,11 +224,12 @@ def run_simulation(
     with FederationHost(config) as host:
         threads_: list[threading.Thread] = []
         for client in clients:
-            runner = SimRunner(
+            runner = EdgeRunner(
                 InProcessTransport(host, compute=compute),
                 RunnerConfig(
                     model_dir=Path(model_dir),
                     data_path=client.data_path,
+                    eval_path=client.eval_path,
                     device_name=client.name,
                     label_names=tuple(label_names),
                     max_length=cfg.max_length,
@@ -290,8 +238,8 @@ def run_simulation(
                     max_wait_s=5.0,
                     rejoin_on_bandwidth_change=False,
                 ),
-                shared,
                 capability=PROFILES[client.profile],
+                models=models,
             )
             t = threading.Thread(target=_run_device, args=(runner, errors), name=f"device-{client.name}", daemon=True)
             threads_.append(t)

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rankfed.coordinator.bundled import manifest_path
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.federation import Federation
-from rankfed.coordinator.bundled import manifest_path
-from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.coordinator.store import open_store
+from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.protocol.manifest import load_manifest
 
 T = TypeVar("T")

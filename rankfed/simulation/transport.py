@@ -85,7 +85,7 @@ class InProcessTransport:
             try:
                 value = fn()
                 if hasattr(value, "__await__"):
-                    value = await value  # type: ignore[misc]
+                    value = await value
                 return value, None
             except _CORE_ERRORS as exc:
                 return None, exc

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rankfed.v1 import common_pb2 as rankfed_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rankfed/v1/admin.proto\x12\nrankfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17rankfed/v1/common.proto\".\n\x15GetRoundStatusRequest\x12\x15\n\rhistory_limit\x18\x01 \x01(\r\"+\n\x12WatchRoundsRequest\x12\x15\n\rhistory_limit\x18\x01 \x01(\r\"\x8c\x02\n\x11ParticipantStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12-\n\x0c\x64\x65vice_class\x18\x03 \x01(\x0e\x32\x17.rankfed.v1.DeviceClass\x12+\n\x05state\x18\x04 \x01(\x0e\x32\x1c.rankfed.v1.ParticipantState\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nbytes_down\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x07 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x04\x12)\n\x07metrics\x18\t \x01(\x0b\x32\x18.rankfed.v1.TrainMetrics\"\xdf\x03\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12%\n\x05phase\x18\x02 \x01(\x0e\x32\x16.rankfed.v1.RoundPhase\x12\x0e\n\x06method\x18\x03 \x01(\t\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmin_clients\x18\x07 \x01(\r\x12\x33\n\x0cparticipants\x18\x08 \x03(\x0b\x32\x1d.rankfed.v1.ParticipantStatus\x12\x35\n\x07metrics\x18\t \x03(\x0b\x32$.rankfed.v1.RoundStatus.MetricsEntry\x12\x1d\n\x15global_adapter_sha256\x18\n \x01(\t\x12\x13\n\x0bglobal_rank\x18\x0b \x01(\r\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb5\x02\n\x10\x46\x65\x64\x65rationStatus\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x04\x12(\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x17.rankfed.v1.RoundStatus\x12(\n\x07history\x18\x04 \x03(\x0b\x32\x17.rankfed.v1.RoundStatus\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x16\n\x0e\x63lients_online\x18\x06 \x01(\r\x12)\n\nbase_model\x18\x07 \x01(\x0b\x32\x15.rankfed.v1.BaseModel\x12(\n\x04mode\x18\x08 \x01(\x0e\x32\x1a.rankfed.v1.FederationMode\x12%\n\x06models\x18\t \x03(\x0b\x32\x15.rankfed.v1.BaseModel\"\x14\n\x12ListClientsRequest\"\xcb\x02\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x30\n\ncapability\x18\x03 \x01(\x0b\x32\x1c.rankfed.v1.DeviceCapability\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x0e\n\x06online\x18\x06 \x01(\x08\x12-\n\tjoined_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10rounds_completed\x18\t \x01(\r\x12\x18\n\x10\x64\x65\x61\x64lines_missed\x18\n \x01(\r\x12\x14\n\x0cnum_examples\x18\x0b \x01(\x04\x12\x0c\n\x04left\x18\x0c \x01(\x08\">\n\x13ListClientsResponse\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.rankfed.v1.ClientInfo2\x80\x02\n\x0c\x41\x64minService\x12Q\n\x0eGetRoundStatus\x12!.rankfed.v1.GetRoundStatusRequest\x1a\x1c.rankfed.v1.FederationStatus\x12M\n\x0bWatchRounds\x12\x1e.rankfed.v1.WatchRoundsRequest\x1a\x1c.rankfed.v1.FederationStatus0\x01\x12N\n\x0bListClients\x12\x1e.rankfed.v1.ListClientsRequest\x1a\x1f.rankfed.v1.ListClientsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rankfed/v1/admin.proto\x12\nrankfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17rankfed/v1/common.proto\"U\n\x15GetRoundStatusRequest\x12\x15\n\rhistory_limit\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"+\n\x12WatchRoundsRequest\x12\x15\n\rhistory_limit\x18\x01 \x01(\r\"\x8c\x02\n\x11ParticipantStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12-\n\x0c\x64\x65vice_class\x18\x03 \x01(\x0e\x32\x17.rankfed.v1.DeviceClass\x12+\n\x05state\x18\x04 \x01(\x0e\x32\x1c.rankfed.v1.ParticipantState\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nbytes_down\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x07 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x04\x12)\n\x07metrics\x18\t \x01(\x0b\x32\x18.rankfed.v1.TrainMetrics\"\xfd\x03\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12%\n\x05phase\x18\x02 \x01(\x0e\x32\x16.rankfed.v1.RoundPhase\x12\x0e\n\x06method\x18\x03 \x01(\t\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmin_clients\x18\x07 \x01(\r\x12\x33\n\x0cparticipants\x18\x08 \x03(\x0b\x32\x1d.rankfed.v1.ParticipantStatus\x12\x35\n\x07metrics\x18\t \x03(\x0b\x32$.rankfed.v1.RoundStatus.MetricsEntry\x12\x1d\n\x15global_adapter_sha256\x18\n \x01(\t\x12\x13\n\x0bglobal_rank\x18\x0b \x01(\r\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0c \x01(\t\x12\x1c\n\x14participants_omitted\x18\r \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xce\x02\n\x10\x46\x65\x64\x65rationStatus\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x04\x12(\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x17.rankfed.v1.RoundStatus\x12(\n\x07history\x18\x04 \x03(\x0b\x32\x17.rankfed.v1.RoundStatus\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x16\n\x0e\x63lients_online\x18\x06 \x01(\r\x12)\n\nbase_model\x18\x07 \x01(\x0b\x32\x15.rankfed.v1.BaseModel\x12(\n\x04mode\x18\x08 \x01(\x0e\x32\x1a.rankfed.v1.FederationMode\x12%\n\x06models\x18\t \x03(\x0b\x32\x15.rankfed.v1.BaseModel\x12\x17\n\x0fnext_page_token\x18\n \x01(\t\";\n\x12ListClientsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xcb\x02\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x30\n\ncapability\x18\x03 \x01(\x0b\x32\x1c.rankfed.v1.DeviceCapability\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x0e\n\x06online\x18\x06 \x01(\x08\x12-\n\tjoined_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10rounds_completed\x18\t \x01(\r\x12\x18\n\x10\x64\x65\x61\x64lines_missed\x18\n \x01(\r\x12\x14\n\x0cnum_examples\x18\x0b \x01(\x04\x12\x0c\n\x04left\x18\x0c \x01(\x08\"W\n\x13ListClientsResponse\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.rankfed.v1.ClientInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x80\x02\n\x0c\x41\x64minService\x12Q\n\x0eGetRoundStatus\x12!.rankfed.v1.GetRoundStatusRequest\x1a\x1c.rankfed.v1.FederationStatus\x12M\n\x0bWatchRounds\x12\x1e.rankfed.v1.WatchRoundsRequest\x1a\x1c.rankfed.v1.FederationStatus0\x01\x12N\n\x0bListClients\x12\x1e.rankfed.v1.ListClientsRequest\x1a\x1f.rankfed.v1.ListClientsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETROUNDSTATUSREQUEST']._serialized_start=96
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=142
-  _globals['_WATCHROUNDSREQUEST']._serialized_start=144
-  _globals['_WATCHROUNDSREQUEST']._serialized_end=187
-  _globals['_PARTICIPANTSTATUS']._serialized_start=190
-  _globals['_PARTICIPANTSTATUS']._serialized_end=458
-  _globals['_ROUNDSTATUS']._serialized_start=461
-  _globals['_ROUNDSTATUS']._serialized_end=940
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=894
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=940
-  _globals['_FEDERATIONSTATUS']._serialized_start=943
-  _globals['_FEDERATIONSTATUS']._serialized_end=1252
-  _globals['_LISTCLIENTSREQUEST']._serialized_start=1254
-  _globals['_LISTCLIENTSREQUEST']._serialized_end=1274
-  _globals['_CLIENTINFO']._serialized_start=1277
-  _globals['_CLIENTINFO']._serialized_end=1608
-  _globals['_LISTCLIENTSRESPONSE']._serialized_start=1610
-  _globals['_LISTCLIENTSRESPONSE']._serialized_end=1672
-  _globals['_ADMINSERVICE']._serialized_start=1675
-  _globals['_ADMINSERVICE']._serialized_end=1931
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=181
+  _globals['_WATCHROUNDSREQUEST']._serialized_start=183
+  _globals['_WATCHROUNDSREQUEST']._serialized_end=226
+  _globals['_PARTICIPANTSTATUS']._serialized_start=229
+  _globals['_PARTICIPANTSTATUS']._serialized_end=497
+  _globals['_ROUNDSTATUS']._serialized_start=500
+  _globals['_ROUNDSTATUS']._serialized_end=1009
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=963
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=1009
+  _globals['_FEDERATIONSTATUS']._serialized_start=1012
+  _globals['_FEDERATIONSTATUS']._serialized_end=1346
+  _globals['_LISTCLIENTSREQUEST']._serialized_start=1348
+  _globals['_LISTCLIENTSREQUEST']._serialized_end=1407
+  _globals['_CLIENTINFO']._serialized_start=1410
+  _globals['_CLIENTINFO']._serialized_end=1741
+  _globals['_LISTCLIENTSRESPONSE']._serialized_start=1743
+  _globals['_LISTCLIENTSRESPONSE']._serialized_end=1830
+  _globals['_ADMINSERVICE']._serialized_start=1833
+  _globals['_ADMINSERVICE']._serialized_end=2089
 # @@protoc_insertion_point(module_scope)

@@ -27,16 +27,26 @@ class GetRoundStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HISTORY_LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     history_limit: _builtins.int
-    """How many past rounds to include (0: all)."""
+    """How many past rounds to include (0: all), counted back from the latest."""
+    page_size: _builtins.int
+    """History comes in pages, newest first: at most page_size finished rounds (0 or more
+    than 100: 100), so a reply stays far below the message limit. page_token: the
+    next_page_token of the previous reply ("": the newest page).
+    """
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         history_limit: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["history_limit", b"history_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history_limit", b"history_limit", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -141,6 +151,7 @@ class RoundStatus(_message.Message):
     GLOBAL_ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     GLOBAL_RANK_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_OMITTED_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     phase: _common_pb2.RoundPhase.ValueType
     method: _builtins.str
@@ -148,6 +159,7 @@ class RoundStatus(_message.Message):
     global_adapter_sha256: _builtins.str
     global_rank: _builtins.int
     failure_reason: _builtins.str
+    participants_omitted: _builtins.int
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -155,7 +167,13 @@ class RoundStatus(_message.Message):
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParticipantStatus]: ...
+    def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParticipantStatus]:
+        """A reply lists at most 2000 participants in all: the current round's first, then the
+        history's from the newest round; participants_omitted counts those left out of this
+        round (metrics hold a finished round's counts), so a reply stays bounded whatever the
+        fleet's size.
+        """
+
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Aggregate metrics: mean losses, weighted eval metrics, aggregation time."""
@@ -175,10 +193,11 @@ class RoundStatus(_message.Message):
         global_adapter_sha256: _builtins.str = ...,
         global_rank: _builtins.int = ...,
         failure_reason: _builtins.str = ...,
+        participants_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "global_adapter_sha256", b"global_adapter_sha256", "global_rank", b"global_rank", "method", b"method", "metrics", b"metrics", "min_clients", b"min_clients", "participants", b"participants", "phase", b"phase", "round", b"round", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "global_adapter_sha256", b"global_adapter_sha256", "global_rank", b"global_rank", "method", b"method", "metrics", b"metrics", "min_clients", b"min_clients", "participants", b"participants", "participants_omitted", b"participants_omitted", "phase", b"phase", "round", b"round", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,11 +216,14 @@ class FederationStatus(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     total_rounds: _builtins.int
     done: _builtins.bool
     clients_online: _builtins.int
     mode: _common_pb2.FederationMode.ValueType
+    next_page_token: _builtins.str
+    """More (older) history: pass it as GetRoundStatusRequest.page_token. "" when none is left."""
     @_builtins.property
     def current(self) -> Global___RoundStatus:
         """The open round, or the last one when the federation is done."""
@@ -230,10 +252,11 @@ class FederationStatus(_message.Message):
         base_model: _common_pb2.BaseModel | None = ...,
         mode: _common_pb2.FederationMode.ValueType = ...,
         models: _abc.Iterable[_common_pb2.BaseModel] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "current", b"current"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "clients_online", b"clients_online", "current", b"current", "done", b"done", "federation_id", b"federation_id", "history", b"history", "mode", b"mode", "models", b"models", "total_rounds", b"total_rounds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "clients_online", b"clients_online", "current", b"current", "done", b"done", "federation_id", b"federation_id", "history", b"history", "mode", b"mode", "models", b"models", "next_page_token", b"next_page_token", "total_rounds", b"total_rounds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,12 +266,22 @@ Global___FederationStatus: _TypeAlias = FederationStatus  # noqa: Y015
 class ListClientsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most page_size devices per reply (0 or more than 500: 500); page_token: the
+    next_page_token of the previous reply ("": from the first).
+    """
+    page_token: _builtins.str
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,16 +348,20 @@ class ListClientsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """"" on the last page."""
     @_builtins.property
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientInfo]: ...
     def __init__(
         self,
         *,
         clients: _abc.Iterable[Global___ClientInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

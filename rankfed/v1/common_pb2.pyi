@@ -108,6 +108,10 @@ class _ParticipantStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Part
     PARTICIPANT_STATE_UPLOADED: _ParticipantState.ValueType  # 5
     PARTICIPANT_STATE_LATE: _ParticipantState.ValueType  # 6
     PARTICIPANT_STATE_DROPPED: _ParticipantState.ValueType  # 7
+    PARTICIPANT_STATE_REJECTED: _ParticipantState.ValueType  # 8
+    """Its update was stored but could not be aggregated (it overflowed or was not finite in
+    the aggregate); the round closed without it.
+    """
 
 class ParticipantState(_ParticipantState, metaclass=_ParticipantStateEnumTypeWrapper):
     """Where a participant is in the current round."""
@@ -120,6 +124,10 @@ PARTICIPANT_STATE_UPLOADING: ParticipantState.ValueType  # 4
 PARTICIPANT_STATE_UPLOADED: ParticipantState.ValueType  # 5
 PARTICIPANT_STATE_LATE: ParticipantState.ValueType  # 6
 PARTICIPANT_STATE_DROPPED: ParticipantState.ValueType  # 7
+PARTICIPANT_STATE_REJECTED: ParticipantState.ValueType  # 8
+"""Its update was stored but could not be aggregated (it overflowed or was not finite in
+the aggregate); the round closed without it.
+"""
 Global___ParticipantState: _TypeAlias = ParticipantState  # noqa: Y015
 
 class _RoundPhase:

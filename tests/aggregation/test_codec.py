@@ -8,6 +8,7 @@ import pytest
 import safetensors.numpy
 
 from rankfed.aggregation import (
+    AdapterError,
     AdapterFormatError,
     AdapterValidationError,
     decode_adapter,
@@ -212,3 +213,17 @@ def test_decode_accepts_memoryview_and_copies_mutable_buffers():
     before = back.modules["enc.q"].a.copy()
     buffer[-200:] = b"\0" * 200
     np.testing.assert_array_equal(back.modules["enc.q"].a, before)
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 100_000 + b"]" * 100_000,  # nesting that exhausts the JSON parser's recursion
+    b'{"a": ' + b"1" * 6000 + b"}",  # an integer longer than Python converts
+    json.dumps({"__metadata__": {"format": "rankfed-adapter/1", "ranks": "[" * 50_000 + "]" * 50_000}}).encode(),
+    json.dumps({"__metadata__": {"format": "rankfed-adapter/1", "ranks": '{"x": ' + "7" * 6000 + "}"}}).encode(),
+], ids=["deep-header", "long-integer", "deep-metadata", "long-integer-metadata"])
+def test_hostile_headers_are_adapter_errors(header: bytes) -> None:
+    """Found by a hostile client: these escaped the decoder as RecursionError/ValueError (INTERNAL)."""
+    import struct
+
+    with pytest.raises(AdapterError):
+        decode_adapter(struct.pack("<Q", len(header)) + header + b"\0" * 8)

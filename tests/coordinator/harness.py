@@ -179,7 +179,10 @@ class EdgeTestClient:
             device_name=self.name, capability=capability, base_model_sha256=weights_sha256, num_examples=10
         )
         for key, value in fields.items():
-            setattr(request, key, value)
+            if key == "capability":  # a message field is copied, not assigned
+                request.capability.CopyFrom(value)
+            else:
+                setattr(request, key, value)
         reply = self.stub.Join(request, timeout=10)
         self.token, self.client_id = reply.session_token, reply.client_id
         return reply
@@ -209,12 +212,14 @@ class EdgeTestClient:
 
     def upload_bytes(self, round_no: int, rank: int, data: bytes, *, sha256: str | None = None,
                      total_bytes: int | None = None, num_examples: int = 10, chunk: int = CHUNK,
-                     chunks=None, loss: float = 1.0, accuracy: float = 0.5) -> ProtoEdge.UploadReceipt:
+                     chunks=None, loss: float = 1.0, accuracy: float = 0.5,
+                     eval: dict[str, float] | None = None) -> ProtoEdge.UploadReceipt:
         header = ProtoEdge.UploadHeader(
             round=round_no, rank=rank, num_examples=num_examples,
             total_bytes=len(data) if total_bytes is None else total_bytes,
             sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
-            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3, eval={"accuracy": accuracy}),
+            metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3,
+                                          eval={"accuracy": accuracy} if eval is None else eval),
         )
 
         def messages():

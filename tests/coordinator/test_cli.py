@@ -9,6 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import jsonschema
 
 from rankfed.cli import main
 from tests.coordinator.harness import MANIFEST, EdgeTestClient, random_adapter, wait_for
@@ -102,5 +105,77 @@ def test_status_watch_follows_until_done(tmp_path, tiny_manifest):
     assert watcher.returncode == 0, err
     snapshots = [json.loads(line) for line in [first, *out.splitlines()]]
     assert len(snapshots) >= 3 and snapshots[-1]["done"] is True
-    phases = [s.get("current", {}).get("phase") for s in snapshots]
+    phases = [(s.get("current") or {}).get("phase") for s in snapshots]
     assert "training" in phases and phases[-1] == "done"
+    schema = json.loads((Path(__file__).parents[2] / "docs" / "status-schema.json").read_text())
+    for snapshot in snapshots:  # typed: numbers are numbers, every field is there
+        jsonschema.validate(snapshot, schema)
+
+
+def test_the_committed_status_schema_is_current(capsys):
+    assert main(["status", "--schema"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    committed = json.loads((Path(__file__).parents[2] / "docs" / "status-schema.json").read_text())
+    assert generated == committed, "regenerate: python -m rankfed status --schema > docs/status-schema.json"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_status_watch_reconnects_until_the_coordinator_is_back(tmp_path, tiny_manifest):
+    from tests.coordinator.harness import CoordinatorThread, make_config
+
+    port = _free_port()
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "rankfed", "status", "--address", f"127.0.0.1:{port}", "--watch", "--json",
+         "--timeout", "2", "--reconnect-for", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(2.0)  # nothing listens yet: the watch keeps trying
+    assert watcher.poll() is None
+    server = CoordinatorThread(make_config(tmp_path / "data", **{
+        "server.address": f"127.0.0.1:{port}", "federation.rounds": 1, "federation.min_clients": 1,
+        "federation.straggler_grace_seconds": 0.0,
+    }))
+    try:
+        client = EdgeTestClient(server.address, "solo", "cpu")
+        client.join(tiny_manifest.weights_sha256)
+        task = client.wait_train()
+        client.download(task.round)
+        client.upload(task.round, random_adapter(tiny_manifest, task.assignment.lora.rank, 8.0, 0))
+        out, err = watcher.communicate(timeout=60)
+        client.close()
+    finally:
+        server.stop()
+    assert watcher.returncode == 0, err
+    assert "reconnecting" in err
+    assert json.loads(out.splitlines()[-1])["done"] is True
+
+
+def test_status_into_a_closed_pipe_exits_cleanly(tmp_path):
+    from tests.coordinator.harness import CoordinatorThread, make_config
+
+    server = CoordinatorThread(make_config(tmp_path / "data"))
+    try:
+        status = subprocess.Popen([sys.executable, "-m", "rankfed", "status", "--address", server.address, "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        status.stdout.close()  # the reader is gone before the first byte, like `| head -c 0`
+        _, err = status.communicate(timeout=30)
+    finally:
+        server.stop()
+    assert status.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_status_refuses_bad_flag_values(capsys):
+    import pytest
+
+    for flags in (["--history", "-1"], ["--timeout", "0"], ["--history", "many"]):
+        with pytest.raises(SystemExit) as info:
+            main(["status", *flags])
+        assert info.value.code == 2
+    assert "must be 0 or more" in capsys.readouterr().err

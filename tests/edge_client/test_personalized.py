@@ -21,6 +21,7 @@ from rankfed.edge_client.personal import (
     PrivateSettings,
     resolve_shared,
 )
+from rankfed.edge_client.strategies import PersonalizedStrategy
 from rankfed.edge_client.train import TrainConfig, evaluate, train_local
 from rankfed.protocol import LoraSettings
 from tests.edge_client.conftest import make_bert_dir, write_cls_data
@@ -184,14 +185,15 @@ def _coordinator(tmp_path: Path, manifest_path: Path, rounds: int):
     ))
 
 
-def _runner(address: str, model_dir: Path, data: Path, name: str, personal: Path, events: list, **kw):
+def _runner(address: str, model_dir: Path, data: Path, name: str, personal: Path, events: list, strategy=None, **kw):
     from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
     from rankfed.edge_client.transport import EdgeTransport
 
     config = RunnerConfig(model_dir=model_dir, data_path=data, device_name=name, max_wait_s=2.0,
                           personal_dir=personal, private=PrivateSettings(rank=4), **kw)
     transport = EdgeTransport(address)
-    return transport, EdgeRunner(transport, config, on_event=lambda n, f: events.append((name, n, f)))
+    return transport, EdgeRunner(transport, config, on_event=lambda n, f: events.append((name, n, f)),
+                                 strategy=strategy)
 
 
 def _run_all(runners) -> dict:
@@ -241,18 +243,21 @@ def test_mixed_model_federation_over_grpc(tmp_path, deep_dir, shallow_dir):
             "bert.encoder.layer.2.attention.self.query")
         assert {"bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"} <= set(saved.modules)
 
-        t, restarted = _runner(server.address, deep_dir, data["deep"], "deep", tmp_path / "personal-deep", events)
-        transports.append(t)
         loaded_private: list = []
-        original = restarted._personal_model_for
 
-        def spy(shared, lora):
-            pm = original(shared, lora)
-            if not loaded_private:
-                loaded_private.append(restarted._private)
-            return pm
+        class Spy(PersonalizedStrategy):
+            """Records the private part the restarted client's first round starts from."""
 
-        restarted._personal_model_for = spy
+            def model_for(self, base, adapter, ctx):
+                model = super().model_for(base, adapter, ctx)
+                if not loaded_private:
+                    loaded_private.append(self.private)
+                return model
+
+        spy = Spy(private=PrivateSettings(rank=4), personal_dir=tmp_path / "personal-deep")
+        t, restarted = _runner(server.address, deep_dir, data["deep"], "deep", tmp_path / "personal-deep", events,
+                               strategy=spy)
+        transports.append(t)
         second = _run_all({"deep": restarted})
         shallow_thread.join(180)
         assert first["shallow"].final_round == 3 and second["deep"].final_round == 3

@@ -40,3 +40,30 @@ def test_a_malformed_card_is_a_decode_error(key: str, value: str, message: str) 
     metadata[key] = value
     with pytest.raises(DecodeError, match=message):
         AdapterCard.from_metadata(metadata)
+
+
+def test_a_downloaded_adapter_becomes_a_peft_directory(tmp_path) -> None:
+    import json
+
+    import numpy as np
+
+    from rankfed.aggregation import Adapter, LoraModule, encode_adapter
+    from rankfed.protocol.artifact import read_card, write_adapter_dir
+
+    rng = np.random.default_rng(0)
+    adapter = Adapter(
+        modules={"bert.encoder.layer.0.attention.self.query": LoraModule(
+            a=rng.normal(size=(4, 8)), b=rng.normal(size=(8, 4)), alpha=4.0)},
+        dense={"classifier.weight": rng.normal(size=(3, 8))},
+    )
+    card = AdapterCard(task="sequence-classification", target_modules=("query",), labels=("a", "b", "c"),
+                       num_labels=3, modules_to_save=("classifier",), base_model_id="tiny", round=5)
+    blob = encode_adapter(adapter, metadata=card.to_metadata())
+    assert write_adapter_dir(tmp_path / "final", blob) == card
+    assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() == blob
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"] == ["query"] and config["task_type"] == "SEQ_CLS"
+    assert read_card(tmp_path / "final") == card
+    plain = encode_adapter(adapter)  # no card: only the weights are written
+    assert write_adapter_dir(tmp_path / "plain", plain) is None
+    assert not (tmp_path / "plain" / "adapter_config.json").exists()

@@ -19,6 +19,7 @@ from rankfed.protocol import (
     Capability,
     Chunk,
     ClientInfo,
+    ClientPage,
     DecodeError,
     DeviceClass,
     DoneTask,
@@ -82,7 +83,7 @@ rounds = st.builds(
     RoundStatus, round=U64, phase=st.sampled_from(RoundPhase), method=TEXT, started_at=SECONDS,
     deadline=SECONDS, finished_at=SECONDS, min_clients=U32, global_rank=U32, global_adapter_sha256=TEXT,
     failure_reason=TEXT, metrics=st.dictionaries(TEXT, FINITE, max_size=4),
-    participants=st.lists(participants, max_size=3).map(tuple),
+    participants=st.lists(participants, max_size=3).map(tuple), participants_omitted=U32,
 )
 
 # (strategy, to_proto, from_proto) for every message of the vocabulary.
@@ -145,7 +146,7 @@ PAIRS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], Any], Callable[[A
         st.builds(FederationStatus, federation_id=TEXT, total_rounds=U64, base_model=base_models,
                   current=st.none() | rounds, history=st.lists(rounds, max_size=2).map(tuple), done=st.booleans(),
                   clients_online=U32, mode=st.sampled_from(FederationMode),
-                  models=st.lists(base_models, max_size=2).map(tuple)),
+                  models=st.lists(base_models, max_size=2).map(tuple), next_page_token=TEXT),
         serde.federation_status_to_proto, serde.federation_status_from_proto,
     ),
     "client_info": (
@@ -153,6 +154,12 @@ PAIRS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], Any], Callable[[A
                   online=st.booleans(), joined_at=SECONDS, last_seen_at=SECONDS, rounds_completed=U32,
                   deadlines_missed=U32, num_examples=U64, left=st.booleans()),
         serde.client_info_to_proto, serde.client_info_from_proto,
+    ),
+    "client_page": (
+        st.builds(ClientPage, clients=st.lists(st.builds(
+            ClientInfo, client_id=TEXT, device_name=TEXT, capability=capabilities, rank=U32, tier=TEXT,
+            online=st.booleans()), max_size=3).map(tuple), next_page_token=TEXT),
+        serde.client_page_to_proto, serde.client_page_from_proto,
     ),
 }
 

@@ -139,3 +139,15 @@ def test_svd_redistribution_rules_train_the_lora_factors(tiny, tmp_path, method)
     clients = [SimClient(f"client-{i}", PROFILE_NAMES[i], p) for i, p in enumerate(data)]
     sim = run_simulation(model, clients, _cfg(method), work_dir=tmp_path, label_names=LABELS)
     assert _max_delta(sim.final_global_path) > 1e-4
+
+
+def test_simulated_devices_score_their_eval_files(tiny, tmp_path):
+    """Devices share the provider's base model and still read --eval-data (the old
+    simulation-only copy of the runner's set-up had dropped it)."""
+    model, data = tiny
+    held = [write_cls_data(tmp_path / f"held{i}.jsonl", n=8, seed=20 + i) for i in range(2)]
+    clients = [SimClient(f"client-{i}", PROFILE_NAMES[i], data[i], eval_path=held[i]) for i in range(2)]
+    cfg = SimConfig(method="rbla", rounds=1, local_steps=2, batch_size=4, max_length=16, seed=5)
+    sim = run_simulation(model, clients, cfg, work_dir=tmp_path / "sim", label_names=LABELS)
+    (report,) = sim.rounds
+    assert [sorted(c["eval"]) for c in report.clients] == [["accuracy", "loss"]] * 2

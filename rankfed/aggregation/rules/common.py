@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..adapter import Adapter, LoraModule
+from ..dtypes import F32Array, F64Array, FloatArray
 from ..errors import AggregationError
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 UNOWNED = ("previous", "zero", "drop")
 
 
-def check_weights(weights: Sequence[float], count: int) -> np.ndarray:
+def check_weights(weights: Sequence[float], count: int) -> F64Array:
     """float64 weights, finite and >= 0, same length as the adapters, positive sum."""
     w = np.asarray(list(weights), dtype=np.float64)
     if w.shape != (count,):
@@ -71,14 +72,14 @@ def check_adapters(adapters: Sequence[Adapter]) -> None:
                 raise AggregationError(f"adapter {index}: dense {name} has shape {adapter.dense[name].shape}")
 
 
-def effective(adapter: Adapter, name: str) -> tuple[np.ndarray, np.ndarray]:
+def effective(adapter: Adapter, name: str) -> tuple[F64Array, F64Array]:
     """(A (r, d_in), B~ = s B (d_out, r)) in float64."""
     module = adapter.modules[name]
     s = module.scaling(adapter.use_rslora)
     return module.a.astype(np.float64), s * module.b.astype(np.float64)
 
 
-def global_module(a: np.ndarray, b_eff: np.ndarray) -> LoraModule:
+def global_module(a: FloatArray, b_eff: FloatArray) -> LoraModule:
     """A module with scaling 1 (alpha = r, no rsLoRA) holding effective factors."""
     rank = a.shape[0]
     if rank < 1:
@@ -86,7 +87,7 @@ def global_module(a: np.ndarray, b_eff: np.ndarray) -> LoraModule:
     return LoraModule(a=a.astype(np.float32), b=b_eff.astype(np.float32), alpha=float(rank))
 
 
-def dense_average(adapters: Sequence[Adapter], weights: np.ndarray) -> dict[str, np.ndarray]:
+def dense_average(adapters: Sequence[Adapter], weights: F64Array) -> dict[str, F32Array]:
     """FedAvg of the dense trainables by data weight (every rule does this)."""
     p = weights / weights.sum()
     names = adapters[0].dense
@@ -97,14 +98,14 @@ def dense_average(adapters: Sequence[Adapter], weights: np.ndarray) -> dict[str,
 
 
 def fill_unowned(
-    a: np.ndarray,
-    b_eff: np.ndarray,
+    a: F64Array,
+    b_eff: F64Array,
     owned: int,
     name: str,
     *,
     unowned: str,
     previous: Adapter | None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[F64Array, F64Array]:
     """Components ``owned..R-1`` of (a (R, d_in), b_eff (d_out, R)) were owned by no
     participant. ``"zero"`` leaves them zero, ``"drop"`` cuts the module to ``owned``
     components, ``"previous"`` copies last round's global values (zero where the previous
@@ -131,7 +132,7 @@ def fill_unowned(
 
 
 def make_global(
-    modules: Mapping[str, tuple[np.ndarray, np.ndarray]], dense: Mapping[str, np.ndarray]
+    modules: Mapping[str, tuple[FloatArray, FloatArray]], dense: Mapping[str, F32Array]
 ) -> Adapter:
     return Adapter(
         modules={name: global_module(a, b) for name, (a, b) in modules.items()},

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..adapter import Adapter
+from ..dtypes import F64Array, FloatArray
 from ..errors import AggregationError
 from .common import (
     check_adapters,
@@ -49,8 +50,8 @@ def _check_ranks(adapters: Sequence[Adapter], global_rank: int) -> None:
 
 def _padded_average(
     adapters: Sequence[Adapter],
-    lora_weights: dict[str, np.ndarray],
-    data_weights: np.ndarray,
+    lora_weights: dict[str, F64Array],
+    data_weights: F64Array,
     global_rank: int,
     previous: Adapter | None,
     unowned: str,
@@ -126,7 +127,7 @@ def zero_pad(
     return _padded_average(adapters, lora, w, global_rank, previous, unowned)
 
 
-def update_norm(a: np.ndarray, b_eff: np.ndarray) -> float:
+def update_norm(a: FloatArray, b_eff: FloatArray) -> float:
     """‖B~ A‖_F without forming B~ A: ‖BA‖_F² = Σ_ij (BᵀB)_ij (AAᵀ)_ij (both r×r).
 
     The r×r Gram matrices are computed in the inputs' precision (float32 on the streaming
@@ -137,7 +138,7 @@ def update_norm(a: np.ndarray, b_eff: np.ndarray) -> float:
     return float(np.sqrt(max(np.sum(gram_b * gram_a), 0.0)))
 
 
-def hetlora_norms(adapters: Sequence[Adapter], *, norm: str = "client") -> dict[str, np.ndarray]:
+def hetlora_norms(adapters: Sequence[Adapter], *, norm: str = "client") -> dict[str, F64Array]:
     """HetLoRA's unnormalised aggregation weights ‖S_k‖ per module, S_k = B~_k A_k.
 
     ``norm``: ``"module"`` uses each module's own ‖S_{k,m}‖_F; ``"client"`` one weight per

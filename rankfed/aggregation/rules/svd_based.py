@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..adapter import Adapter
+from ..dtypes import F64Array, FloatArray
 from ..errors import AggregationError
 from ..svd import factored_svd_parts
 from .common import check_adapters, check_weights, dense_average, effective, make_global
@@ -19,8 +20,8 @@ __all__ = ["flexlora", "flora", "svd_global"]
 
 
 def svd_global(
-    bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], weights: Sequence[float], rank: int | None
-) -> tuple[np.ndarray, np.ndarray]:
+    bs: Sequence[FloatArray], as_: Sequence[FloatArray], weights: Sequence[float], rank: int | None
+) -> tuple[F64Array, F64Array]:
     """(A (k, d_in), B~ (d_out, k)) holding the rank-k truncated SVD of Σ w_k B_k A_k in SVD
     order (σ descending, σ split as √σ on both sides), so that truncating to r components
     *is* the rank-r SVD. k = min(rank, numerical rank available), at least 1."""

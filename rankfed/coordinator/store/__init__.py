@@ -61,10 +61,16 @@ def open_store(data_dir: Path | str) -> tuple[SqliteStore, BlobStore]:
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the state database holds the token-signing key and every device's
+        # update; nobody else on the host may read them.
+        data_dir.chmod(0o700)
     except OSError as e:
         raise StorageError(f"cannot create data directory {data_dir}: {e}") from e
     blobs = BlobStore(data_dir / BLOB_DIR)
     swept = blobs.sweep_temporaries()
     if swept:
         log.info("removed %d partial blob(s) left by an interrupted upload", swept)
-    return SqliteStore(data_dir / STATE_FILE), blobs
+    store = SqliteStore(data_dir / STATE_FILE)
+    for path in data_dir.glob(f"{STATE_FILE}*"):  # the database and its WAL and shared-memory files
+        path.chmod(0o600)
+    return store, blobs
