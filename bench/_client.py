@@ -39,8 +39,8 @@ WEIGHTS_SHA256 = "5e" * 32  # any 64-hex string; clients send the same at Join
 # Each LoRA module is [D, D] at rank RANK in float32: RANK * 2D * 4 bytes = 1 MiB per module.
 D = 8192
 RANK = 16
-CHANNEL_OPTIONS = [  # a client raises nothing: 1 MiB chunks fit the default 4 MiB limit
-    ("grpc.max_receive_message_length", 4 * MiB),
+CHANNEL_OPTIONS = [  # room for the largest chunk a coordinator may advertise (64 MiB + framing)
+    ("grpc.max_receive_message_length", 65 * MiB),
 ]
 
 
@@ -64,13 +64,16 @@ def write_manifest(path: Path, adapter_mib: int) -> Path:
 
 
 def write_config(path: Path, manifest: Path, *, rounds: int, clients: int, method: str = "rbla",
-                 max_upload_bytes: int, deadline: float = 1800.0) -> Path:
-    """Every client gets rank 16 (no tiers), the round starts as soon as `clients` are online."""
+                 max_upload_bytes: int, deadline: float = 1800.0, chunk_bytes: int | None = None) -> Path:
+    """Every client gets rank 16 (no tiers), the round starts as soon as `clients` are online.
+
+    chunk_bytes None: the coordinator's defaults for server.max_chunk_bytes and
+    max_receive_message_bytes (clients use what Join advertises)."""
+    chunking = "" if chunk_bytes is None else (
+        f"max_chunk_bytes = {chunk_bytes}\nmax_receive_message_bytes = {max(4 * MiB, chunk_bytes + 128 * 1024)}\n")
     path.write_text(f"""\
 [server]
-max_chunk_bytes = {CHUNK}
-max_upload_bytes = {max_upload_bytes}
-max_receive_message_bytes = {4 * MiB}
+{chunking}max_upload_bytes = {max_upload_bytes}
 long_poll_seconds = 30.0
 
 [model]
@@ -422,6 +425,81 @@ class RawClient:
         return time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- bare gRPC reference
+
+
+class _BareEdge(edge_pb2_grpc.EdgeServiceServicer):
+    """UploadUpdate that only receives: parse each UploadMessage (protobuf, as the coordinator
+    must) and count the chunk bytes. No auth, no checks, no disk: the transport's own cost."""
+
+    async def _aio_upload(self, request_iterator, context):
+        n = 0
+        async for message in request_iterator:
+            if message.WhichOneof("kind") == "chunk":
+                n += len(message.chunk.data)
+        return ProtoEdge.UploadReceipt(bytes_received=n)
+
+    def _sync_upload(self, request_iterator, context):
+        n = 0
+        for message in request_iterator:
+            if message.WhichOneof("kind") == "chunk":
+                n += len(message.chunk.data)
+        return ProtoEdge.UploadReceipt(bytes_received=n)
+
+
+def bare_grpc_server_main(kind: str, port_queue, stop_event, max_receive: int = 4 * MiB) -> None:
+    """A gRPC server process with the coordinator's message-size options whose UploadUpdate
+    only counts bytes. kind: "aio" (grpc.aio, one event loop, as the coordinator) or
+    "threaded" (grpc.server with a thread pool)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    options = [("grpc.max_receive_message_length", max_receive), ("grpc.max_send_message_length", max_receive)]
+    servicer = _BareEdge()
+    if kind == "threaded":
+        servicer.UploadUpdate = servicer._sync_upload
+        server = grpc.server(ThreadPoolExecutor(max_workers=8), options=options)
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
+        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        stop_event.wait()
+        server.stop(0)
+        return
+
+    async def serve() -> None:
+        servicer.UploadUpdate = servicer._aio_upload
+        server = grpc.aio.server(options=options)
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
+        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        while not stop_event.is_set():
+            await asyncio.sleep(0.1)
+        await server.stop(0)
+
+    asyncio.run(serve())
+
+
+class BareGrpcServer:
+    """bare_grpc_server_main in a spawned process; `address`, `pid`, `stop()`."""
+
+    def __init__(self, ctx, kind: str, max_receive: int = 4 * MiB) -> None:
+        self.kind = kind
+        ports, self._stop = ctx.Queue(), ctx.Event()
+        self._proc = ctx.Process(target=bare_grpc_server_main, args=(kind, ports, self._stop, max_receive), daemon=True)
+        self._proc.start()
+        self.address = f"127.0.0.1:{ports.get(timeout=60)}"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -469,7 +547,7 @@ def _git_commit() -> str:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def loadavg() -> list[float]:

@@ -1,18 +1,22 @@
 """Load: one coordinator process against a fleet of simulated devices.
 
-N devices (default 1,000), spread over P worker processes of grpc.aio clients, each with
-its own channel and TCP connection, join, then long-poll GetTask and heartbeat. The
-round selects K of them (default 100); they download the global adapter, wait at a
-barrier until the whole fleet has joined, then upload a 4 MiB update at once, while the
-rest keep polling and heart-beating. The run holds the fleet a few seconds more after the
-round closes, then every worker stops by itself.
+N virtual devices (default 10,000), spread over P worker processes of grpc.aio clients and
+multiplexed over a few channels per process (one HTTP/2 connection carries the calls of
+`--devices-per-channel` devices, each with its own session token), join, then long-poll
+GetTask and heartbeat. The round selects K of them (default 1,000); they download the
+global adapter, wait at a barrier until the whole fleet has joined, then upload a 1 MiB
+update at once, while the rest keep polling and heart-beating. The run holds the fleet a
+few seconds more after the round closes, then every worker stops by itself. Each worker
+reports its own CPU time, and the machine's idle share is sampled, to show whether the
+generator itself had CPU to spare.
 
 Reports p50/p99/max latency per RPC as the clients saw it (GetTask split by answer: TRAIN,
 WAIT after a held long-poll, DONE) and as the coordinator measured it (its /metrics
 histograms, free of the client processes' own scheduling delays), coordinator CPU seconds and mean cores, and peak RSS (VmHWM), as a table
 and JSON (bench/results/load.json).
 
-    python bench/load_bench.py                        # 1000 devices, 100 uploads of 4 MiB
+    python bench/load_bench.py                        # 10,000 devices, 1,000 uploads of 1 MiB
+    python bench/load_bench.py --devices 1000 --uploaders 100 --update-mib 4    # the earlier run
     python bench/load_bench.py --devices 200 --uploaders 20 --workers 2    # a quick look
 
 Loopback only. Not a test: nothing here asserts, it measures.
@@ -107,71 +111,72 @@ class Stats:
         self.errors[f"{rpc}:{code}"] = self.errors.get(f"{rpc}:{code}", 0) + 1
 
 
-async def device(name: str, address: str, stats: Stats, update: bytes, work: Path, args, stop_at: float) -> None:
+async def device(name: str, stub, stats: Stats, update: bytes, work: Path, args, stop_at: float) -> None:
     import grpc
 
     from rankfed.v1 import common_pb2 as ProtoCommon
     from rankfed.v1 import edge_pb2 as ProtoEdge
-    from rankfed.v1 import edge_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = edge_pb2_grpc.EdgeServiceStub(channel)
-        capability = ProtoCommon.DeviceCapability(
-            device_class=ProtoCommon.DEVICE_CLASS_CPU, memory_total_bytes=16 * 10**9, cpu_cores=8, compute_gflops=100.0)
-        started = time.perf_counter()
-        for attempt in range(5):
-            try:
-                reply = await stub.Join(ProtoEdge.JoinRequest(
-                    device_name=name, capability=capability, base_model_sha256=WEIGHTS_SHA256, num_examples=10),
-                    timeout=60)
-                break
-            except grpc.aio.AioRpcError as exc:
-                stats.error("Join", exc.code().name)
-                await asyncio.sleep(0.5 * (attempt + 1))
-        else:
-            return
-        stats.add("Join", time.perf_counter() - started)
-        (work / "joined" / name).touch()
-        metadata = (("authorization", f"Bearer {reply.session_token}"),)
-        state = {"round": 0, "state": ProtoCommon.PARTICIPANT_STATE_UNSPECIFIED}
-
-        async def heartbeat() -> None:
-            await asyncio.sleep(random.uniform(0, args.heartbeat))
-            while time.monotonic() < stop_at and not (work / "stop").exists():
-                t = time.perf_counter()
-                try:
-                    await stub.Heartbeat(ProtoEdge.HeartbeatRequest(
-                        round=state["round"], state=state["state"], progress=0.5), metadata=metadata, timeout=30)
-                    stats.add("Heartbeat", time.perf_counter() - t)
-                except grpc.aio.AioRpcError as exc:
-                    stats.error("Heartbeat", exc.code().name)
-                await asyncio.sleep(args.heartbeat)
-
-        beats = asyncio.create_task(heartbeat())
+    capability = ProtoCommon.DeviceCapability(
+        device_class=ProtoCommon.DEVICE_CLASS_CPU, memory_total_bytes=16 * 10**9, cpu_cores=8, compute_gflops=100.0)
+    started = time.perf_counter()
+    for attempt in range(5):
         try:
-            while time.monotonic() < stop_at and not (work / "stop").exists():
-                request = ProtoEdge.GetTaskRequest()
-                request.max_wait.FromNanoseconds(int(args.long_poll * 1e9))
-                t = time.perf_counter()
-                try:
-                    task = await stub.GetTask(request, metadata=metadata, timeout=args.long_poll + 30)
-                except grpc.aio.AioRpcError as exc:
-                    stats.error("GetTask", exc.code().name)
-                    await asyncio.sleep(1.0)
-                    continue
-                kind = task.WhichOneof("kind")
-                label = {"train": "GetTask(train)", "wait": "GetTask(long-poll)", "done": "GetTask(done)"}[kind]
-                stats.add(label, time.perf_counter() - t)
-                if kind == "done":  # nothing left to poll for: keep the connection and heart-beat until stop
-                    while time.monotonic() < stop_at and not (work / "stop").exists():
-                        await asyncio.sleep(0.5)
-                    break
-                if kind != "train" or state["round"] == task.train.round:
-                    continue
-                state["round"] = task.train.round
-                await participate(stub, metadata, task.train.round, state, stats, update, work)
-        finally:
-            beats.cancel()
+            reply = await stub.Join(ProtoEdge.JoinRequest(
+                device_name=name, capability=capability, base_model_sha256=WEIGHTS_SHA256, num_examples=10),
+                timeout=60)
+            break
+        except grpc.aio.AioRpcError as exc:
+            stats.error("Join", exc.code().name)
+            await asyncio.sleep(0.5 * (attempt + 1))
+    else:
+        (work / "gave_up" / name).touch()  # the driver stops waiting for this one
+        return
+    stats.add("Join", time.perf_counter() - started)
+    (work / "joined" / name).touch()
+    metadata = (("authorization", f"Bearer {reply.session_token}"),)
+    state = {"round": 0, "state": ProtoCommon.PARTICIPANT_STATE_UNSPECIFIED}
+
+    async def heartbeat() -> None:
+        await asyncio.sleep(random.uniform(0, args.heartbeat))
+        while time.monotonic() < stop_at and not (work / "stop").exists():
+            t = time.perf_counter()
+            try:
+                await stub.Heartbeat(ProtoEdge.HeartbeatRequest(
+                    round=state["round"], state=state["state"], progress=0.5), metadata=metadata, timeout=30)
+                stats.add("Heartbeat", time.perf_counter() - t)
+            except grpc.aio.AioRpcError as exc:
+                stats.error("Heartbeat", exc.code().name)
+            await asyncio.sleep(args.heartbeat)
+
+    beats = asyncio.create_task(heartbeat())
+    try:
+        while time.monotonic() < stop_at and not (work / "stop").exists():
+            request = ProtoEdge.GetTaskRequest()
+            request.max_wait.FromNanoseconds(int(args.long_poll * 1e9))
+            t = time.perf_counter()
+            try:
+                task = await stub.GetTask(request, metadata=metadata, timeout=args.long_poll + 30)
+            except grpc.aio.AioRpcError as exc:
+                stats.error("GetTask", exc.code().name)
+                await asyncio.sleep(1.0)
+                continue
+            kind = task.WhichOneof("kind")
+            label = {"train": "GetTask(train)", "wait": "GetTask(long-poll)", "done": "GetTask(done)"}[kind]
+            stats.add(label, time.perf_counter() - t)
+            if kind == "done":  # nothing left to poll for: keep the connection and heart-beat until stop
+                while time.monotonic() < stop_at and not (work / "stop").exists():
+                    await asyncio.sleep(2.0)
+                break
+            if kind != "train":
+                continue
+            if state["round"] == task.train.round:  # our upload for it failed: a device retries later,
+                await asyncio.sleep(args.long_poll)  # not in a tight loop of TRAIN answers
+                continue
+            state["round"] = task.train.round
+            await participate(stub, metadata, task.train.round, state, stats, update, work)
+    finally:
+        beats.cancel()
 
 
 async def participate(stub, metadata, round_no: int, state: dict, stats: Stats, update: bytes, work: Path) -> None:
@@ -192,7 +197,7 @@ async def participate(stub, metadata, round_no: int, state: dict, stats: Stats, 
         return
     state["state"] = ProtoCommon.PARTICIPANT_STATE_TRAINING
     while not (work / "go").exists():  # every uploader starts together, once the whole fleet is in
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
 
     def messages():
         yield ProtoEdge.UploadMessage(header=ProtoEdge.UploadHeader(
@@ -209,24 +214,46 @@ async def participate(stub, metadata, round_no: int, state: dict, stats: Stats, 
     except grpc.aio.AioRpcError as exc:
         stats.error("UploadUpdate", exc.code().name)
     state["state"] = ProtoCommon.PARTICIPANT_STATE_UPLOADED
+    (work / "uploaded" / str(id(state))).touch()  # the driver counts finished uploads, OK or not
 
 
 def worker(index: int, names: list[str], address: str, work: Path, args: argparse.Namespace, stop_at: float) -> None:
+    import grpc
+
+    from rankfed.v1 import edge_pb2_grpc
+
     update = encoded_update(args.update_mib, seed=index)
     stats = Stats()
+    cpu0, wall0 = time.process_time(), time.monotonic()
 
     async def run() -> None:
+        per = max(1, args.devices_per_channel)
+        # Local subchannel pools: each channel is its own TCP connection, not one shared by all.
+        channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(0, len(names), per)]
+        stubs = [edge_pb2_grpc.EdgeServiceStub(c) for c in channels]
         tasks = []
-        for name in names:  # ramp up instead of a thundering herd of handshakes
-            tasks.append(asyncio.create_task(device(name, address, stats, update, work, args, stop_at)))
+        for i, name in enumerate(names):  # ramp up instead of a thundering herd of joins
+            tasks.append(asyncio.create_task(device(name, stubs[i // per], stats, update, work, args, stop_at)))
             await asyncio.sleep(args.ramp_seconds / max(len(names), 1))
         await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
 
     asyncio.run(run())
-    (work / f"worker-{index}.json").write_text(json.dumps({"latency": stats.latency, "errors": stats.errors}))
+    (work / f"worker-{index}.json").write_text(json.dumps({
+        "latency": stats.latency, "errors": stats.errors,
+        "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.monotonic() - wall0,
+    }))
 
 
 # ----------------------------------------------------------------------------- coordinator process
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -248,16 +275,18 @@ def admin_status(address: str):
         return admin.status()
 
 
-def server_quantiles(metrics_text: str, q: float) -> dict[str, float]:
-    """Per-method quantile of rankfed_rpc_duration_seconds, interpolated in its buckets (the
-    coordinator's own view, free of the client processes' scheduling delays)."""
+def server_quantiles(metrics_text: str, q: float, name: str = "rankfed_rpc_duration_seconds") -> dict[str, float]:
+    """Per-method quantile of a coordinator histogram (rankfed_rpc_duration_seconds by
+    default), interpolated in its buckets (the coordinator's own view, free of the client
+    processes' scheduling delays). A histogram without a method label is keyed "all"."""
     buckets: dict[str, list[tuple[float, float]]] = {}
+    prefix = name + "_bucket{"
     for line in metrics_text.splitlines():
-        if line.startswith("rankfed_rpc_duration_seconds_bucket{"):
-            labels, value = line[len("rankfed_rpc_duration_seconds_bucket{"):].rsplit("} ", 1)
+        if line.startswith(prefix):
+            labels, value = line[len(prefix):].rsplit("} ", 1)
             fields = dict(part.split("=", 1) for part in labels.split(","))
             le = fields["le"].strip('"')
-            buckets.setdefault(fields["method"].strip('"'), []).append(
+            buckets.setdefault(fields.get("method", '"all"').strip('"'), []).append(
                 (float("inf") if le == "+Inf" else float(le), float(value)))
     out = {}
     for method, rows in buckets.items():
@@ -290,15 +319,17 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--uploaders", type=int, default=100)
-    parser.add_argument("--update-mib", type=int, default=4)
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--uploaders", type=int, default=1000)
+    parser.add_argument("--update-mib", type=int, default=1)
     parser.add_argument("--workers", type=int, default=4, help="client processes")
-    parser.add_argument("--long-poll", type=float, default=10.0, help="GetTask max_wait, seconds")
-    parser.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, seconds")
-    parser.add_argument("--ramp-seconds", type=float, default=10.0, help="spread the joins over this long")
+    parser.add_argument("--devices-per-channel", type=int, default=250,
+                        help="virtual devices sharing one gRPC channel (one TCP connection)")
+    parser.add_argument("--long-poll", type=float, default=30.0, help="GetTask max_wait, seconds")
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="heartbeat interval, seconds")
+    parser.add_argument("--ramp-seconds", type=float, default=60.0, help="spread the joins over this long")
     parser.add_argument("--hold-seconds", type=float, default=10.0, help="keep the fleet up after the round")
-    parser.add_argument("--max-seconds", type=float, default=420.0, help="hard stop for the whole run")
+    parser.add_argument("--max-seconds", type=float, default=540.0, help="hard stop for the whole run")
     parser.add_argument("--metrics-port", type=int, default=19464, help="coordinator /metrics port (loopback)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "load.json")
     args = parser.parse_args()
@@ -306,6 +337,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rankfed-load-") as tmp:
         work = Path(tmp)
         (work / "joined").mkdir()
+        (work / "gave_up").mkdir()
+        (work / "uploaded").mkdir()
         config = write_setup(work, args)
         port_file = work / "port"
         log = open(work / "coordinator.log", "wb")
@@ -321,6 +354,8 @@ def main() -> int:
                 time.sleep(0.1)
             address = f"127.0.0.1:{port_file.read_text().strip()}"
             cpu0, wall0 = proc_cpu_seconds(coordinator.pid), time.monotonic()
+            busy0, total0 = machine_busy()
+            load_before = os.getloadavg()
             stop_at = time.monotonic() + args.max_seconds
             names = [f"dev-{i:05d}" for i in range(args.devices)]
             ctx = mp.get_context("spawn")
@@ -328,24 +363,34 @@ def main() -> int:
                      for i in range(args.workers)]
             for p in procs:
                 p.start()
-            while len(os.listdir(work / "joined")) < args.devices and time.monotonic() < stop_at:
-                time.sleep(0.2)
+            while (len(os.listdir(work / "joined")) + len(os.listdir(work / "gave_up")) < args.devices
+                   and time.monotonic() < stop_at):
+                time.sleep(0.5)
             joined_at = time.monotonic()
-            print(f"{len(os.listdir(work / 'joined'))} devices joined in {joined_at - wall0:.1f} s; uploads start",
+            joined = len(os.listdir(work / "joined"))
+            print(f"{joined} devices joined in {joined_at - wall0:.1f} s; uploads start",
                   flush=True)
             (work / "go").touch()
+            go_wall = time.time()
             round_s = None
+            # Neither GetRoundStatus (1,000 participants: ~60 ms of coordinator CPU) nor
+            # /metrics (its gauges list every client: ~0.4 s at 10,000) may be polled while we
+            # measure: wait for the uploaders' own markers, then read the round's finished_at.
+            while len(os.listdir(work / "uploaded")) < args.uploaders and time.monotonic() < stop_at:
+                time.sleep(0.5)
             while time.monotonic() < stop_at:
                 st = admin_status(address)
                 if st.history:
-                    round_s = time.monotonic() - joined_at
+                    round_s = st.history[0].finished_at - go_wall  # AdminClient: seconds since the epoch
                     break
-                time.sleep(0.2)
+                time.sleep(1.0)
             online = admin_status(address).clients_online
-            print(f"round closed {round_s:.1f} s after the barrier; {online} clients online; holding "
-                  f"{args.hold_seconds:.0f} s", flush=True)
+            closed = f"closed {round_s:.1f} s after the barrier" if round_s is not None else "NOT closed by --max-seconds"
+            print(f"round {closed}; {online} clients online; holding {args.hold_seconds:.0f} s", flush=True)
             time.sleep(args.hold_seconds)
             cpu1, wall1 = proc_cpu_seconds(coordinator.pid), time.monotonic()
+            busy1, total1 = machine_busy()
+            load_after = os.getloadavg()
             hwm = proc_hwm_mib(coordinator.pid)
             final = admin_status(address)
             metrics_text = scrape(args.metrics_port)
@@ -364,8 +409,10 @@ def main() -> int:
 
         latency: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
+        workers_cpu: list[tuple[float, float]] = []
         for path in work.glob("worker-*.json"):
             data = json.loads(path.read_text())
+            workers_cpu.append((data["cpu_seconds"], data["wall_seconds"]))
             for rpc, values in data["latency"].items():
                 latency.setdefault(rpc, []).extend(values)
             for key, n in data["errors"].items():
@@ -384,11 +431,23 @@ def main() -> int:
         "coordinator_mean_cores": (cpu1 - cpu0) / (wall1 - wall0),
         "coordinator_wall_seconds": wall1 - wall0,
         "coordinator_peak_rss_mib": hwm,
+        "devices_joined": joined,
+        "devices_per_channel": args.devices_per_channel,
+        "generator_cpu_seconds": sum(c for c, _ in workers_cpu),
+        "generator_mean_cores": sum(c / w for c, w in workers_cpu if w),
+        "generator_busiest_worker_share": max((c / w for c, w in workers_cpu if w), default=0.0),
+        "machine_busy_share": (busy1 - busy0) / max(total1 - total0, 1),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
         "rpcs": {rpc: {"count": len(v), "p50_ms": 1e3 * pct(v, 0.5), "p99_ms": 1e3 * pct(v, 0.99),
                        "max_ms": 1e3 * max(v), "mean_ms": 1e3 * statistics.fmean(v)}
                  for rpc, v in sorted(latency.items())},
         "server_side_ms": {method: {"p50": 1e3 * p50, "p99": 1e3 * server_quantiles(metrics_text, 0.99)[method]}
                            for method, p50 in sorted(server_quantiles(metrics_text, 0.5).items())},
+        "server_get_task_overrun_ms": {
+            "p50": 1e3 * server_quantiles(metrics_text, 0.5, "rankfed_get_task_overrun_seconds").get("all", float("nan")),
+            "p99": 1e3 * server_quantiles(metrics_text, 0.99, "rankfed_get_task_overrun_seconds").get("all", float("nan")),
+        },
         "errors": errors,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -399,10 +458,18 @@ def main() -> int:
     print("\ncoordinator's own view (rankfed_rpc_duration_seconds, interpolated in buckets):")
     for method, row in result["server_side_ms"].items():
         print(f"{method:<20} {'':>7} {row['p50']:>9.1f} {row['p99']:>9.1f}")
-    print(f"\nround: {result['round_updates']:.0f}/{args.uploaders} updates of {args.update_mib} MiB, closed "
-          f"{round_s:.1f} s after the barrier; {final.clients_online}/{args.devices} online at the end")
+    overrun = result["server_get_task_overrun_ms"]
+    print(f"{'GetTask(WAIT) late':<20} {'':>7} {overrun['p50']:>9.1f} {overrun['p99']:>9.1f}   "
+          "(past the long-poll's due time)")
+    closed = f"closed {round_s:.1f} s after the barrier" if round_s is not None else "not closed"
+    print(f"\nround: {result['round_updates']:.0f}/{args.uploaders} updates of {args.update_mib} MiB, {closed}; "
+          f"{final.clients_online}/{args.devices} online at the end")
     print(f"coordinator: {result['coordinator_cpu_seconds']:.1f} CPU s over {result['coordinator_wall_seconds']:.1f} s "
           f"({result['coordinator_mean_cores']:.2f} cores), peak RSS {hwm:.0f} MiB; errors: {errors or 'none'}")
+    print(f"generator: {len(workers_cpu)} processes, {result['generator_mean_cores']:.2f} cores in all, busiest process "
+          f"{100 * result['generator_busiest_worker_share']:.0f}% of a core; machine busy "
+          f"{100 * result['machine_busy_share']:.0f}% of {os.cpu_count()} cores; load {result['loadavg_before'][0]} -> "
+          f"{result['loadavg_after'][0]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _client as B  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "transfer.json"
+BARE_KINDS = ("aio", "threaded")
 
 
 class LatencyProbe:
@@ -78,9 +79,10 @@ def run(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     manifest = B.write_manifest(workdir / "manifest.json", args.adapter_mib)
     rounds = args.reps + args.warmup
+    chunk_bytes = args.chunk_kib * 1024 if args.chunk_kib else None
     config = B.write_config(
         workdir / "coordinator.toml", manifest, rounds=rounds, clients=1, method=args.method,
-        max_upload_bytes=args.adapter_mib * B.MiB + 8 * B.MiB,
+        max_upload_bytes=args.adapter_mib * B.MiB + 8 * B.MiB, chunk_bytes=chunk_bytes,
     )
 
     ctx = mp.get_context("spawn")
@@ -93,9 +95,17 @@ def run(args: argparse.Namespace) -> dict:
     address = coordinator.start()
     print(f"coordinator pid {coordinator.pid} at {address}; raw TCP server pid {raw_proc.pid}; workdir {workdir}", flush=True)
     reps: list[dict] = []
+    bare: dict[str, B.BareGrpcServer] = {}
     try:
         client = B.EdgeClient(address, "bench-transfer")
         joined = client.join()
+        # The bare servers get the chunk size the coordinator advertised and its receive limit.
+        max_receive = max(4 * B.MiB, client.chunk + 128 * 1024)
+        for kind in BARE_KINDS:
+            bare[kind] = B.BareGrpcServer(ctx, kind, max_receive)
+        bare_clients = {kind: B.EdgeClient(server.address, f"bare-{kind}") for kind, server in bare.items()}
+        for bare_client in bare_clients.values():
+            bare_client.chunk = client.chunk
         alpha = joined.assignment.lora.alpha
         t0 = time.perf_counter()
         update = B.random_update(args.adapter_mib, alpha=alpha, seed=7)
@@ -118,6 +128,13 @@ def run(args: argparse.Namespace) -> dict:
 
                 raw_down = raw.download(nbytes, buf)
                 raw_up = raw.upload(update)
+                bare_up, bare_cpu = {}, {}
+                for kind, bare_client in bare_clients.items():
+                    c0 = B.cpu_seconds(bare[kind].pid)
+                    bare_receipt, bare_up[kind], _ = bare_client.upload(train.round, train.rank, update, update_sha)
+                    bare_cpu[kind] = B.cpu_seconds(bare[kind].pid) - c0
+                    if bare_receipt.bytes_received != len(update):
+                        raise RuntimeError(f"bare {kind} server counted {bare_receipt.bytes_received} bytes")
 
                 rss.mark()
                 cpu0 = B.cpu_seconds(coordinator.pid)
@@ -147,6 +164,9 @@ def run(args: argparse.Namespace) -> dict:
                     "grpc_download_mib_s": nbytes / B.MiB / grpc_down,
                     "grpc_upload_mib_s": len(update) / B.MiB / grpc_up,
                     "grpc_upload_after_last_chunk_s": grpc_up_tail,
+                    **{f"bare_{k}_upload_s": v for k, v in bare_up.items()},
+                    **{f"bare_{k}_upload_mib_s": len(update) / B.MiB / v for k, v in bare_up.items()},
+                    **{f"bare_{k}_cpu_ms_per_mib": 1000 * v / (len(update) / B.MiB) for k, v in bare_cpu.items()},
                     "coordinator_cpu_download_s": cpu1 - cpu0,
                     "coordinator_cpu_upload_s": cpu3 - cpu2,
                     "coordinator_rss_peak_transfer_bytes": rss.mark(),
@@ -159,8 +179,11 @@ def run(args: argparse.Namespace) -> dict:
                 tag = " (warm-up)" if rep["warmup"] else ""
                 print(
                     f"round {train.round}{tag}: down raw {rep['raw_download_mib_s']:.0f} / gRPC "
-                    f"{rep['grpc_download_mib_s']:.0f} MiB/s; up raw {rep['raw_upload_mib_s']:.0f} / gRPC "
-                    f"{rep['grpc_upload_mib_s']:.0f} MiB/s; load {rep['loadavg'][0]}", flush=True,
+                    f"{rep['grpc_download_mib_s']:.0f} MiB/s; up raw {rep['raw_upload_mib_s']:.0f} / bare aio "
+                    f"{rep.get('bare_aio_upload_mib_s', 0):.0f} / bare threaded {rep.get('bare_threaded_upload_mib_s', 0):.0f} "
+                    f"/ coordinator {rep['grpc_upload_mib_s']:.0f} MiB/s "
+                    f"({1000 * rep['coordinator_cpu_upload_s'] / (len(update) / B.MiB):.2f} CPU ms/MiB); "
+                    f"load {rep['loadavg'][0]}", flush=True,
                 )
             final = B.finished_round(address, rounds)
             rss_peak_sampled = rss.peak
@@ -170,6 +193,8 @@ def run(args: argparse.Namespace) -> dict:
         client.close()
     finally:
         coordinator.stop()
+        for server in bare.values():
+            server.stop()
         stop_raw.set()
         raw_proc.join(10)
 
@@ -181,6 +206,14 @@ def run(args: argparse.Namespace) -> dict:
     result["upload_ratio"] = B.summary([r["grpc_upload_mib_s"] / r["raw_upload_mib_s"] for r in measured])
     result["download_ratio_of_medians"] = result["grpc_download_mib_s"]["median"] / result["raw_download_mib_s"]["median"]
     result["upload_ratio_of_medians"] = result["grpc_upload_mib_s"]["median"] / result["raw_upload_mib_s"]["median"]
+    for kind in BARE_KINDS:
+        result[f"bare_{kind}_upload_mib_s"] = B.summary([r[f"bare_{kind}_upload_mib_s"] for r in measured])
+        result[f"bare_{kind}_cpu_ms_per_mib"] = B.summary([r[f"bare_{kind}_cpu_ms_per_mib"] for r in measured])
+        result[f"bare_{kind}_ratio_to_raw"] = B.summary(
+            [r[f"bare_{kind}_upload_mib_s"] / r["raw_upload_mib_s"] for r in measured])
+        # Same repetition, same bytes: what fraction of the bare transport the coordinator reaches.
+        result[f"upload_ratio_to_bare_{kind}"] = B.summary(
+            [r["grpc_upload_mib_s"] / r[f"bare_{kind}_upload_mib_s"] for r in measured])
     result["grpc_upload_after_last_chunk_s"] = B.summary([r["grpc_upload_after_last_chunk_s"] for r in measured])
     result["grpc_upload_streaming_mib_s"] = B.summary(
         [r["upload_bytes"] / B.MiB / (r["grpc_upload_s"] - r["grpc_upload_after_last_chunk_s"]) for r in measured])
@@ -201,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
         "loadavg_after": B.loadavg(),
         "params": {
             "adapter_mib": args.adapter_mib, "reps": args.reps, "warmup": args.warmup, "method": args.method,
-            "chunk_bytes": B.CHUNK, "server_max_receive_message_bytes": 4 * B.MiB,
+            "chunk_bytes": client.chunk, "bare_server_max_receive_message_bytes": max_receive,
             "upload_bytes": len(update), "download_bytes": measured[0]["download_bytes"] if measured else 0,
         },
         "summary": result,
@@ -214,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(report: dict) -> None:
     s = report["summary"]
     print()
-    print(f"{report['params']['adapter_mib']} MiB adapter, 1 MiB chunks, median [min..max] of {s['grpc_upload_mib_s']['n']} "
+    print(f"{report['params']['adapter_mib']} MiB adapter, {report['params']['chunk_bytes'] // 1024} KiB chunks, median [min..max] of {s['grpc_upload_mib_s']['n']} "
           f"(load {report['loadavg_before'][0]} -> {report['loadavg_after'][0]}, {report['machine']['cores']} cores)")
     print(f"{'direction':<10} {'raw TCP MiB/s':>22} {'gRPC MiB/s':>22} {'gRPC/raw':>20} {'coord CPU ms/MiB':>17}")
     for d in ("download", "upload"):
@@ -222,6 +255,14 @@ def print_table(report: dict) -> None:
         print(f"{d:<10} {B.fmt_range(s[f'raw_{d}_mib_s']):>22} {B.fmt_range(s[f'grpc_{d}_mib_s']):>22} "
               f"{ratio['median'] * 100:>5.0f}% [{ratio['min'] * 100:.0f}..{ratio['max'] * 100:.0f}%] "
               f"{B.fmt_range(s[f'coordinator_cpu_ms_per_mib_{d}'], 2):>17}")
+    print("upload, same stream of messages to a server that only receives them (same run, same chunks):")
+    print(f"{'server':<22} {'MiB/s':>22} {'of raw TCP':>20} {'server CPU ms/MiB':>18} {'coordinator / this':>22}")
+    for kind in BARE_KINDS:
+        r, q = s[f"bare_{kind}_ratio_to_raw"], s[f"upload_ratio_to_bare_{kind}"]
+        print(f"{'bare grpc ' + kind:<22} {B.fmt_range(s[f'bare_{kind}_upload_mib_s']):>22} "
+              f"{r['median'] * 100:>5.0f}% [{r['min'] * 100:.0f}..{r['max'] * 100:.0f}%] "
+              f"{B.fmt_range(s[f'bare_{kind}_cpu_ms_per_mib'], 2):>18} "
+              f"{q['median'] * 100:>8.0f}% [{q['min'] * 100:.0f}..{q['max'] * 100:.0f}%]")
     print(f"upload split: streaming {B.fmt_range(s['grpc_upload_streaming_mib_s'])} MiB/s until the last chunk is "
           f"handed to gRPC, then {B.fmt_range(s['grpc_upload_after_last_chunk_s'], 2)} s until the receipt "
           "(coordinator: rest of the stream, verify, fsync, fold)")
@@ -237,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="measured repetitions (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured first rounds (default 1)")
     parser.add_argument("--method", default="rbla", help="aggregation method (default rbla)")
+    parser.add_argument("--chunk-kib", type=int, default=0,
+                        help="server.max_chunk_bytes in KiB (default: the coordinator's own default)")
     parser.add_argument("--workdir", help="where the coordinator's data goes (default: a new temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -96,6 +97,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     logs.configure(args.log_format, args.log_level)
     limit_malloc_arenas()
+    # Fewer cyclic-GC passes: every RPC allocates a few dozen short-lived objects, and the
+    # default threshold (700) ran a collection every few chunks of an upload (py-spy: 13 %
+    # of the event loop's busy time during a 128 MiB upload). Memory is bounded by refcounting;
+    # the collector only has cycles to find. serve() also freezes the start-up objects.
+    gc.set_threshold(20_000, 20, 20)
     try:
         return asyncio.run(serve(config, port_file=args.port_file, exit_when_done=args.exit_when_done))
     except ConfigError as exc:

@@ -31,17 +31,43 @@ OPEN_STATES = (
 
 
 class Changes:
-    """A version counter and an event that fires on every change: long-polls, status
-    streams and the round loop wait on it instead of polling the store."""
+    """A version counter and an event that fires on every change: status streams and the
+    round loop wait on it instead of polling the store.
+
+    GetTask long-polls wait on a second event that fires only when what a task can be
+    changed: the phase given to `track_phase` (done, open round, its phase). Waking every
+    held long-poll on every join, heartbeat and chunk was, with 10,000 devices polling,
+    most of the event loop's time (py-spy, bench/load_bench.py)."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._phase_event = asyncio.Event()
+        self._phase: Callable[[], object] = tuple
+        self._last_phase: object = None
         self.version = 0
+
+    def track_phase(self, phase: Callable[[], object]) -> None:
+        self._phase = phase
+        self._last_phase = phase()
 
     def notify(self) -> None:
         self.version += 1
         self._event.set()
         self._event = asyncio.Event()
+        phase = self._phase()
+        if phase != self._last_phase:
+            self._last_phase = phase
+            self._phase_event.set()
+            self._phase_event = asyncio.Event()
+
+    async def wait_phase(self, timeout: float) -> None:
+        """Until the tracked phase changes, or `timeout` seconds."""
+        event = self._phase_event
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await event.wait()
+        except TimeoutError:
+            pass
 
     @property
     def event(self) -> asyncio.Event:
@@ -104,6 +130,9 @@ class FederationContext:
         self.clock = clock
         self.changes = Changes()
         self.state = RoundState()
+        state = self.state
+        self.changes.track_phase(lambda: (state.done, state.open.round if state.open else 0,
+                                          state.open.phase if state.open else None))
         self.method = get_method(config.federation.method)
         self.personalized = config.federation.mode == FederationMode.PERSONALIZED
         # Rules that average A and B as they are need every client at the same rank.

@@ -105,6 +105,7 @@ class Federation:
             except Exception:  # noqa: BLE001 - already logged, and reported through `fatal`
                 pass
         self._tasks = []
+        self.ingest.close()
         self.ctx.changes.notify()
 
     @property

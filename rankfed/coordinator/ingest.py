@@ -1,14 +1,33 @@
 """Uploads: one core call takes an update's header and its chunks, stores and verifies them,
 fsyncs the file, commits the receipt and folds the update into the round's running
 aggregate; only then does it return the receipt. A broken, cancelled, late or rejected
-stream leaves no trace. Every transport (gRPC, in-process) drives `Ingest.upload`."""
+stream leaves no trace. Every transport (gRPC, in-process) drives `Ingest.upload`.
+
+The chunks are written and hashed on a small shared pool of writer threads, each upload
+one in-order strand on it (`rankfed.coordinator.uploads`); the event loop only queues
+them and waits when a stream is more than two chunks ahead of its disk.
+
+Retries. A device whose stream broke retries with a new stream, perhaps before the old one
+is noticed dead. The outcome, for the two streams of one device and round:
+
+* old stream still receiving chunks: the retry replaces it; the old stream's next step
+  fails with FAILED_PRECONDITION ("replaced by a newer one").
+* old stream complete (sealed: verifying, fsyncing or folding): the retry is refused with
+  UNAVAILABLE (RetryLaterError, "retry in a moment"); the old stream finishes normally.
+* old stream accepted: the retry gets ALREADY_EXISTS with the digest held (the device
+  learns that its update counted).
+
+So exactly one update counts, and no interleaving produces INTERNAL.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from rankfed.aggregation import Accumulator, Adapter, decode_adapter
@@ -22,7 +41,7 @@ from rankfed.coordinator.errors import (
 )
 from rankfed.coordinator.models import ClientRecord, Participant, Receipt
 from rankfed.coordinator.store.blobs import update_relpath
-from rankfed.coordinator.uploads import UploadSession, check_header
+from rankfed.coordinator.uploads import SessionState, UploadSession, check_header
 from rankfed.protocol import (
     Chunk,
     ErrorDetail,
@@ -43,18 +62,48 @@ class Ingest:
         self._ctx = ctx
         self._dispatch = dispatch
         self._decode_slots = asyncio.Semaphore(2)  # bounds transient memory of concurrent decodes
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the writer threads (after the server stopped: no stream is open)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _writers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            # Writes and hashes release the GIL: a few threads keep the disk and the spare
+            # cores busy; more only add contention (each stream is one strand on them).
+            workers = min(4, max(2, os.cpu_count() or 2))
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rankfed-upload")
+        return self._pool
 
     async def upload(self, client_id: str, header: UploadHeader, chunks: AsyncIterable[Chunk]) -> Receipt:
-        """Store, verify, persist and fold one update; the receipt means it counts."""
+        """Store, verify, persist and fold one update; the receipt means it counts.
+
+        A chunk's `data` may be any bytes-like object (the gRPC path passes a memoryview of
+        the received message); it must not change until the call returns."""
         session = self._begin(client_id, header)
         try:
             async for chunk in chunks:
                 await session.add_chunk(chunk.offset, chunk.data)
-            return await self._finish(session)
+            await session.seal()
+            async with self._decode_slots:
+                adapter = await asyncio.to_thread(session.verify, self._ctx.spec, homogeneous=self._ctx.homogeneous)
         except BaseException:
             # Broken stream, cancelled call, timeout or rejected content: leave no trace.
             self._abort(session)
             raise
+        # From here the update is complete and valid: commit, receipt and fold run as one
+        # shielded task, so a caller that goes away now cannot leave a receipt whose update
+        # was never folded (or an fsynced file without a receipt).
+        receipt = await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
+        del adapter  # the last views of the mapped update: it is unmapped, its pages can go
+        try:
+            self._writers().submit(session.drop_cache)
+        except RuntimeError:  # the pool is shut down: the coordinator is stopping
+            pass
+        return receipt
 
     def _begin(self, client_id: str, header: UploadHeader) -> UploadSession:
         ctx = self._ctx
@@ -73,17 +122,20 @@ class Ingest:
         uploading = ctx.state.uploading
         previous = uploading.get(client_id)
         if previous is not None:
-            if previous.accepting:
+            if previous.state is not SessionState.STREAMING:
                 raise RetryLaterError(
-                    f"this client's previous upload for round {previous.round} is being stored; retry in a moment "
-                    "(a retry of the same update will then be answered ALREADY_EXISTS)"
+                    f"this client's previous upload for round {previous.round} arrived completely and is being "
+                    "verified and stored; retry in a moment (a retry of the same update will then be answered "
+                    "ALREADY_EXISTS)"
                 )
             # A client only retries when its stream broke, perhaps before we noticed: the new
             # stream replaces the old one, whose handler stops at its next chunk.
             previous.supersede()
             log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
         writer = ctx.blobs.open_writer(update_relpath(header.round, client_id))
-        session = UploadSession(header, part, writer, max_chunk_bytes=ctx.config.server.max_chunk_bytes)
+        session = UploadSession(
+            header, part, writer, max_chunk_bytes=ctx.config.server.max_chunk_bytes, pool=self._writers(),
+        )
         uploading[client_id] = session
         if part.state is not ParticipantState.UPLOADING:
             ctx.store.put_participant(replace(part, state=ParticipantState.UPLOADING))
@@ -104,8 +156,6 @@ class Ingest:
             )
 
     def _abort(self, session: UploadSession) -> None:
-        if session.accepting:
-            return  # _finish's shielded task owns the session from here on
         session.abort()
         if self._ctx.state.uploading.get(session.client_id) is session:
             del self._ctx.state.uploading[session.client_id]
@@ -125,16 +175,6 @@ class Ingest:
         ):
             store.put_participant(replace(part, state=ParticipantState.TRAINING))
             self._ctx.changes.notify()
-
-    async def _finish(self, session: UploadSession) -> Receipt:
-        """Verify, then persist (fsync), record and fold as one shielded task: a client that
-        cancels or drops the call after its last chunk cannot leave a receipt whose update
-        was never folded."""
-        await session.drain()
-        async with self._decode_slots:
-            adapter = await asyncio.to_thread(session.verify, self._ctx.spec, homogeneous=self._ctx.homogeneous)
-        session.accepting = True
-        return await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
 
     async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
         ctx, state, header = self._ctx, self._ctx.state, session.header

@@ -31,6 +31,7 @@ from rankfed.protocol import ParticipantState, RoundPhase
 from rankfed.protocol.limits import MAX_METRICS
 
 log = logging.getLogger("rankfed.coordinator")
+ROUND_END_POLL_S = 0.05  # the round loop re-reads participants at most this often
 
 
 class RoundLoop:
@@ -222,6 +223,10 @@ class RoundLoop:
             if quorum_since is not None:
                 wake = min(wake, quorum_since + fed.straggler_grace_seconds - now)
             await ctx.changes.wait(min(wake, 1.0))
+            # Every join and heartbeat notifies; re-reading the round's participants after each
+            # one took most of the event loop with 10,000 devices joining (bench/load_bench.py):
+            # look again at most every ROUND_END_POLL_S seconds.
+            await asyncio.sleep(ROUND_END_POLL_S)
 
     async def _close_round(self) -> None:
         ctx, state = self._ctx, self._ctx.state

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ from rankfed.coordinator.http import HttpListener, start_http_listener
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.retention import UpdateRetention, disk_usage
 from rankfed.coordinator.servicer_admin import AdminServicer
-from rankfed.coordinator.servicer_edge import EdgeServicer
+from rankfed.coordinator.servicer_edge import EdgeServicer, add_edge_service
 from rankfed.coordinator.store import BlobStore, SqliteStore, StateStore, open_store
 from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.protocol import ManifestError
 from rankfed.protocol.manifest import ModelManifest, load_manifest
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
-from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2, edge_pb2_grpc
+from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2
 
 log = logging.getLogger("rankfed.coordinator")
 
@@ -121,7 +122,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         add_round_closed(federation, metrics.round_closed, "metrics")
         add_round_closed(federation, retention.round_closed, "retention")
         server = grpc.aio.server(options=server_options(config))
-        edge_pb2_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(federation, metrics), server)
+        add_edge_service(EdgeServicer(federation, metrics), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(federation, config.server.admin_token, metrics), server
         )
@@ -232,6 +233,7 @@ async def serve(
     that systemd or Kubernetes restart the daemon and it resumes from its data directory
     instead of answering health checks while no round can progress."""
     coordinator = await start_coordinator(config)
+    gc.freeze()  # the manifest, global adapter and modules stay: no collection needs to scan them again
     if port_file is not None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")
         tmp.write_text(f"{coordinator.port}\n")

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import cast
 
 import grpc
 
@@ -24,43 +25,122 @@ from rankfed.coordinator.errors import (
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import streaming, unary
-from rankfed.protocol import Chunk, UploadReceipt, serde
+from rankfed.coordinator.upload_wire import Malformed, RawChunk, UploadPart, upload_message_from_bytes
+from rankfed.protocol import Chunk, UploadHeader, UploadReceipt, WaitTask, serde
 from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from rankfed.v1 import edge_pb2_grpc
 
+EDGE_SERVICE = ProtoEdge.DESCRIPTOR.services_by_name["EdgeService"].full_name
+
 
 class TimedStream:
     """A client stream whose every message must arrive within `idle` seconds, and the whole
-    stream within `total` seconds of its start (a slow-loris client holds nothing for long)."""
+    stream within `total` seconds of its start (a slow-loris client holds nothing for long).
+
+    One timer per stream, re-armed at most once per `idle` seconds, watches the wait for
+    the next message; when a limit passes it cancels the handler task, and `next()` turns
+    that cancellation into StreamTimeoutError. (Wrapping every receive in asyncio.wait_for
+    cost a task, a timer and two extra event-loop turns per message.) Call `close()` when
+    done with the stream."""
 
     def __init__(self, iterator, *, idle: float, total: float) -> None:
         self._it = aiter(iterator)
         self._idle, self._total = idle, total
-        self._until = time.monotonic() + total
+        self._loop = asyncio.get_running_loop()
+        self._until = self._loop.time() + total
+        self._waiting_since: float | None = None
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired: StreamTimeoutError | None = None
 
     async def next(self):
         """The next message, or None at the end of the stream."""
-        left = self._until - time.monotonic()
-        if left <= 0:
+        if self._expired is not None:
+            raise self._expired
+        now = self._loop.time()
+        if now >= self._until:
             raise self._late()
+        if self._timer is None:
+            self._task = asyncio.current_task()
+            self._timer = self._loop.call_at(min(now + self._idle, self._until), self._watch)
+        self._waiting_since = now
         try:
-            async with asyncio.timeout(min(self._idle, left)):  # not wait_for: see Federation._wait_change
-                return await anext(self._it, None)
-        except TimeoutError:
-            if time.monotonic() >= self._until:
-                raise self._late() from None
-            raise StreamTimeoutError(
+            return await anext(self._it, None)
+        except asyncio.CancelledError:
+            if self._expired is not None and self._task is not None and self._task.uncancel() == 0:
+                raise self._expired from None  # our own watchdog, not the client going away
+            raise
+        finally:
+            self._waiting_since = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _watch(self) -> None:
+        now = self._loop.time()
+        since = self._waiting_since
+        if since is not None and (now >= self._until or now - since >= self._idle):
+            self._timer = None
+            self._expired = self._late() if now >= self._until else StreamTimeoutError(
                 f"upload stream sent nothing for {self._idle:g} s (server.upload_idle_timeout_seconds); "
                 "it was aborted, resend the whole update", reason="idle_timeout",
-            ) from None
+            )
+            assert self._task is not None
+            self._task.cancel()
+            return
+        due = (since if since is not None else now) + self._idle
+        self._timer = self._loop.call_at(min(due, self._until), self._watch)
 
     def _late(self) -> StreamTimeoutError:
         return StreamTimeoutError(
             f"upload took longer than {self._total:g} s (server.upload_total_timeout_seconds); "
             "it was aborted, resend it over a faster link or ask for a lower rank", reason="total_timeout",
         )
+
+
+def _upload_header(message: UploadPart | None) -> UploadHeader:
+    if isinstance(message, Malformed):
+        raise InvalidArgumentError(message.reason)
+    if not isinstance(message, ProtoEdge.UploadMessage) or message.WhichOneof("kind") != "header":
+        raise InvalidArgumentError("an upload must start with an UploadHeader message")
+    return serde.upload_header_from_proto(message.header)
+
+
+def _chunk(message: UploadPart) -> RawChunk:
+    if isinstance(message, RawChunk):
+        return message
+    if isinstance(message, Malformed):
+        raise InvalidArgumentError(message.reason)
+    if message.WhichOneof("kind") != "chunk":
+        raise InvalidArgumentError("only chunks may follow the upload header")
+    return RawChunk(offset=message.chunk.offset, data=memoryview(message.chunk.data))
+
+
+def add_edge_service(servicer: EdgeServicer, server: grpc.aio.Server) -> None:
+    """Register EdgeService as generated, except that UploadUpdate's requests are parsed by
+    `upload_wire` (chunk bytes as views of the received message: no copies)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Collect:  # takes the generated method table instead of a server
+        def add_generic_rpc_handlers(self, _handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _service, table) -> None:
+            handlers.update(table)
+
+    # The generated function only calls the two methods above on its `server`.
+    edge_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, cast(grpc.aio.Server, _Collect()))
+    generated = handlers["UploadUpdate"]
+    handlers["UploadUpdate"] = grpc.stream_unary_rpc_method_handler(
+        servicer.UploadUpdate, request_deserializer=upload_message_from_bytes,
+        response_serializer=generated.response_serializer,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(EDGE_SERVICE, handlers),))
+    server.add_registered_method_handlers(EDGE_SERVICE, handlers)
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
@@ -100,7 +180,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     @unary
     async def GetTask(self, request: ProtoEdge.GetTaskRequest, context) -> ProtoEdge.Task:
         client_id = self._client_id(context)
-        task = await self._fed.get_task(client_id, serde.get_task_request_from_proto(request))
+        started, max_wait = time.perf_counter(), serde.get_task_request_from_proto(request)
+        task = await self._fed.get_task(client_id, max_wait)
+        if isinstance(task, WaitTask):  # a held long-poll: only the time past its due moment is ours
+            due = min(max(max_wait, 0.0), self._fed.config.server.long_poll_seconds)
+            self.metrics.get_task_overrun.observe(max(0.0, time.perf_counter() - started - due))
         return serde.task_to_proto(task)
 
     @streaming
@@ -121,22 +205,22 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         stream = TimedStream(
             request_iterator, idle=server.upload_idle_timeout_seconds, total=server.upload_total_timeout_seconds
         )
-        first = await stream.next()
-        if first is None or first.WhichOneof("kind") != "header":
-            raise InvalidArgumentError("an upload must start with an UploadHeader message")
-
-        async def chunks() -> AsyncIterator[Chunk]:
-            while (message := await stream.next()) is not None:
-                if message.WhichOneof("kind") != "chunk":
-                    raise InvalidArgumentError("only chunks may follow the upload header")
-                self.metrics.bytes_in.inc(len(message.chunk.data))
-                yield Chunk(offset=message.chunk.offset, data=message.chunk.data)
-
-        receipt = await self._fed.upload(client_id, serde.upload_header_from_proto(first.header), chunks())
+        try:
+            header = _upload_header(await stream.next())
+            receipt = await self._fed.upload(client_id, header, self._chunks(stream))
+        finally:
+            stream.close()
         return serde.upload_receipt_to_proto(UploadReceipt(
             round=receipt.round, bytes_received=receipt.nbytes, sha256=receipt.sha256,
             accepted_at=receipt.accepted_at, receipt_id=receipt.receipt_id,
         ))
+
+    async def _chunks(self, stream: TimedStream) -> AsyncIterator[Chunk]:
+        """The chunk messages after the header, as the core's input (data: a view, no copy)."""
+        while (message := await stream.next()) is not None:
+            chunk = _chunk(message)
+            self.metrics.bytes_in.inc(len(chunk.data))
+            yield Chunk(offset=chunk.offset, data=chunk.data)  # type: ignore[arg-type]  # a memoryview
 
     @unary
     async def Heartbeat(self, request: ProtoEdge.HeartbeatRequest, context) -> ProtoEdge.HeartbeatResponse:

@@ -8,11 +8,13 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 
 import pytest
 
 from rankfed.aggregation import AggregationError, encode_adapter
+from rankfed.coordinator.errors import DuplicateError, PreconditionError, RetryLaterError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.store import MemoryStore
 from rankfed.coordinator.store.blobs import BlobStore
@@ -63,8 +65,9 @@ def _update(fed: Federation, task: TrainTask) -> tuple[UploadHeader, bytes]:
     return header, data
 
 
-async def _chunks(data: bytes):
-    yield Chunk(offset=0, data=data)
+async def _chunks(data: bytes, size: int = 1 << 20):
+    for offset in range(0, len(data), size):
+        yield Chunk(offset=offset, data=data[offset : offset + size])
 
 
 async def _wait(predicate, timeout=10.0):
@@ -77,8 +80,10 @@ async def _wait(predicate, timeout=10.0):
 
 def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path, monkeypatch):
     commit = UploadSession.commit
+    committing = threading.Event()
 
     def slow_commit(session):
+        committing.set()
         time.sleep(0.3)  # the client gives up while the update is being fsynced
         return commit(session)
 
@@ -89,7 +94,7 @@ def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path, monke
         client_id, task = await _joined_participant(fed)
         header, data = _update(fed, task)
         call = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data)))
-        await _wait(lambda: getattr(fed.ctx.state.uploading.get(client_id), "accepting", False))
+        await _wait(committing.is_set)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -191,3 +196,104 @@ def test_ci_runs_on_the_python_the_deploy_files_use():
     assert len(versions) == 1, f"deploy files disagree on the Python version: {sorted(versions)}"
     if os.environ.get("CI"):
         assert f"{sys.version_info[0]}.{sys.version_info[1]}" in versions
+
+
+async def _gated_chunks(data: bytes, gate: asyncio.Event, *, after: int, size: int = 64):
+    """Chunks of `size` bytes; waits for `gate` once `after` bytes have gone."""
+    for offset in range(0, len(data), size):
+        if offset == after:
+            await gate.wait()
+        yield Chunk(offset=offset, data=data[offset : offset + size])
+
+
+def test_retry_replaces_a_stream_that_is_still_sending(tmp_path):
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        uploading = fed.ctx.state.uploading
+        gate = asyncio.Event()
+        first = asyncio.ensure_future(fed.upload(client_id, header, _gated_chunks(data, gate, after=128)))
+        await _wait(lambda: client_id in uploading and uploading[client_id].received == 128)
+        receipt = await fed.upload(client_id, header, _chunks(data))  # the retry
+        gate.set()
+        with pytest.raises(PreconditionError, match="replaced by a newer one"):
+            await first
+        assert fed.store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
+        await _wait(lambda: fed.done)
+        assert fed.store.get_round(1).metrics["updates"] == 1
+        assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+def test_retry_while_the_first_stream_is_being_stored_is_told_to_retry(tmp_path, monkeypatch):
+    verify = UploadSession.verify
+    verifying, release = threading.Event(), threading.Event()
+
+    def slow_verify(session, *args, **kwargs):
+        verifying.set()
+        release.wait(10)
+        return verify(session, *args, **kwargs)
+
+    monkeypatch.setattr(UploadSession, "verify", slow_verify)
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        first = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data, 64)))
+        await _wait(verifying.is_set)  # every byte is in: the first stream is sealed
+        with pytest.raises(RetryLaterError, match="retry in a moment"):
+            await fed.upload(client_id, header, _chunks(data))
+        release.set()
+        receipt = await first
+        with pytest.raises(DuplicateError, match=header.sha256):  # the retry's retry learns it counted
+            await fed.upload(client_id, header, _chunks(data))
+        assert fed.store.get_receipt(task.round, client_id).receipt_id == receipt.receipt_id
+        await _wait(lambda: fed.done)
+        assert fed.store.get_round(1).metrics["updates"] == 1
+        assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_retry_racing_the_end_of_the_first_stream_counts_once(tmp_path, seed):
+    """Whatever the interleaving, each stream ends with a documented outcome (a receipt,
+    FAILED_PRECONDITION, UNAVAILABLE or ALREADY_EXISTS) and exactly one update counts."""
+    import random
+
+    documented = (PreconditionError, RetryLaterError, DuplicateError)
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        rng = random.Random(seed)
+
+        async def jittered():
+            for offset in range(0, len(data), 64):
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0.001)
+                yield Chunk(offset=offset, data=data[offset : offset + 64])
+
+        async def attempt(delay: float):
+            await asyncio.sleep(delay)
+            try:
+                return await fed.upload(client_id, header, jittered())
+            except documented as exc:
+                return exc
+
+        outcomes = await asyncio.gather(attempt(0.0), attempt(rng.uniform(0.0, 0.05)))
+        receipts = [o for o in outcomes if not isinstance(o, Exception)]
+        stored = fed.store.get_receipt(task.round, client_id)
+        assert stored is not None and [r.receipt_id for r in receipts] == [stored.receipt_id]
+        await _wait(lambda: fed.done)
+        assert fed.store.get_round(1).metrics["updates"] == 1
+        assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())

