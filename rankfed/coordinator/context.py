@@ -103,6 +103,7 @@ class RoundState:
     uploading: dict[str, UploadSession] = field(default_factory=dict)  # open upload streams by client
     done: bool = False
     close_now: bool = False  # an operator asked to close the open round (CloseRound, StopFederation)
+    paused: bool = False  # mirrors the persisted operator flag (read on every WAIT answer)
     # Held while an update is committed and folded, and while a round closes.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -25,9 +25,13 @@ class Controls:
 
     # ------------------------------------------------------------------ state the loops read
 
+    def load(self) -> None:
+        """The persisted pause flag into the round state (start-up)."""
+        self._ctx.state.paused = self._ctx.store.get_meta(_PAUSED) == "1"
+
     @property
     def paused(self) -> bool:
-        return self._ctx.store.get_meta(_PAUSED) == "1"
+        return self._ctx.state.paused
 
     @property
     def stopped(self) -> bool:
@@ -41,6 +45,7 @@ class Controls:
         if self.paused:
             return "already paused"
         self._ctx.store.set_meta(_PAUSED, "1")
+        self._ctx.state.paused = True
         self._ctx.changes.notify()
         return "paused: no new round starts until resume (an open round runs to its close)"
 
@@ -49,6 +54,7 @@ class Controls:
         if not self.paused:
             return "not paused"
         self._ctx.store.set_meta(_PAUSED, "0")
+        self._ctx.state.paused = False
         self._ctx.changes.notify()
         return "resumed"
 

@@ -81,7 +81,7 @@ class TaskDispatcher:
         )
 
     def _wait_reason(self) -> str:
-        if self._ctx.store.get_meta("operator.paused") == "1":
+        if self._ctx.state.paused:
             return "the operator paused the federation; wait"
         record = self._ctx.state.open
         if record is None:

@@ -87,6 +87,7 @@ class Federation:
         """Load or create the federation's state, resume an open round, start the loops."""
         self.ctx.blobs.sweep_temporaries()
         self.registry.start()
+        self.controls.load()
         await self.rounds.load_global()
         await self.rounds.resume_open_round()
         self._tasks = [

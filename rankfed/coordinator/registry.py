@@ -50,6 +50,8 @@ class ClientRegistry:
         self._last_seen: dict[str, float] = {}
         self._polling: dict[str, int] = {}  # clients inside a GetTask long-poll: they are alive
         self.signer: TokenSigner | None = None
+        # Token generations by client, cached: authenticate runs on every RPC of every device.
+        self._generations: dict[str, int] = {}
         self.federation_id = ""
 
     def start(self) -> None:
@@ -199,11 +201,16 @@ class ClientRegistry:
             self.touch(client_id)
 
     def _generation(self, client_id: str) -> int:
-        return int(self._ctx.store.get_meta(f"token_generation:{client_id}") or 0)
+        cached = self._generations.get(client_id)
+        if cached is None:
+            cached = int(self._ctx.store.get_meta(f"token_generation:{client_id}") or 0)
+            self._generations[client_id] = cached
+        return cached
 
     def _next_generation(self, client_id: str) -> int:
         generation = self._generation(client_id) + 1
         self._ctx.store.set_meta(f"token_generation:{client_id}", str(generation))
+        self._generations[client_id] = generation
         return generation
 
     def revoke(self, client_id: str) -> None:

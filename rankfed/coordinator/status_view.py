@@ -82,7 +82,7 @@ class StatusView:
                 for e in m.allowed_models()
             ),
             next_page_token=str(page[0].round) if older and page else "",
-            paused=ctx.store.get_meta("operator.paused") == "1",
+            paused=ctx.state.paused,
             banned_devices=tuple(self._registry.banned()),
         )
 
