@@ -8,6 +8,7 @@ and is logged by the coordinator with who asked.
     rankfed admin stop                             close the open round, start no other
     rankfed admin remove-device phone-7 [--ban]    revoke its tokens; --ban: it may not rejoin
     rankfed admin allow-device phone-7             lift a ban
+    rankfed admin new-run                          a new federation; the old one is archived
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 
-ACTIONS = ("pause", "resume", "close-round", "stop", "remove-device", "allow-device")
+ACTIONS = ("pause", "resume", "close-round", "stop", "remove-device", "allow-device", "new-run")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
                 "stop": lambda: admin.stop(args.reason),
                 "remove-device": lambda: admin.remove_device(args.device, ban=args.ban, reason=args.reason),
                 "allow-device": lambda: admin.allow_device(args.device),
+                "new-run": lambda: admin.new_run(args.reason),
             }[args.action]()
         except AdminError as exc:
             print(f"rankfed admin {args.action}: {exc}", file=sys.stderr)

@@ -122,6 +122,9 @@ class AdminClient:
     def allow_device(self, device_name: str) -> str:
         return self._control("AllowDevice", self._stub.AllowDevice, ProtoAdmin.AllowDeviceRequest(device_name=device_name))
 
+    def new_run(self, reason: str = "") -> str:
+        return self._control("StartFederation", self._stub.StartFederation, ProtoAdmin.ControlRequest(reason=reason))
+
     def history(self) -> list[RoundStatus]:
         """Every finished round, oldest first (all pages of GetRoundStatus's history)."""
         rounds: list[RoundStatus] = []

@@ -141,6 +141,11 @@ class FederationContext:
         self.spec = manifest.adapter_spec()
         self.globals = GlobalAdapters(blobs, manifest, self.method, seed=config.federation.seed)
 
+    def reset_run(self) -> None:
+        """A fresh round state and global-adapter cache for a new run (the stores were reset)."""
+        self.state = RoundState()
+        self.globals = GlobalAdapters(self.blobs, self.manifest, self.method, seed=self.config.federation.seed)
+
     def lora_for_rank(self, rank: int, *, alpha: float | None = None) -> LoraSettings:
         settings = rank_policy.lora_settings(
             rank,

@@ -15,8 +15,12 @@ dataclasses.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import shutil
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
 
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.context import FederationContext
@@ -27,7 +31,7 @@ from rankfed.coordinator.models import ClientRecord, Receipt, RoundRecord
 from rankfed.coordinator.registry import ClientRegistry
 from rankfed.coordinator.rounds import RoundLoop
 from rankfed.coordinator.status_view import StatusView
-from rankfed.coordinator.store import BlobStore, StateStore
+from rankfed.coordinator.store import BLOB_DIR, STATE_FILE, BlobStore, StateStore
 from rankfed.protocol import (
     Chunk,
     ClientInfo,
@@ -44,6 +48,22 @@ from rankfed.protocol import (
     UploadHeader,
 )
 from rankfed.protocol.manifest import ModelManifest
+
+log = logging.getLogger("rankfed.coordinator")
+
+
+def _archive_blobs(root: Path, dest: Path | None) -> None:
+    """Move a run's adapters (global/, updates/) to `dest`, or delete them when nothing keeps
+    the run's state (an in-memory store)."""
+    for part in ("global", "updates"):
+        source = root / part
+        if not source.exists():
+            continue
+        if dest is None:
+            shutil.rmtree(source)
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(source, dest / part)
 
 
 class Federation:
@@ -202,6 +222,25 @@ class Federation:
 
     def allow_device(self, operator: str, device_name: str) -> str:
         return self.controls.allow_device(operator, device_name)
+
+    async def new_run(self, operator: str, reason: str = "") -> str:
+        """Start a new federation (a new id and an empty history) on this daemon. The old
+        run is archived, not deleted: DATA_DIR/runs/<old id>/ holds its state database and
+        adapters, which `rankfed coordinator export --data-dir` reads. Registered devices,
+        their tokens and bans carry over: they get round 1 of the new run."""
+        old_id = self.federation_id
+        archive = self.ctx.blobs.root.parent / "runs" / old_id
+        log.info("operator action", extra={"action": "new_run", "operator": operator, "reason": reason[:1024],
+                                           "archive": str(archive)})
+        await self.stop()
+        async with self.ctx.state.lock:  # an update being committed finishes first
+            kept = await asyncio.to_thread(self.ctx.store.snapshot, archive / STATE_FILE)
+            await asyncio.to_thread(_archive_blobs, self.ctx.blobs.root, archive / BLOB_DIR if kept else None)
+            self.ctx.store.reset_run()
+        self.ctx.reset_run()
+        await self.start()
+        where = f"archived in {archive}" if kept else "not kept (in-memory state)"
+        return f"new federation {self.federation_id} started; the previous one ({old_id}) is {where}"
 
     def client(self, client_id: str) -> ClientRecord:
         """The registered device behind a client id (NotFoundError if unknown)."""

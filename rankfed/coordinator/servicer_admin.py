@@ -110,6 +110,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         operator = self._authorize(context)
         return ProtoAdmin.ControlResponse(message=self._fed.allow_device(operator, request.device_name))
 
+    @unary
+    async def StartFederation(self, request: ProtoAdmin.ControlRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
+        operator = self._authorize(context)
+        return ProtoAdmin.ControlResponse(message=await self._fed.new_run(operator, _reason(request.reason)))
+
 
 def _reason(text: str) -> str:
     limits.check_text(text, "reason", limits.MAX_REASON_CHARS)

@@ -79,6 +79,11 @@ class AdminServiceStub:
                 request_serializer=rankfed_dot_v1_dot_admin__pb2.AllowDeviceRequest.SerializeToString,
                 response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
                 _registered_method=True)
+        self.StartFederation = channel.unary_unary(
+                '/rankfed.v1.AdminService/StartFederation',
+                request_serializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -145,6 +150,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartFederation(self, request, context):
+        """Start a new federation (new id, empty history) on this daemon; the current one is
+        archived under DATA_DIR/runs/<its id>/, not deleted. Registered devices carry over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +204,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'AllowDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.AllowDevice,
                     request_deserializer=rankfed_dot_v1_dot_admin__pb2.AllowDeviceRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
+            ),
+            'StartFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartFederation,
+                    request_deserializer=rankfed_dot_v1_dot_admin__pb2.ControlRequest.FromString,
                     response_serializer=rankfed_dot_v1_dot_admin__pb2.ControlResponse.SerializeToString,
             ),
     }
@@ -436,6 +454,33 @@ class AdminService:
             target,
             '/rankfed.v1.AdminService/AllowDevice',
             rankfed_dot_v1_dot_admin__pb2.AllowDeviceRequest.SerializeToString,
+            rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.AdminService/StartFederation',
+            rankfed_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
             rankfed_dot_v1_dot_admin__pb2.ControlResponse.FromString,
             options,
             channel_credentials,

@@ -51,6 +51,10 @@ class AdminServiceStub:
     ban, it may not join again until AllowDevice.
     """
     AllowDevice: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AllowDeviceRequest, _admin_pb2.ControlResponse]
+    StartFederation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]
+    """Start a new federation (new id, empty history) on this daemon; the current one is
+    archived under DATA_DIR/runs/<its id>/, not deleted. Registered devices carry over.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -73,6 +77,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ban, it may not join again until AllowDevice.
     """
     AllowDevice: _aio.UnaryUnaryMultiCallable[_admin_pb2.AllowDeviceRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    StartFederation: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlResponse]  # type: ignore[assignment]
+    """Start a new federation (new id, empty history) on this daemon; the current one is
+    archived under DATA_DIR/runs/<its id>/, not deleted. Registered devices carry over.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -146,5 +154,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.AllowDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StartFederation(
+        self,
+        request: _admin_pb2.ControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlResponse, _abc.Awaitable[_admin_pb2.ControlResponse]]:
+        """Start a new federation (new id, empty history) on this daemon; the current one is
+        archived under DATA_DIR/runs/<its id>/, not deleted. Registered devices carry over.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -124,3 +124,21 @@ def test_rankfed_admin_command(start, capsys):
     assert "name the device" in capsys.readouterr().err
     assert main(["admin", "remove-device", "ghost", "--address", server.address]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_a_new_run_starts_on_the_same_daemon_and_archives_the_old_one(start, clients, tiny_manifest, tmp_path):
+    server = start(**{"federation.rounds": 1, "federation.min_clients": 1, "federation.straggler_grace_seconds": 0.0})
+    (client,) = clients(server.address, "solo")
+    _train(client, tiny_manifest, 1)
+    wait_for(lambda: status(server.address).done, what="the first federation")
+    first = status(server.address)
+    with AdminClient(server.address) as admin:
+        message = admin.new_run("next experiment")
+    assert first.federation_id in message and "archived" in message
+    second = status(server.address)
+    assert second.federation_id != first.federation_id and not second.done and second.history == ()
+    _train(client, tiny_manifest, 1)  # the same device, the same token: round 1 of the new run
+    wait_for(lambda: status(server.address).done, what="the second federation")
+    archive = server.config.server.data_dir / "runs" / first.federation_id
+    assert (archive / "state.sqlite3").is_file() and (archive / "blobs" / "global" / "round-000001").is_dir()
+    assert main(["coordinator", "export", "--data-dir", str(archive), "--round", "last", "--out", str(tmp_path / "o")]) == 0

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,31 @@ def seeded(store: StateStore) -> StateStore:
 
 
 class TestStateStoreContract:
+    def test_reset_run_keeps_clients_and_coordinator_meta(self, seeded: StateStore, tmp_path: Path) -> None:
+        seeded.put_participant(participant(1, "c1"))
+        seeded.add_receipt(receipt(1, "c1"))
+        seeded.upsert_client(replace(seeded.get_client("c2"), rounds_completed=4, deadlines_missed=2))
+        seeded.set_meta("federation_id", "fed-old")
+        seeded.set_meta("token_key", "k")
+        seeded.set_meta("operator.paused", "1")
+        archived = seeded.snapshot(tmp_path / "archive" / "state.sqlite3")
+        seeded.reset_run()
+        assert seeded.list_rounds() == [] and seeded.latest_round() is None
+        assert seeded.list_participants(1) == [] and seeded.list_receipts(1) == []
+        assert [c.client_id for c in seeded.list_clients()] == ["c1", "c2", "c3"]
+        assert (seeded.get_client("c2").rounds_completed, seeded.get_client("c2").deadlines_missed) == (0, 0)
+        assert seeded.get_meta("federation_id") is None and seeded.get_meta("operator.paused") is None
+        assert seeded.get_meta("token_key") == "k"
+        if archived:  # the archive is the whole old run, openable as a store
+            old = SqliteStore(tmp_path / "archive" / "state.sqlite3")
+            try:
+                assert [r.round for r in old.list_rounds()] == [1, 2] and old.get_receipt(1, "c1") is not None
+                assert old.get_meta("federation_id") == "fed-old"
+            finally:
+                old.close()
+        else:
+            assert isinstance(seeded, MemoryStore)
+
     def test_meta_roundtrip_and_replace(self, store: StateStore) -> None:
         assert store.get_meta("federation_id") is None
         store.set_meta("federation_id", "fed-1")

@@ -41,5 +41,6 @@ def test_services_have_the_agreed_methods():
     assert [m.name for m in admin.methods] == [
         "GetRoundStatus", "WatchRounds", "ListClients",
         "PauseFederation", "ResumeFederation", "CloseRound", "StopFederation", "RemoveDevice", "AllowDevice",
+        "StartFederation",
     ]
     assert admin.methods_by_name["WatchRounds"].server_streaming

@@ -33,6 +33,7 @@ from __future__ import annotations
 import abc
 import math
 from contextlib import AbstractContextManager
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -123,6 +124,23 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def list_receipts(self, round: int) -> list[Receipt]:
         """Receipts of `round` ordered by accepted_at (ties: first added first)."""
+
+    # --- runs --------------------------------------------------------------------------
+
+    # Meta keys a new run starts without (the rest — token key, model, token generations,
+    # bans — belong to the coordinator and its devices, not to one run).
+    RUN_META_KEYS = ("federation_id", "operator.paused", "operator.stopped")
+
+    @abc.abstractmethod
+    def snapshot(self, path: Path) -> bool:
+        """Write a consistent copy of the whole state to `path` (a store file the coordinator
+        and `rankfed coordinator export` can open); False when this store keeps nothing."""
+
+    @abc.abstractmethod
+    def reset_run(self) -> None:
+        """Start a new run: rounds, participants and receipts are cleared, the run's meta keys
+        removed, and every client's per-run counters (rounds completed, deadlines missed)
+        reset; clients, their tokens and the rest of meta stay."""
 
     # --- lifecycle ---------------------------------------------------------------------
 

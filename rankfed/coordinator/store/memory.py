@@ -13,6 +13,8 @@ import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
@@ -95,6 +97,29 @@ class MemoryStore(StateStore):
         if round not in table:
             self._set(table, round, {})
         return table[round]
+
+    def snapshot(self, path: Path) -> bool:
+        self._check_open()
+        return False  # nothing persisted: an in-memory run leaves no archive
+
+    def reset_run(self) -> None:
+        with self.transaction():
+            self._clear(self._receipts)
+            self._clear(self._participants)
+            self._clear(self._rounds)
+            self._clear(self._receipt_ids)
+            for client_id, rec in list(self._clients.items()):
+                self._set(self._clients, client_id, replace(rec, rounds_completed=0, deadlines_missed=0))
+            for key in self.RUN_META_KEYS:
+                if key in self._meta:
+                    self._undo.append((self._meta, key, self._meta[key]))
+                    del self._meta[key]
+
+    def _clear(self, table: dict[Any, Any]) -> None:
+        """Empty a table, each removal remembered for a rollback."""
+        for key in list(table):
+            self._undo.append((table, key, table[key]))
+            del table[key]
 
     def close(self) -> None:
         self._closed = True

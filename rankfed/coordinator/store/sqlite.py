@@ -230,6 +230,30 @@ class SqliteStore(StateStore):
         except sqlite3.Error:
             log.exception("rollback of %s failed", self._path)
 
+    def snapshot(self, path: Path) -> bool:
+        """SQLite's online backup: consistent even while the daemon writes (WAL)."""
+        with self._lock:
+            conn = self._conn_or_raise()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target = sqlite3.connect(path)
+                try:
+                    conn.backup(target)
+                finally:
+                    target.close()
+            except sqlite3.Error as e:
+                raise self._storage_error(e) from e
+            path.chmod(0o600)
+            return True
+
+    def reset_run(self) -> None:
+        with self.transaction():
+            for table in ("receipts", "participants", "rounds"):
+                self._run(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+            self._run("UPDATE clients SET rounds_completed = 0, deadlines_missed = 0")
+            for key in self.RUN_META_KEYS:
+                self._run("DELETE FROM meta WHERE key = ?", (key,))
+
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
