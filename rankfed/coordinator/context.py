@@ -131,9 +131,9 @@ class FederationContext:
         self.clock = clock
         self.changes = Changes()
         self.state = RoundState()
-        state = self.state
-        self.changes.track_phase(lambda: (state.done, state.open.round if state.open else 0,
-                                          state.open.phase if state.open else None))
+        # Read self.state at each change: a new run replaces the RoundState object.
+        self.changes.track_phase(lambda: (self.state.done, self.state.open.round if self.state.open else 0,
+                                          self.state.open.phase if self.state.open else None))
         self.method = get_method(config.federation.method)
         self.personalized = config.federation.mode == FederationMode.PERSONALIZED
         # Rules that average A and B as they are need every client at the same rank.

@@ -83,6 +83,7 @@ class Controls:
         self._log("remove_device", operator, reason, device=name, ban=ban)
         if client is not None:
             self._registry.revoke(client.client_id)
+            self._registry.unbind(client.client_id)  # the name is free for the next device
             self._ctx.store.upsert_client(replace(client, left=True, online=False))
         if ban:
             self._registry.set_banned([*self._registry.banned(), name])

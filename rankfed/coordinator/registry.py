@@ -4,6 +4,7 @@ uploads count as signs of life), and the client list operators see."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from rankfed.protocol import (
 log = logging.getLogger("rankfed.coordinator")
 
 BANNED_KEY = "operator.banned"
+_KEY_META = "device_key_sha256:"
 MAX_CLIENT_PAGE = 500  # devices per ListClients reply: ~200 bytes each, far below the message limit
 
 
@@ -123,6 +125,8 @@ class ClientRegistry:
             )
         now = ctx.clock()
         existing = ctx.store.find_client_by_name(name)
+        if existing is not None and not enrolled_by_certificate:
+            self._check_device_key(existing.client_id, name, info.device_key)
         demotions = 0 if existing is None else rank_policy.demotions_for(
             existing.deadlines_missed, cfg.federation.demote_after_missed_deadlines
         )
@@ -143,6 +147,7 @@ class ClientRegistry:
                 rank=rank, tier=tier, online=True, left=False,
             )
         ctx.store.upsert_client(client)
+        device_key = "" if enrolled_by_certificate else self._bind_if_unbound(client.client_id)
         # A new Join revokes the device's earlier tokens: whoever held them must join again.
         generation = self._next_generation(client.client_id) if existing is not None else self._generation(client.client_id)
         token, expires = self._signer().issue(
@@ -163,6 +168,7 @@ class ClientRegistry:
             ),
             heartbeat_interval_s=cfg.federation.heartbeat_interval_seconds,
             federation_id=self.federation_id,
+            device_key=device_key,
             max_chunk_bytes=cfg.server.max_chunk_bytes,
             mode=FederationMode(cfg.federation.mode),
         )
@@ -199,6 +205,35 @@ class ClientRegistry:
             if not self._polling[client_id]:
                 del self._polling[client_id]
             self.touch(client_id)
+
+    # ------------------------------------------------------------------ device keys
+
+    # Without mutual TLS a name is bound at its first enrollment to a key only that device
+    # holds (it gets it once, in JoinResponse.device_key); the coordinator keeps its sha256.
+    # Anyone else joining under the name is refused, instead of taking the device over.
+
+    def _check_device_key(self, client_id: str, name: str, presented: str) -> None:
+        held = self._ctx.store.get_meta(_KEY_META + client_id)
+        if not held:
+            return  # enrolled before keys existed, or freed by an operator: bound at this join
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).hexdigest()
+        if not presented or not secrets.compare_digest(digest, held):
+            raise PermissionDeniedError(
+                f"device name {name!r} is bound to the device that first enrolled it: join from that device "
+                "(it keeps its device key), or ask the operator to free the name (rankfed admin remove-device)"
+            )
+
+    def _bind_if_unbound(self, client_id: str) -> str:
+        """A new key for a name that has none yet (returned once, to the device); "" otherwise."""
+        if self._ctx.store.get_meta(_KEY_META + client_id):
+            return ""
+        key = secrets.token_urlsafe(32)
+        self._ctx.store.set_meta(_KEY_META + client_id, hashlib.sha256(key.encode()).hexdigest())
+        return key
+
+    def unbind(self, client_id: str) -> None:
+        """An operator frees the name: the next device to join under it is bound to it."""
+        self._ctx.store.set_meta(_KEY_META + client_id, "")
 
     def _generation(self, client_id: str) -> int:
         cached = self._generations.get(client_id)

@@ -180,7 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     printer = _Printer(args.json, args.quiet)
     retry = RetryPolicy(max_elapsed_s=args.retry_for)
     _terminate_like_interrupt()
-    with EdgeTransport(args.coordinator, tls=tls, retry=retry) as transport:
+    from .credentials import DeviceKeys, default_key_dir
+
+    keys = DeviceKeys(default_key_dir())  # a restarted device rejoins under its name
+    with EdgeTransport(args.coordinator, tls=tls, retry=retry, keys=keys) as transport:
         runner = EdgeRunner(transport, config, on_event=printer, on_step=_step_progress(args.json, args.quiet))
         try:
             summary = runner.run()

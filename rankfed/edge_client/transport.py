@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
@@ -42,6 +42,7 @@ from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
 from rankfed.v1 import edge_pb2_grpc as ProtoEdgeGrpc
 
+from .credentials import DeviceKeys
 from .errors import (
     AuthError,
     ConfigError,
@@ -143,8 +144,12 @@ class EdgeTransport:
         call_timeout_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
+        keys: DeviceKeys | None = None,
     ) -> None:
         self.address = address
+        # The device key proves this device's name at later joins (in memory by default;
+        # `rankfed edge run` keeps it in a file so a restarted device can rejoin).
+        self.keys = keys if keys is not None else DeviceKeys()
         self.retry = retry
         self.call_timeout_s = call_timeout_s
         self._sleep = sleep
@@ -198,6 +203,9 @@ class EdgeTransport:
     # -- calls -------------------------------------------------------------------------
 
     def join(self, request: JoinRequest) -> JoinResult:
+        name = request.device_name.strip()
+        if not request.device_key:
+            request = replace(request, device_key=self.keys.get(self.address, name))
         proto = serde.join_request_to_proto(request)
 
         def call(_: int) -> JoinResult:
@@ -205,6 +213,8 @@ class EdgeTransport:
             return serde.join_result_from_proto(response)
 
         result = self._with_retries("Join", call)
+        if result.device_key:
+            self.keys.put(self.address, name, result.device_key)
         self._token = result.session_token
         if result.max_chunk_bytes:
             self.max_chunk_bytes = min(result.max_chunk_bytes, 4 * MiB)

@@ -237,7 +237,7 @@ def join_request_to_proto(r: JoinRequest) -> ProtoEdge.JoinRequest:
     return ProtoEdge.JoinRequest(
         device_name=r.device_name, capability=capability_to_proto(r.capability),
         base_model_sha256=r.base_model_sha256, enrollment_secret=r.enrollment_secret,
-        client_version=r.client_version, num_examples=r.num_examples,
+        client_version=r.client_version, num_examples=r.num_examples, device_key=r.device_key,
     )
 
 
@@ -245,7 +245,7 @@ def join_request_from_proto(p: ProtoEdge.JoinRequest) -> JoinRequest:
     return JoinRequest(
         device_name=p.device_name, capability=capability_from_proto(p.capability),
         base_model_sha256=p.base_model_sha256, num_examples=p.num_examples,
-        enrollment_secret=p.enrollment_secret, client_version=p.client_version,
+        enrollment_secret=p.enrollment_secret, client_version=p.client_version, device_key=p.device_key,
     )
 
 
@@ -255,6 +255,7 @@ def join_result_to_proto(r: JoinResult) -> ProtoEdge.JoinResponse:
         token_expires_at=timestamp_to_proto(r.token_expires_at), assignment=assignment_to_proto(r.assignment),
         base_model=base_model_to_proto(r.base_model), heartbeat_interval=duration_to_proto(r.heartbeat_interval_s),
         federation_id=r.federation_id, max_chunk_bytes=r.max_chunk_bytes, mode=MODE_TO_PROTO[r.mode],
+        device_key=r.device_key,
     )
 
 
@@ -264,7 +265,7 @@ def join_result_from_proto(p: ProtoEdge.JoinResponse) -> JoinResult:
         base_model=base_model_from_proto(p.base_model), heartbeat_interval_s=duration_from_proto(p.heartbeat_interval),
         federation_id=p.federation_id, max_chunk_bytes=p.max_chunk_bytes,
         token_expires_at=timestamp_from_proto(p.token_expires_at),
-        mode=MODE_FROM_PROTO.get(p.mode, FederationMode.RANK_HETEROGENEOUS),
+        mode=MODE_FROM_PROTO.get(p.mode, FederationMode.RANK_HETEROGENEOUS), device_key=p.device_key,
     )
 
 

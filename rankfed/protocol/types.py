@@ -119,6 +119,7 @@ class JoinRequest:
     num_examples: int = 0
     enrollment_secret: str = ""
     client_version: str = ""
+    device_key: str = ""  # issued at first enrollment; proves the name on later joins
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class JoinResult:
     max_chunk_bytes: int
     token_expires_at: float = 0.0
     mode: FederationMode = FederationMode.RANK_HETEROGENEOUS
+    device_key: str = ""  # set when the coordinator (re)binds the name: keep it for later joins
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 from rankfed.aggregation import AdapterError as AggregationAdapterError
 from rankfed.coordinator import errors as coordinator_errors
@@ -60,6 +61,7 @@ class InProcessTransport:
         self._compute = compute
         self._holding = False
         self._token = ""
+        self._device_key = ""  # issued at this virtual device's first Join
         # Nothing crosses a link: 0 means "not measured", so the runner never re-joins for it.
         self.upload_bytes_per_second = 0.0
         self.download_bytes_per_second = 0.0
@@ -99,6 +101,8 @@ class InProcessTransport:
         return self._host.fed().authenticate(self._token)
 
     def join(self, request: JoinRequest) -> JoinResult:
+        if not request.device_key and self._device_key:
+            request = replace(request, device_key=self._device_key)
         proto = serde.join_request_to_proto(request)
         fed = self._host.fed()
 
@@ -106,6 +110,7 @@ class InProcessTransport:
             return serde.join_result_to_proto(fed.join(serde.join_request_from_proto(proto)))
 
         result = serde.join_result_from_proto(self._run("Join", call))
+        self._device_key = result.device_key or self._device_key
         self._token = result.session_token
         return result
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rankfed.v1 import common_pb2 as rankfed_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rankfed/v1/edge.proto\x12\nrankfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17rankfed/v1/common.proto\"\xb8\x01\n\x0bJoinRequest\x12\x13\n\x0b\x64\x65vice_name\x18\x01 \x01(\t\x12\x30\n\ncapability\x18\x02 \x01(\x0b\x32\x1c.rankfed.v1.DeviceCapability\x12\x19\n\x11\x62\x61se_model_sha256\x18\x03 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\"P\n\nAssignment\x12$\n\x04lora\x18\x01 \x01(\x0b\x32\x16.rankfed.v1.LoraConfig\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xd6\x02\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x34\n\x10token_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\nassignment\x18\x04 \x01(\x0b\x32\x16.rankfed.v1.Assignment\x12)\n\nbase_model\x18\x05 \x01(\x0b\x32\x15.rankfed.v1.BaseModel\x12\x35\n\x12heartbeat_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfederation_id\x18\x07 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x08 \x01(\r\x12(\n\x04mode\x18\t \x01(\x0e\x32\x1a.rankfed.v1.FederationMode\"=\n\x0eGetTaskRequest\x12+\n\x08max_wait\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x81\x02\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12*\n\nassignment\x18\x02 \x01(\x0b\x32\x16.rankfed.v1.Assignment\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x15\n\radapter_bytes\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\t \x01(\t\x12\x0c\n\x04seed\x18\n \x01(\x04\"J\n\x08WaitTask\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\x08\x44oneTask\x12\x13\n\x0b\x66inal_round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1c\n\x14\x66inal_adapter_sha256\x18\x03 \x01(\t\"\x82\x01\n\x04Task\x12&\n\x05train\x18\x01 \x01(\x0b\x32\x15.rankfed.v1.TrainTaskH\x00\x12$\n\x04wait\x18\x02 \x01(\x0b\x32\x14.rankfed.v1.WaitTaskH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.rankfed.v1.DoneTaskH\x00\x42\x06\n\x04kind\">\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\"\x8f\x01\n\x10TransferManifest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\x12$\n\x04lora\x18\x06 \x01(\x0b\x32\x16.rankfed.v1.LoraConfig\"o\n\x0f\x44ownloadMessage\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.rankfed.v1.TransferManifestH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.rankfed.v1.ChunkH\x00\x42\x06\n\x04kind\"\x91\x01\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.rankfed.v1.TrainMetrics\"g\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.rankfed.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.rankfed.v1.ChunkH\x00\x42\x06\n\x04kind\"\x8b\x01\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nreceipt_id\x18\x05 \x01(\t\"`\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.rankfed.v1.ParticipantState\x12\x10\n\x08progress\x18\x03 \x01(\x01\"S\n\x11HeartbeatResponse\x12*\n\x07next_in\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nround_open\x18\x02 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse2\xa0\x03\n\x0b\x45\x64geService\x12\x39\n\x04Join\x12\x17.rankfed.v1.JoinRequest\x1a\x18.rankfed.v1.JoinResponse\x12\x37\n\x07GetTask\x12\x1a.rankfed.v1.GetTaskRequest\x1a\x10.rankfed.v1.Task\x12M\n\x0f\x44ownloadAdapter\x12\x1b.rankfed.v1.DownloadRequest\x1a\x1b.rankfed.v1.DownloadMessage0\x01\x12\x46\n\x0cUploadUpdate\x12\x19.rankfed.v1.UploadMessage\x1a\x19.rankfed.v1.UploadReceipt(\x01\x12H\n\tHeartbeat\x12\x1c.rankfed.v1.HeartbeatRequest\x1a\x1d.rankfed.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.rankfed.v1.LeaveRequest\x1a\x19.rankfed.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rankfed/v1/edge.proto\x12\nrankfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17rankfed/v1/common.proto\"\xcc\x01\n\x0bJoinRequest\x12\x13\n\x0b\x64\x65vice_name\x18\x01 \x01(\t\x12\x30\n\ncapability\x18\x02 \x01(\x0b\x32\x1c.rankfed.v1.DeviceCapability\x12\x19\n\x11\x62\x61se_model_sha256\x18\x03 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x12\n\ndevice_key\x18\x07 \x01(\t\"P\n\nAssignment\x12$\n\x04lora\x18\x01 \x01(\x0b\x32\x16.rankfed.v1.LoraConfig\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xea\x02\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x34\n\x10token_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\nassignment\x18\x04 \x01(\x0b\x32\x16.rankfed.v1.Assignment\x12)\n\nbase_model\x18\x05 \x01(\x0b\x32\x15.rankfed.v1.BaseModel\x12\x35\n\x12heartbeat_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfederation_id\x18\x07 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x08 \x01(\r\x12(\n\x04mode\x18\t \x01(\x0e\x32\x1a.rankfed.v1.FederationMode\x12\x12\n\ndevice_key\x18\n \x01(\t\"=\n\x0eGetTaskRequest\x12+\n\x08max_wait\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x81\x02\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12*\n\nassignment\x18\x02 \x01(\x0b\x32\x16.rankfed.v1.Assignment\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x15\n\radapter_bytes\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\t \x01(\t\x12\x0c\n\x04seed\x18\n \x01(\x04\"J\n\x08WaitTask\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\x08\x44oneTask\x12\x13\n\x0b\x66inal_round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1c\n\x14\x66inal_adapter_sha256\x18\x03 \x01(\t\"\x82\x01\n\x04Task\x12&\n\x05train\x18\x01 \x01(\x0b\x32\x15.rankfed.v1.TrainTaskH\x00\x12$\n\x04wait\x18\x02 \x01(\x0b\x32\x14.rankfed.v1.WaitTaskH\x00\x12$\n\x04\x64one\x18\x03 \x01(\x0b\x32\x14.rankfed.v1.DoneTaskH\x00\x42\x06\n\x04kind\">\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\"\x8f\x01\n\x10TransferManifest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\x12$\n\x04lora\x18\x06 \x01(\x0b\x32\x16.rankfed.v1.LoraConfig\"o\n\x0f\x44ownloadMessage\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.rankfed.v1.TransferManifestH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.rankfed.v1.ChunkH\x00\x42\x06\n\x04kind\"\x91\x01\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12)\n\x07metrics\x18\x06 \x01(\x0b\x32\x18.rankfed.v1.TrainMetrics\"g\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.rankfed.v1.UploadHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.rankfed.v1.ChunkH\x00\x42\x06\n\x04kind\"\x8b\x01\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nreceipt_id\x18\x05 \x01(\t\"`\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.rankfed.v1.ParticipantState\x12\x10\n\x08progress\x18\x03 \x01(\x01\"S\n\x11HeartbeatResponse\x12*\n\x07next_in\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nround_open\x18\x02 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse2\xa0\x03\n\x0b\x45\x64geService\x12\x39\n\x04Join\x12\x17.rankfed.v1.JoinRequest\x1a\x18.rankfed.v1.JoinResponse\x12\x37\n\x07GetTask\x12\x1a.rankfed.v1.GetTaskRequest\x1a\x10.rankfed.v1.Task\x12M\n\x0f\x44ownloadAdapter\x12\x1b.rankfed.v1.DownloadRequest\x1a\x1b.rankfed.v1.DownloadMessage0\x01\x12\x46\n\x0cUploadUpdate\x12\x19.rankfed.v1.UploadMessage\x1a\x19.rankfed.v1.UploadReceipt(\x01\x12H\n\tHeartbeat\x12\x1c.rankfed.v1.HeartbeatRequest\x1a\x1d.rankfed.v1.HeartbeatResponse\x12<\n\x05Leave\x12\x18.rankfed.v1.LeaveRequest\x1a\x19.rankfed.v1.LeaveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,41 +35,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rankfed.v1.edge_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST']._serialized_start=128
-  _globals['_JOINREQUEST']._serialized_end=312
-  _globals['_ASSIGNMENT']._serialized_start=314
-  _globals['_ASSIGNMENT']._serialized_end=394
-  _globals['_JOINRESPONSE']._serialized_start=397
-  _globals['_JOINRESPONSE']._serialized_end=739
-  _globals['_GETTASKREQUEST']._serialized_start=741
-  _globals['_GETTASKREQUEST']._serialized_end=802
-  _globals['_TRAINTASK']._serialized_start=805
-  _globals['_TRAINTASK']._serialized_end=1062
-  _globals['_WAITTASK']._serialized_start=1064
-  _globals['_WAITTASK']._serialized_end=1138
-  _globals['_DONETASK']._serialized_start=1140
-  _globals['_DONETASK']._serialized_end=1217
-  _globals['_TASK']._serialized_start=1220
-  _globals['_TASK']._serialized_end=1350
-  _globals['_DOWNLOADREQUEST']._serialized_start=1352
-  _globals['_DOWNLOADREQUEST']._serialized_end=1414
-  _globals['_TRANSFERMANIFEST']._serialized_start=1417
-  _globals['_TRANSFERMANIFEST']._serialized_end=1560
-  _globals['_DOWNLOADMESSAGE']._serialized_start=1562
-  _globals['_DOWNLOADMESSAGE']._serialized_end=1673
-  _globals['_UPLOADHEADER']._serialized_start=1676
-  _globals['_UPLOADHEADER']._serialized_end=1821
-  _globals['_UPLOADMESSAGE']._serialized_start=1823
-  _globals['_UPLOADMESSAGE']._serialized_end=1926
-  _globals['_UPLOADRECEIPT']._serialized_start=1929
-  _globals['_UPLOADRECEIPT']._serialized_end=2068
-  _globals['_HEARTBEATREQUEST']._serialized_start=2070
-  _globals['_HEARTBEATREQUEST']._serialized_end=2166
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2168
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2251
-  _globals['_LEAVEREQUEST']._serialized_start=2253
-  _globals['_LEAVEREQUEST']._serialized_end=2283
-  _globals['_LEAVERESPONSE']._serialized_start=2285
-  _globals['_LEAVERESPONSE']._serialized_end=2300
-  _globals['_EDGESERVICE']._serialized_start=2303
-  _globals['_EDGESERVICE']._serialized_end=2719
+  _globals['_JOINREQUEST']._serialized_end=332
+  _globals['_ASSIGNMENT']._serialized_start=334
+  _globals['_ASSIGNMENT']._serialized_end=414
+  _globals['_JOINRESPONSE']._serialized_start=417
+  _globals['_JOINRESPONSE']._serialized_end=779
+  _globals['_GETTASKREQUEST']._serialized_start=781
+  _globals['_GETTASKREQUEST']._serialized_end=842
+  _globals['_TRAINTASK']._serialized_start=845
+  _globals['_TRAINTASK']._serialized_end=1102
+  _globals['_WAITTASK']._serialized_start=1104
+  _globals['_WAITTASK']._serialized_end=1178
+  _globals['_DONETASK']._serialized_start=1180
+  _globals['_DONETASK']._serialized_end=1257
+  _globals['_TASK']._serialized_start=1260
+  _globals['_TASK']._serialized_end=1390
+  _globals['_DOWNLOADREQUEST']._serialized_start=1392
+  _globals['_DOWNLOADREQUEST']._serialized_end=1454
+  _globals['_TRANSFERMANIFEST']._serialized_start=1457
+  _globals['_TRANSFERMANIFEST']._serialized_end=1600
+  _globals['_DOWNLOADMESSAGE']._serialized_start=1602
+  _globals['_DOWNLOADMESSAGE']._serialized_end=1713
+  _globals['_UPLOADHEADER']._serialized_start=1716
+  _globals['_UPLOADHEADER']._serialized_end=1861
+  _globals['_UPLOADMESSAGE']._serialized_start=1863
+  _globals['_UPLOADMESSAGE']._serialized_end=1966
+  _globals['_UPLOADRECEIPT']._serialized_start=1969
+  _globals['_UPLOADRECEIPT']._serialized_end=2108
+  _globals['_HEARTBEATREQUEST']._serialized_start=2110
+  _globals['_HEARTBEATREQUEST']._serialized_end=2206
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2208
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2291
+  _globals['_LEAVEREQUEST']._serialized_start=2293
+  _globals['_LEAVEREQUEST']._serialized_end=2323
+  _globals['_LEAVERESPONSE']._serialized_start=2325
+  _globals['_LEAVERESPONSE']._serialized_end=2340
+  _globals['_EDGESERVICE']._serialized_start=2343
+  _globals['_EDGESERVICE']._serialized_end=2759
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,7 @@ class JoinRequest(_message.Message):
     ENROLLMENT_SECRET_FIELD_NUMBER: _builtins.int
     CLIENT_VERSION_FIELD_NUMBER: _builtins.int
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    DEVICE_KEY_FIELD_NUMBER: _builtins.int
     device_name: _builtins.str
     """Stable, client-chosen device name: joining again with it keeps the client id."""
     base_model_sha256: _builtins.str
@@ -41,6 +42,11 @@ class JoinRequest(_message.Message):
     client_version: _builtins.str
     num_examples: _builtins.int
     """Number of local training examples (used for selection and reporting)."""
+    device_key: _builtins.str
+    """The key this coordinator issued to this device name at its first Join (JoinResponse.
+    device_key); required to join again under the name unless a client certificate
+    (mutual TLS) proves the name. Empty at first enrollment.
+    """
     @_builtins.property
     def capability(self) -> _common_pb2.DeviceCapability: ...
     def __init__(
@@ -52,10 +58,11 @@ class JoinRequest(_message.Message):
         enrollment_secret: _builtins.str = ...,
         client_version: _builtins.str = ...,
         num_examples: _builtins.int = ...,
+        device_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "capability", b"capability", "client_version", b"client_version", "device_name", b"device_name", "enrollment_secret", b"enrollment_secret", "num_examples", b"num_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "capability", b"capability", "client_version", b"client_version", "device_key", b"device_key", "device_name", b"device_name", "enrollment_secret", b"enrollment_secret", "num_examples", b"num_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -103,6 +110,7 @@ class JoinResponse(_message.Message):
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    DEVICE_KEY_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     session_token: _builtins.str
     federation_id: _builtins.str
@@ -111,6 +119,10 @@ class JoinResponse(_message.Message):
     mode: _common_pb2.FederationMode.ValueType
     """PERSONALIZED: the adapter exchanged is only the shared one (model-independent module
     names, see docs/personalized.md); the client keeps its private part on the device.
+    """
+    device_key: _builtins.str
+    """Set at a device name's first enrollment (and when a name enrolled before keys existed
+    joins): the device must keep it and send it in every later Join under this name.
     """
     @_builtins.property
     def token_expires_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -132,10 +144,11 @@ class JoinResponse(_message.Message):
         federation_id: _builtins.str = ...,
         max_chunk_bytes: _builtins.int = ...,
         mode: _common_pb2.FederationMode.ValueType = ...,
+        device_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "base_model", b"base_model", "heartbeat_interval", b"heartbeat_interval", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "base_model", b"base_model", "client_id", b"client_id", "federation_id", b"federation_id", "heartbeat_interval", b"heartbeat_interval", "max_chunk_bytes", b"max_chunk_bytes", "mode", b"mode", "session_token", b"session_token", "token_expires_at", b"token_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "base_model", b"base_model", "client_id", b"client_id", "device_key", b"device_key", "federation_id", b"federation_id", "heartbeat_interval", b"heartbeat_interval", "max_chunk_bytes", b"max_chunk_bytes", "mode", b"mode", "session_token", b"session_token", "token_expires_at", b"token_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -161,6 +161,7 @@ class EdgeTestClient:
         self.stub = edge_pb2_grpc.EdgeServiceStub(self.channel)
         self.name, self.device, self.gflops, self.memory_gb = name, device, gflops, memory_gb
         self.token = ""
+        self.device_key = ""
         self.client_id = ""
 
     def close(self) -> None:
@@ -183,8 +184,11 @@ class EdgeTestClient:
                 request.capability.CopyFrom(value)
             else:
                 setattr(request, key, value)
+        if self.device_key and "device_key" not in fields:
+            request.device_key = self.device_key  # the key this device got at its first Join
         reply = self.stub.Join(request, timeout=10)
         self.token, self.client_id = reply.session_token, reply.client_id
+        self.device_key = reply.device_key or self.device_key
         return reply
 
     def get_task(self, max_wait: float = 5.0) -> ProtoEdge.Task:

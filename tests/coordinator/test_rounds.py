@@ -296,11 +296,13 @@ def test_a_rejoin_with_a_wobbling_speed_keeps_its_tier(start, tiny_manifest):
     from tests.coordinator.harness import EdgeTestClient
 
     server = start()
-    tiers = []
+    tiers, key = [], ""
     for gflops in (51.0, 47.0, 44.0):
         client = EdgeTestClient(server.address, "laptop", gflops=gflops, memory_gb=16.0)
+        client.device_key = key  # the same device, re-measured: it kept its key
         try:
             tiers.append(client.join(tiny_manifest.weights_sha256).assignment.tier)
+            key = client.device_key
         finally:
             client.close()
     assert tiers == ["cpu-fast", "cpu-fast", "cpu"]

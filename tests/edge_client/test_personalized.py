@@ -186,12 +186,15 @@ def _coordinator(tmp_path: Path, manifest_path: Path, rounds: int):
 
 
 def _runner(address: str, model_dir: Path, data: Path, name: str, personal: Path, events: list, strategy=None, **kw):
+    from rankfed.edge_client.credentials import DeviceKeys
     from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
     from rankfed.edge_client.transport import EdgeTransport
 
     config = RunnerConfig(model_dir=model_dir, data_path=data, device_name=name, max_wait_s=2.0,
                           personal_dir=personal, private=PrivateSettings(rank=4), **kw)
-    transport = EdgeTransport(address)
+    # The device key lives in the personal directory, as a device's own files survive its
+    # restart: the restarted client rejoins under its name.
+    transport = EdgeTransport(address, keys=DeviceKeys(personal / "keys"))
     return transport, EdgeRunner(transport, config, on_event=lambda n, f: events.append((name, n, f)),
                                  strategy=strategy)
 

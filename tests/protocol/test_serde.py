@@ -95,13 +95,13 @@ PAIRS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], Any], Callable[[A
     "base_model": (base_models, serde.base_model_to_proto, serde.base_model_from_proto),
     "join_request": (
         st.builds(JoinRequest, device_name=TEXT, capability=capabilities, base_model_sha256=TEXT, num_examples=U64,
-                  enrollment_secret=TEXT, client_version=TEXT),
+                  enrollment_secret=TEXT, client_version=TEXT, device_key=TEXT),
         serde.join_request_to_proto, serde.join_request_from_proto,
     ),
     "join_result": (
         st.builds(JoinResult, client_id=TEXT, session_token=TEXT, assignment=assignments, base_model=base_models,
                   heartbeat_interval_s=DURATION, federation_id=TEXT, max_chunk_bytes=U32, token_expires_at=SECONDS,
-                  mode=st.sampled_from(FederationMode)),
+                  mode=st.sampled_from(FederationMode), device_key=TEXT),
         serde.join_result_to_proto, serde.join_result_from_proto,
     ),
     "task": (
