@@ -137,6 +137,18 @@ class ServerConfig:
     upload_total_timeout_seconds: float = _f(
         3600.0, "Longest an upload stream may last from its first message to its last.", gt=0
     )
+    download_idle_timeout_seconds: float = _f(
+        30.0,
+        "A download whose client takes no data for this long (one chunk waits that long to be "
+        "sent) is aborted with DEADLINE_EXCEEDED; the device resumes it with offset.",
+        gt=0,
+    )
+    download_total_timeout_seconds: float = _f(
+        3600.0,
+        "Longest a download stream may last, in seconds (a client that reads too slowly holds "
+        "the stream no longer); the device resumes it with offset.",
+        gt=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ adapter redistributed to its rank (DownloadAdapter)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 
 from rankfed.coordinator.context import OPEN_STATES, FederationContext
@@ -112,7 +112,7 @@ class TaskDispatcher:
 
     async def open_download(
         self, client_id: str, request: DownloadRequest
-    ) -> tuple[TransferManifest, AsyncIterator[bytes]]:
+    ) -> tuple[TransferManifest, AsyncGenerator[bytes, None]]:
         """The manifest of a client's global adapter and an iterator over its chunks from `offset`.
 
         round 0: the latest global adapter at the client's current rank, or with `full` the
@@ -154,7 +154,7 @@ class TaskDispatcher:
             ctx.store.put_participant(replace(part, state=ParticipantState.DOWNLOADING))
             ctx.changes.notify()
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncGenerator[bytes, None]:
             sent = 0
             with ctx.globals.open(rank_file.relpath) as fh:
                 fh.seek(offset)

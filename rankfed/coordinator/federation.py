@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from pathlib import Path
 
 from rankfed.coordinator.config import CoordinatorConfig
@@ -175,7 +175,7 @@ class Federation:
 
     async def open_download(
         self, client_id: str, request: DownloadRequest
-    ) -> tuple[TransferManifest, AsyncIterator[bytes]]:
+    ) -> tuple[TransferManifest, AsyncGenerator[bytes, None]]:
         return await self.dispatch.open_download(client_id, request)
 
     async def upload(self, client_id: str, header: UploadHeader, chunks: AsyncIterable[Chunk]) -> Receipt:

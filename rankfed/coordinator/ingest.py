@@ -46,6 +46,7 @@ from rankfed.protocol import (
     Chunk,
     ErrorDetail,
     ErrorReason,
+    LoraSettings,
     ParticipantState,
     UploadHeader,
     limits,
@@ -89,7 +90,10 @@ class Ingest:
                 await session.add_chunk(chunk.offset, chunk.data)
             await session.seal()
             async with self._decode_slots:
-                adapter = await asyncio.to_thread(session.verify, self._ctx.spec, homogeneous=self._ctx.homogeneous)
+                adapter = await asyncio.to_thread(
+                    session.verify, self._ctx.spec, assigned=self._assigned(session.participant),
+                    homogeneous=self._ctx.homogeneous,
+                )
         except BaseException:
             # Broken stream, cancelled call, timeout or rejected content: leave no trace.
             self._abort(session)
@@ -104,6 +108,10 @@ class Ingest:
         except RuntimeError:  # the pool is shut down: the coordinator is stopping
             pass
         return receipt
+
+    def _assigned(self, part: Participant) -> LoraSettings:
+        """The LoRA settings this participant was told to train with (what it downloaded)."""
+        return self._ctx.lora_for_rank(part.rank, alpha=part.alpha)
 
     def _begin(self, client_id: str, header: UploadHeader) -> UploadSession:
         ctx = self._ctx

@@ -8,6 +8,7 @@ from Join, and under mutual TLS that token must belong to the certificate's devi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -24,7 +25,7 @@ from rankfed.coordinator.errors import (
 )
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
-from rankfed.coordinator.servicer_errors import streaming, unary
+from rankfed.coordinator.servicer_errors import unary
 from rankfed.coordinator.upload_wire import Malformed, RawChunk, UploadPart, upload_message_from_bytes
 from rankfed.protocol import Chunk, UploadHeader, UploadReceipt, WaitTask, serde
 from rankfed.tls import peer_identity
@@ -187,16 +188,46 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             self.metrics.get_task_overrun.observe(max(0.0, time.perf_counter() - started - due))
         return serde.task_to_proto(task)
 
-    @streaming
-    async def DownloadAdapter(self, request: ProtoEdge.DownloadRequest, context):
+    # A coroutine that writes (not an async generator that yields): a yielded message is
+    # sent by grpc's own loop, where no timeout of ours can reach a write blocked on flow
+    # control; here each write is our await, bounded like an upload's receives. (grpc.aio
+    # serves both forms; the generated stub types only the generator one.)
+    @unary
+    async def DownloadAdapter(  # type: ignore[override]
+        self, request: ProtoEdge.DownloadRequest, context
+    ) -> None:
         client_id = self._client_id(context)
         manifest, chunks = await self._fed.open_download(client_id, serde.download_request_from_proto(request))
-        yield ProtoEdge.DownloadMessage(manifest=serde.transfer_manifest_to_proto(manifest))
-        offset = request.offset
-        async for data in chunks:
-            yield ProtoEdge.DownloadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data))
-            offset += len(data)
-            self.metrics.bytes_out.inc(len(data))
+        server = self._fed.config.server
+        idle, total = server.download_idle_timeout_seconds, server.download_total_timeout_seconds
+        loop = asyncio.get_running_loop()
+        until = loop.time() + total
+
+        async def send(message: ProtoEdge.DownloadMessage) -> None:
+            # The write returns once gRPC's flow control takes the message; a client that
+            # stopped reading keeps it waiting. Whichever limit comes first applies.
+            idle_ends = loop.time() + idle
+            try:
+                async with asyncio.timeout_at(min(idle_ends, until)):
+                    await context.write(message)
+            except TimeoutError:
+                if idle_ends <= until:
+                    raise StreamTimeoutError(
+                        f"the client took no data for {idle:g} s (server.download_idle_timeout_seconds); the "
+                        "download was aborted, resume it with offset = bytes received", reason="idle_timeout",
+                    ) from None
+                raise StreamTimeoutError(
+                    f"download took longer than {total:g} s (server.download_total_timeout_seconds); it was "
+                    "aborted, resume it with offset = bytes received over a faster link", reason="total_timeout",
+                ) from None
+
+        async with contextlib.aclosing(chunks):  # closes the adapter file however we leave
+            await send(ProtoEdge.DownloadMessage(manifest=serde.transfer_manifest_to_proto(manifest)))
+            offset = request.offset
+            async for data in chunks:
+                await send(ProtoEdge.DownloadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data)))
+                offset += len(data)
+                self.metrics.bytes_out.inc(len(data))
 
     @unary
     async def UploadUpdate(self, request_iterator, context) -> ProtoEdge.UploadReceipt:

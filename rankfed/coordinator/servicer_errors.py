@@ -49,15 +49,34 @@ def status_of(exc: Exception) -> grpc.StatusCode | None:
     return None
 
 
+# A status goes out after the messages already written. To a client that stopped reading a
+# server stream it never goes out, and context.abort() would wait for it as long as the
+# client keeps the connection: the handler stops waiting after this long. The status stays
+# queued in gRPC core, so the client still gets it if it reads on; the call ends there when
+# the client reads, disconnects or reaches its deadline.
+STATUS_SEND_SECONDS = 5.0
+
+
 async def _abort(context: ServicerContext, exc: Exception, method: str) -> NoReturn:
     code = status_of(exc)
+    trailers: tuple[tuple[str, bytes], ...]
     if code is None:
         log.exception("internal error in %s", method)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the coordinator log")
-    log.info("rejected %s: %s", method, exc, extra={"method": method, "status": code.name})
-    detail = getattr(exc, "detail", None)
-    trailers = (serde.error_detail_to_trailer(code.value[0], str(exc), detail),) if detail is not None else ()
-    await context.abort(code, str(exc), trailing_metadata=trailers)
+        code, message, trailers = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the coordinator log", ()
+    else:
+        log.info("rejected %s: %s", method, exc, extra={"method": method, "status": code.name})
+        detail = getattr(exc, "detail", None)
+        message = str(exc)
+        trailers = (serde.error_detail_to_trailer(code.value[0], message, detail),) if detail is not None else ()
+    try:
+        async with asyncio.timeout(STATUS_SEND_SECONDS):
+            await context.abort(code, message, trailing_metadata=trailers)
+    except TimeoutError:
+        log.info("%s: the client reads nothing; its %s status stays queued", method, code.name,
+                 extra={"method": method, "status": code.name})
+        # grpc.aio ends a handler that raises CancelledError quietly (its status is set).
+        raise asyncio.CancelledError from None
+    raise AssertionError("context.abort returned")  # pragma: no cover - it always raises
 
 
 def _record(servicer: object, method: str, started: float, code: str, exc: BaseException | None) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import math
 import mmap
 import os
 import re
@@ -32,6 +33,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from rankfed.aggregation import Adapter, AdapterError, AdapterSpec, decode_adapter
+from rankfed.aggregation.adapter import lora_scaling
 from rankfed.coordinator.errors import (
     InvalidArgumentError,
     PreconditionError,
@@ -39,13 +41,14 @@ from rankfed.coordinator.errors import (
 )
 from rankfed.coordinator.models import Participant
 from rankfed.coordinator.store import BlobWriter
-from rankfed.protocol import UploadHeader
+from rankfed.protocol import LoraSettings, UploadHeader
 from rankfed.protocol.limits import MAX_NUM_EXAMPLES
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOW = 2  # chunks queued for the writer per stream before the stream waits
-
-
+# An honest alpha differs from the expected one only by float rounding: the edge client
+# reads it back from peft (a Python float) or recomputes it when pruning (s * r).
+_ALPHA_RTOL = 1e-6
 
 
 def check_header(
@@ -81,6 +84,42 @@ def check_header(
             f"upload header num_examples must be between 1 and {MAX_NUM_EXAMPLES} (the size of the local "
             f"training set), got {header.num_examples}"
         )
+
+
+def check_lora_config(adapter: Adapter, assigned: LoraSettings) -> None:
+    """Refuse an update whose LoRA configuration is not the one this client was assigned.
+
+    The aggregation weighs every module by its scaling (alpha / r, or alpha / sqrt(r) with
+    rsLoRA), so a client that declares another alpha multiplies its own update, e.g. by 1000.
+    What an honest client uploads: the downloaded adapter has every module at the assigned
+    rank R with the assigned alpha; it trains that adapter as is, and HetLoRA's self-pruning
+    (`rankfed.aggregation.redistribute.truncate`, called by the edge client's
+    GlobalStrategy) keeps the first r < R components *and the scaling*, setting alpha to
+    s * r (s * sqrt(r) with rsLoRA). So per module, at whatever rank r ≤ R it has, alpha must
+    be s_assigned * r (resp. * sqrt(r)) with s_assigned = alpha_R / R (resp. / sqrt(R)):
+    at r = R that is the assigned alpha itself. use_rslora must be the assignment's: it
+    changes how the same alpha scales. (Module set, dense tensors, shapes and wire dtypes
+    are checked by the decoder and the manifest's AdapterSpec before this.)"""
+    if adapter.use_rslora != assigned.use_rslora:
+        raise InvalidArgumentError(
+            f"update metadata use_rslora is {str(adapter.use_rslora).lower()} but this client was assigned "
+            f"use_rslora={str(assigned.use_rslora).lower()} (alpha rule {assigned.alpha_rule.value}); "
+            "train with the LoRA settings of the task's assignment"
+        )
+    scaling = lora_scaling(assigned.alpha, assigned.rank, assigned.use_rslora)
+    for name, module in adapter.modules.items():
+        expected = scaling * (math.sqrt(module.rank) if assigned.use_rslora else module.rank)
+        if not math.isclose(module.alpha, expected, rel_tol=_ALPHA_RTOL):
+            pruned = (
+                f"; at rank {module.rank} (pruned from {assigned.rank}) the scaling "
+                f"{'alpha/sqrt(r)' if assigned.use_rslora else 'alpha/r'} = {scaling:g} is kept"
+                if module.rank != assigned.rank else ""
+            )
+            raise InvalidArgumentError(
+                f"{name}: lora_alpha {module.alpha:g} at rank {module.rank} does not match the assignment "
+                f"(rank {assigned.rank}, lora_alpha {assigned.alpha:g}), which gives lora_alpha {expected:g}"
+                f"{pruned}; train with the assigned alpha"
+            )
 
 
 class SessionState(enum.Enum):
@@ -218,8 +257,10 @@ class UploadSession:
 
     # ---------------------------------------------------------------- verify, commit, abort
 
-    def verify(self, spec: AdapterSpec, *, homogeneous: bool = False) -> Adapter:
+    def verify(self, spec: AdapterSpec, *, assigned: LoraSettings, homogeneous: bool = False) -> Adapter:
         """Check completeness, digest and content (after seal()); return the decoded adapter.
+
+        `assigned`: the LoRA settings of this client's assignment (`check_lora_config`).
 
         The adapter is decoded from a read-only mapping of the staged file, populated in one
         call (MAP_POPULATE: one fault per page costs more than the copy it avoids on this
@@ -254,6 +295,7 @@ class UploadSession:
                         f"{name} has rank {rank}; this federation averages adapters of one rank: "
                         f"every module must have rank {self.header.rank}"
                     )
+        check_lora_config(adapter, assigned)
         return adapter
 
     def commit(self) -> str:

@@ -19,7 +19,7 @@ from rankfed.aggregation import encode_adapter
 from rankfed.protocol import ParticipantState, RoundPhase
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
-from tests.coordinator.harness import random_adapter, status, update_files, wait_for
+from tests.coordinator.harness import MANIFEST, random_adapter, status, update_files, wait_for
 
 UPLOAD_THEN_HANG = textwrap.dedent("""
     import hashlib, sys, time, grpc
@@ -239,3 +239,52 @@ def test_full_disk_during_upload_is_a_clear_error_and_the_round_goes_on(small_di
     assert client.upload(task.round, _update(manifest, task, 0)).bytes_received == len(data)
     wait_for(lambda: status(server.address).done, what="round done")
     assert status(server.address).history[-1].phase == RoundPhase.DONE
+
+
+def _big_manifest(tmp_path, modules: int = 64, width: int = 8192) -> str:
+    """The tiny manifest with `modules` width x width modules: an adapter of
+    modules * 2 * width * 4 bytes per rank (16 MiB at rank 4), more than HTTP/2 flow
+    control lets through to a client that stops reading (about 6 MiB here)."""
+    data = json.loads(MANIFEST.read_text())
+    data["modules"] = {f"bert.encoder.layer.{i // 2}.attention.self.{'query' if i % 2 == 0 else 'value'}":
+                       [width, width] for i in range(modules)}
+    data["dense"] = {"classifier.weight": [3, width], "classifier.bias": [3]}
+    path = tmp_path / "big-manifest.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("idle, total, setting", [
+    (1.0, 60.0, "server.download_idle_timeout_seconds"),
+    (30.0, 1.5, "server.download_total_timeout_seconds"),
+])
+def test_a_download_the_client_stops_reading_is_cut(start, clients, tmp_path, idle, total, setting):
+    """A client that reads the manifest and then nothing holds its download stream only
+    until the idle or total limit: the handler ends (DEADLINE_EXCEEDED in the metrics),
+    the client gets DEADLINE_EXCEEDED naming the setting once it reads on, and the
+    coordinator keeps serving (the same device then downloads its adapter in full)."""
+    server = start(**{
+        "model.manifest": _big_manifest(tmp_path), "federation.min_clients": 1,
+        "federation.clients_per_round": 1, "federation.rounds": 1,
+        "server.download_idle_timeout_seconds": idle, "server.download_total_timeout_seconds": total,
+    })
+    (client,) = clients(server.address, "dev")
+    task = client.wait_train()
+    stalled = client.stub.DownloadAdapter(ProtoEdge.DownloadRequest(round=task.round), metadata=client.metadata,
+                                          timeout=60)
+    first = next(stalled)
+    assert first.WhichOneof("kind") == "manifest" and first.manifest.total_bytes > 16 * 10**6
+    cut = server.coordinator.metrics.rpcs.labels(method="DownloadAdapter", code="DEADLINE_EXCEEDED")
+    # The limit, plus servicer_errors.STATUS_SEND_SECONDS that the handler waits for the
+    # status to go out before it leaves it queued and ends.
+    wait_for(lambda: cut._value.get() == 1, timeout=min(idle, total) + 15, what="the stalled download cut")
+    received = 0
+    with pytest.raises(grpc.RpcError) as info:
+        for message in stalled:  # what flow control let through, then the status
+            received += len(message.chunk.data)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+    assert setting in info.value.details() and "offset" in info.value.details()
+    assert 0 < received < first.manifest.total_bytes
+    # Still serving: the same device downloads its adapter in full.
+    download = client.download(task.round)
+    assert hashlib.sha256(download.data).hexdigest() == download.manifest.sha256

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rankfed.aggregation import get_method
+from rankfed.aggregation import get_method, truncate
 from rankfed.coordinator.admin_client import AdminClient
 from rankfed.coordinator.export import global_adapter_dir
 from rankfed.protocol import ParticipantState, RoundPhase
@@ -275,7 +275,8 @@ def test_hetlora_self_pruned_rank_sticks(start, clients, tiny_manifest):
     task = client.wait_train()
     assigned = task.assignment.lora.rank
     client.download(task.round)
-    pruned = random_adapter(tiny_manifest, assigned // 2, task.assignment.lora.alpha, 0)
+    # What the edge client uploads after self-pruning: the first components, scaling kept.
+    pruned = truncate(random_adapter(tiny_manifest, assigned, task.assignment.lora.alpha, 0), assigned // 2)
     client.upload(task.round, pruned)
     second = client.wait_train()
     assert second.round == 2 and second.assignment.lora.rank == assigned // 2
