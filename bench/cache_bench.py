@@ -5,7 +5,8 @@ value, plus the classifier head) on the top 1 and top 2 layers, batch 16, 64 tok
 Both runs of a pair train the same model from the same state on the same batches; the prefix
 is in eval mode in both (the feature's definition). Blocks alternate (uncached, cached,
 uncached, cached, ...) so load drifts hit both alike; the table gives the median of the
-blocks' steps/s and the ratio, plus the one-off cost of building the cache. A row with LoRA on
+blocks' steps/s and the ratio, the one-off cost of building the cache, and the largest
+per-step loss difference between the paired blocks (exactness on the real model, dropout on). A row with LoRA on
 every layer (the default, no cache) is the baseline the cached runs replace.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/cache_bench.py   # writes bench/results/cache.json
@@ -54,11 +55,13 @@ def dataset(tokenizer: Any, n: int) -> TextDataset:
     return TextDataset(examples, task=TASK, pad_id=tokenizer.pad_token_id)
 
 
-def steps_per_s(base: Any, ds: TextDataset, k: int | None, steps: int, cache: PrefixCache | None) -> float:
+def run(base: Any, ds: TextDataset, k: int | None, steps: int, cache: PrefixCache | None) -> tuple[float, list[float]]:
+    """(steps/s, per-step losses) of one block, from the same initial state every time."""
     torch.manual_seed(0)
     model = build_peft_model(base, SETTINGS, TASK, freeze_below_layer=k)
     cfg = TrainConfig(steps=steps, batch_size=BATCH, learning_rate=1e-3, seed=0, freeze_below_layer=k)
-    return steps / train_local(model, ds, cfg, prefix_cache=cache).seconds
+    result = train_local(model, ds, cfg, prefix_cache=cache)
+    return steps / result.seconds, result.losses
 
 
 def main() -> None:
@@ -73,8 +76,8 @@ def main() -> None:
     base = load_base_model(path, TASK, num_labels=LABELS)
     ds = dataset(load_tokenizer(path), n)
     layers = base.config.num_hidden_layers
-    steps_per_s(base, ds, None, 2, None)  # warm-up (allocator, first-call costs)
-    full = statistics.median(steps_per_s(base, ds, None, steps, None) for _ in range(blocks))
+    run(base, ds, None, 2, None)  # warm-up (allocator, first-call costs)
+    full = statistics.median(run(base, ds, None, steps, None)[0] for _ in range(blocks))
     rows = []
     for top in (1, 2):
         k = layers - top
@@ -83,15 +86,20 @@ def main() -> None:
         cache = PrefixCache.build(build_peft_model(base, SETTINGS, TASK, freeze_below_layer=k), ds, k)
         build_s = time.perf_counter() - t0
         plain, cached = [], []
+        diff = 0.0  # the cache is exact: every block pair sees the same losses
         for _ in range(blocks):
-            plain.append(steps_per_s(base, ds, k, steps, None))
-            cached.append(steps_per_s(base, ds, k, steps, cache))
+            rate_plain, losses_plain = run(base, ds, k, steps, None)
+            rate_cached, losses_cached = run(base, ds, k, steps, cache)
+            plain.append(rate_plain)
+            cached.append(rate_cached)
+            diff = max(diff, *(abs(a - b) for a, b in zip(losses_plain, losses_cached, strict=True)))
         row = {
             "lora_layers": f"top {top} (k={k})",
             "uncached_steps_per_s": round(statistics.median(plain), 3),
             "cached_steps_per_s": round(statistics.median(cached), 3),
             "cache_build_s": round(build_s, 3),
             "cache_mib": round(cache.nbytes / 2**20, 2),
+            "max_abs_loss_diff": diff,
             "blocks_uncached": [round(x, 3) for x in plain],
             "blocks_cached": [round(x, 3) for x in cached],
         }
@@ -120,11 +128,13 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(f"all-MiniLM-L6-v2, batch {BATCH} x {TOKENS} tokens, 1 thread; LoRA on all layers: {full:.2f} steps/s")
-    print(f"{'LoRA layers':<14} {'uncached/s':>10} {'cached/s':>9} {'speedup':>8} {'vs all':>7} {'build s':>8} {'MiB':>6}")
+    print(f"{'LoRA layers':<14} {'uncached/s':>10} {'cached/s':>9} {'speedup':>8} {'vs all':>7} {'build s':>8} {'MiB':>6} "
+          f"{'max |dloss|':>11}")
     for r in rows:
         print(
             f"{r['lora_layers']:<14} {r['uncached_steps_per_s']:>10.2f} {r['cached_steps_per_s']:>9.2f} "
-            f"{r['speedup']:>7.2f}x {r['speedup_vs_all_layers']:>6.2f}x {r['cache_build_s']:>8.2f} {r['cache_mib']:>6.1f}"
+            f"{r['speedup']:>7.2f}x {r['speedup_vs_all_layers']:>6.2f}x {r['cache_build_s']:>8.2f} {r['cache_mib']:>6.1f} "
+            f"{r['max_abs_loss_diff']:>11.2g}"
         )
     print(f"loadavg start {load_start}, end {result['machine']['loadavg_end']}")
     if not a.quick:
