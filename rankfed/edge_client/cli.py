@@ -166,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         hetlora_lambda=args.hetlora_lambda,
         hetlora_gamma=args.hetlora_gamma,
         hetlora_min_rank=args.hetlora_min_rank,
+        freeze_below_layer=args.freeze_below_layer,
         max_wait_s=args.max_wait,
         max_rounds=args.max_rounds,
         out_dir=Path(args.out) if args.out else None,
@@ -331,6 +332,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
             modules_to_save=args.modules_to_save,
             model_id=args.model_id,
             labels=tuple(args.labels or ()),
+            freeze_below_layer=args.freeze_below_layer,
         )
     if args.out == "-":
         print(json.dumps(manifest, indent=2))
@@ -391,6 +393,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--hetlora-lambda", type=float, default=0.0, help="HetLoRA self-pruning penalty strength (0: off)")
     g.add_argument("--hetlora-gamma", type=float, default=0.99, help="HetLoRA decay factor (default 0.99)")
     g.add_argument("--hetlora-min-rank", type=int, default=1)
+    g.add_argument("--freeze-below-layer", type=int, metavar="K",
+                   help="train encoder layers >= K only, from their inputs computed once per dataset (exact; "
+                        "the federation's manifest must be written with the same --freeze-below-layer)")
     e = p.add_argument_group("evaluation on held-out local data (reported in the update's metrics.eval)")
     e.add_argument("--eval-data", metavar="FILE", help="held-out examples (default: a --holdout fraction of --data)")
     e.add_argument("--holdout", type=float, metavar="FRACTION",
@@ -469,5 +474,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model-id", help="default: the model directory's name")
     p.add_argument("--labels", type=_csv, help="class names in label-id order, e.g. business,sport,tech: every "
                    "global adapter carries them, so export needs no --labels")
+    p.add_argument("--freeze-below-layer", type=int, metavar="K",
+                   help="LoRA on encoder layers >= K only; devices must run with --freeze-below-layer K "
+                        "and train from cached layer-K states (default: every layer)")
     p.add_argument("--out", required=True, metavar="FILE", help="'-' for stdout")
     p.set_defaults(func=_guarded(cmd_manifest))

@@ -147,8 +147,9 @@ class TextDataset:
                 labels[row, :n] = e.labels
         return Batch(ids, mask, labels)
 
-    def batches(self, batch_size: int, *, seed: int, epochs: int | None = None) -> Iterator[Batch]:
-        """Shuffled batches, a fresh permutation per epoch; endless when ``epochs`` is None."""
+    def index_batches(self, batch_size: int, *, seed: int, epochs: int | None = None) -> Iterator[np.ndarray]:
+        """The example indices of each shuffled batch, a fresh permutation per epoch; endless
+        when ``epochs`` is None. (The frozen-layer cache looks its states up by index.)"""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         rng = np.random.default_rng(seed)
@@ -156,8 +157,13 @@ class TextDataset:
         while epochs is None or epoch < epochs:
             order = rng.permutation(len(self.examples))
             for start in range(0, len(order), batch_size):
-                yield self.collate([self.examples[i] for i in order[start : start + batch_size]])
+                yield order[start : start + batch_size]
             epoch += 1
+
+    def batches(self, batch_size: int, *, seed: int, epochs: int | None = None) -> Iterator[Batch]:
+        """The batches of `index_batches`, collated."""
+        for indices in self.index_batches(batch_size, seed=seed, epochs=epochs):
+            yield self.collate([self.examples[i] for i in indices])
 
 
 def load_dataset(

@@ -56,9 +56,12 @@ def build_manifest(
     modules_to_save: tuple[str, ...] | None = None,
     model_id: str | None = None,
     labels: tuple[str, ...] = (),
+    freeze_below_layer: int | None = None,
 ) -> dict[str, Any]:
     """The manifest as a JSON-ready dict, keys in the documented order. `labels`: class names
-    in label-id order; every global adapter then carries them to the devices."""
+    in label-id order; every global adapter then carries them to the devices.
+    `freeze_below_layer=k`: LoRA modules of encoder layers >= k only (devices then train
+    from cached layer-k states; they must run with the same setting)."""
     if task not in TASKS:
         raise ConfigError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if task == "sequence-classification" and num_labels < 2:
@@ -70,7 +73,7 @@ def build_manifest(
     if modules_to_save is None:
         modules_to_save = default_modules_to_save(model, task)
     settings = LoraSettings(rank=1, alpha=1.0, target_modules=tuple(target_modules), modules_to_save=modules_to_save)
-    peft_model = build_peft_model(model, settings, task, copy_base=False)
+    peft_model = build_peft_model(model, settings, task, copy_base=False, freeze_below_layer=freeze_below_layer)
     from peft import get_peft_model_state_dict
 
     modules: dict[str, list[int]] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,9 +134,11 @@ def peft_config(
     *,
     ranks: Mapping[str, int] | None = None,
     alphas: Mapping[str, float] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Any:
     """A peft LoraConfig; per-module ``ranks``/``alphas`` that differ from the settings
-    become exact-name rank_pattern/alpha_pattern entries."""
+    become exact-name rank_pattern/alpha_pattern entries. ``layers``: only the target
+    modules of these layer indices get LoRA (peft's layers_to_transform); None: all."""
     _check_task(task)
     from peft import LoraConfig, TaskType
 
@@ -153,6 +155,7 @@ def peft_config(
         modules_to_save=list(settings.modules_to_save) or None,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
+        layers_to_transform=list(layers) if layers is not None else None,
         task_type=TaskType.SEQ_CLS if task == "sequence-classification" else TaskType.CAUSAL_LM,
     )
 
@@ -165,16 +168,24 @@ def build_peft_model(
     ranks: Mapping[str, int] | None = None,
     alphas: Mapping[str, float] | None = None,
     copy_base: bool = True,
+    freeze_below_layer: int | None = None,
 ) -> PeftModel:
     """A peft model over ``base`` (deep-copied unless ``copy_base=False``: peft modifies the
-    model it wraps in place)."""
+    model it wraps in place). ``freeze_below_layer=k``: LoRA on encoder layers >= k only,
+    the adapter's modules are those layers' (layer_cache.py trains them from cached states)."""
     from peft import get_peft_model
+
+    from .layer_cache import check_layer, num_layers
 
     if settings.rank < 1:
         raise AdapterError(f"LoRA rank must be >= 1, got {settings.rank}")
+    layers = None
+    if freeze_below_layer is not None:
+        check_layer(base, freeze_below_layer)
+        layers = range(freeze_below_layer, num_layers(base))
     model = copy.deepcopy(base) if copy_base else base
     try:
-        return get_peft_model(model, peft_config(settings, task, ranks=ranks, alphas=alphas))
+        return get_peft_model(model, peft_config(settings, task, ranks=ranks, alphas=alphas, layers=layers))
     except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
         raise AdapterError(f"cannot apply LoRA settings {settings}: {err}") from err
 

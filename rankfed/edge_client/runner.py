@@ -73,6 +73,7 @@ from .errors import (
     StaleRoundError,
     TransportError,
 )
+from .layer_cache import PrefixCache
 from .model import weights_sha256
 from .personal import PrivateSettings
 from .probe import probe, with_bandwidth
@@ -139,6 +140,10 @@ class RunnerConfig:
     private_steps: int | None = None
     shared_steps: int | None = None
     private: PrivateSettings = field(default_factory=PrivateSettings)
+    # LoRA on encoder layers >= k only (the manifest written with --freeze-below-layer k):
+    # the states entering layer k are computed once per dataset and every step trains
+    # from them (layer_cache.py). None: every layer.
+    freeze_below_layer: int | None = None
 
 
 @dataclass
@@ -222,6 +227,7 @@ class EdgeRunner:
         self._eval_dataset: TextDataset | None = None
         self._split_done = False
         self._num_records = 0
+        self._prefix_cache: PrefixCache | None = None
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -273,6 +279,7 @@ class EdgeRunner:
                 joined.mode, hetlora_lambda=c.hetlora_lambda, hetlora_gamma=c.hetlora_gamma,
                 hetlora_min_rank=c.hetlora_min_rank, private=c.private, personal_dir=c.personal_dir,
                 private_steps=c.private_steps, shared_steps=c.shared_steps,
+                freeze_below_layer=c.freeze_below_layer,
             )
         if self._base is not None:
             return
@@ -477,6 +484,7 @@ class EdgeRunner:
         """Train the plan's phases in order; stops after a phase the coordinator cut short
         (its heartbeat said the round closed: the coordinator's clock, not this device's)."""
         assert self._dataset is not None
+        cache = self._cache(model)
         results: list[TrainResult] = []
         for i, phase in enumerate(plan.phases):
             done = sum(r.steps for r in results)
@@ -488,11 +496,29 @@ class EdgeRunner:
                     self._on_step(info)
 
             strategy.enter_phase(phase.name)
-            result = train_local(model, self._dataset, phase.train, on_step=on_step, should_stop=beat.round_closed.is_set)
+            result = train_local(
+                model, self._dataset, phase.train, on_step=on_step, should_stop=beat.round_closed.is_set,
+                prefix_cache=cache,
+            )
             results.append(result)
             if result.stopped_early:
                 break
         return results
+
+    def _cache(self, model: Any) -> PrefixCache | None:
+        """The training set's states entering layer k, built once (the set is fixed after the
+        held-out split). From the round's own model, never the shared base: the build hooks
+        and switches the mode of the model it runs, which other devices may be copying."""
+        k = self.config.freeze_below_layer
+        if k is None or self._dataset is None:
+            return None
+        if self._prefix_cache is None:
+            start = time.perf_counter()
+            self._prefix_cache = PrefixCache.build(model, self._dataset, k)
+            self._emit("prefix_cache", {"layer": k, "examples": len(self._prefix_cache),
+                                        "bytes": self._prefix_cache.nbytes,
+                                        "seconds": round(time.perf_counter() - start, 3)})
+        return self._prefix_cache
 
     def _upload(self, task: TrainTask, header: UploadHeader, blob: bytes) -> UploadReceipt | None:
         """Upload one update; None when this round's update cannot count (the round closed,
@@ -522,6 +548,7 @@ class EdgeRunner:
             seed=(c.seed if c.seed is not None else task.seed) + task.round,
             hetlora_gamma=c.hetlora_gamma,
             hetlora_lambda=c.hetlora_lambda,
+            freeze_below_layer=c.freeze_below_layer,
         )
 
     def _save_final(self, task: DoneTask) -> str:

@@ -111,8 +111,18 @@ class GlobalStrategy:
     adapter_kind = "global"
     default_holdout: float | None = None
 
-    def __init__(self, *, hetlora_lambda: float = 0.0, hetlora_gamma: float = 0.99, hetlora_min_rank: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        hetlora_lambda: float = 0.0,
+        hetlora_gamma: float = 0.99,
+        hetlora_min_rank: int = 1,
+        freeze_below_layer: int | None = None,
+    ) -> None:
+        """``freeze_below_layer=k``: LoRA on encoder layers >= k only (the federation's
+        manifest must list just those layers' modules)."""
         self.hetlora_lambda = hetlora_lambda
+        self.freeze_below_layer = freeze_below_layer
         self.hetlora_gamma = hetlora_gamma
         self.hetlora_min_rank = hetlora_min_rank
         self._peft: Any = None
@@ -129,7 +139,8 @@ class GlobalStrategy:
         if self._peft is None or key != self._peft_key:
             settings = replace(lora, use_rslora=adapter.use_rslora)
             self._peft = build_peft_model(
-                base, settings, ctx.joined.base_model.task, ranks=adapter.ranks, alphas=adapter.alphas
+                base, settings, ctx.joined.base_model.task, ranks=adapter.ranks, alphas=adapter.alphas,
+                freeze_below_layer=self.freeze_below_layer,
             )
             self._peft_key = key
             ctx.emit("model", {"ranks": sorted(set(adapter.ranks.values())), "rebuilt": True})
@@ -295,10 +306,16 @@ def strategy_for(
     personal_dir: Path | None = None,
     private_steps: int | None = None,
     shared_steps: int | None = None,
+    freeze_below_layer: int | None = None,
 ) -> RoundStrategy:
     """The strategy of a federation mode (from the Join answer), with the device's settings."""
     if mode == FederationMode.PERSONALIZED:
+        if freeze_below_layer is not None:
+            raise ConfigError("freeze_below_layer is not supported in a personalized federation")
         return PersonalizedStrategy(
             private=private, personal_dir=personal_dir, private_steps=private_steps, shared_steps=shared_steps
         )
-    return GlobalStrategy(hetlora_lambda=hetlora_lambda, hetlora_gamma=hetlora_gamma, hetlora_min_rank=hetlora_min_rank)
+    return GlobalStrategy(
+        hetlora_lambda=hetlora_lambda, hetlora_gamma=hetlora_gamma, hetlora_min_rank=hetlora_min_rank,
+        freeze_below_layer=freeze_below_layer,
+    )

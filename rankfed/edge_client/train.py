@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .data import TextDataset
 from .errors import ModelError, TrainingError
+from .layer_cache import PrefixCache, check_layer, set_prefix_eval, suffix_only, trainable_below
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +36,11 @@ class TrainConfig:
     # lambda * ||B[:, floor(gamma r):]|| * ||A[floor(gamma r):, :]|| to the loss.
     hetlora_lambda: float = 0.0
     hetlora_gamma: float = 0.99
+    # Train encoder layers >= k only (LoRA there, layers below frozen and inference-only:
+    # eval mode, no dropout). None: every layer as configured. With a `PrefixCache` the
+    # step starts at layer k from cached states (layer_cache.py); without, the whole model
+    # runs with the same eval-mode prefix, which is the exactness reference.
+    freeze_below_layer: int | None = None
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -42,6 +49,8 @@ class TrainConfig:
             raise TrainingError("steps and epochs must be >= 1")
         if not self.learning_rate > 0 or self.batch_size < 1:
             raise TrainingError("learning_rate must be > 0 and batch_size >= 1")
+        if self.freeze_below_layer is not None and self.freeze_below_layer < 1:
+            raise TrainingError(f"freeze_below_layer must be >= 1, got {self.freeze_below_layer}")
 
     def total_steps(self, num_examples: int) -> int:
         if self.steps is not None:
@@ -103,11 +112,25 @@ def train_local(
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: str = "cpu",
+    prefix_cache: PrefixCache | None = None,
 ) -> TrainResult:
     """Train ``model`` in place. ``should_stop`` is checked before every step (e.g. the round
-    closed); ``on_step`` sees every finished step (progress bars, heartbeats)."""
+    closed); ``on_step`` sees every finished step (progress bars, heartbeats).
+    ``prefix_cache``: ``dataset``'s states entering layer ``config.freeze_below_layer``
+    (built once per dataset with `PrefixCache.build`); each step then runs only layers k..
+    and the head."""
     import torch
 
+    k = config.freeze_below_layer
+    if prefix_cache is not None and (prefix_cache.k != k or len(prefix_cache) != len(dataset)):
+        raise TrainingError(
+            f"the prefix cache holds {len(prefix_cache)} examples at layer {prefix_cache.k}, but the "
+            f"dataset has {len(dataset)} and freeze_below_layer is {k}"
+        )
+    if k is not None:
+        check_layer(model, k)
+        if trained := trainable_below(model, k):
+            raise TrainingError(f"freeze_below_layer={k} but {trained[0]} below layer {k} is trainable")
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -119,37 +142,44 @@ def train_local(
         else None
     )
     total = config.total_steps(len(dataset))
-    batches = dataset.batches(config.batch_size, seed=config.seed, epochs=config.epochs)
+    batches = dataset.index_batches(config.batch_size, seed=config.seed, epochs=config.epochs)
     model.train()
+    if k is not None:
+        set_prefix_eval(model, k)
     losses: list[float] = []
     examples = 0
     stopped = False
     start = time.perf_counter()
+    suffix = suffix_only(model, k) if prefix_cache is not None and k is not None else nullcontext(None)
     try:
-        for step, batch in zip(range(1, total + 1), batches, strict=False):
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            out = model(
-                input_ids=torch.from_numpy(batch.input_ids).to(device),
-                attention_mask=torch.from_numpy(batch.attention_mask).to(device),
-                labels=torch.from_numpy(batch.labels).to(device),
-            )
-            loss = out.loss
-            if penalty is not None:
-                loss = loss + penalty()
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(out.loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(f"the loss became {value} at step {step}; lower the learning rate")
-            losses.append(value)
-            examples += len(batch)
-            if on_step is not None:
-                on_step(StepInfo(step=step, total=total, loss=value, examples=examples))
+        with suffix as feed:
+            for step, indices in zip(range(1, total + 1), batches, strict=False):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                batch = dataset.collate([dataset.examples[i] for i in indices])
+                if feed is not None and prefix_cache is not None:
+                    feed.hidden = prefix_cache.batch(indices, batch.input_ids.shape[1]).to(device)
+                out = model(
+                    input_ids=torch.from_numpy(batch.input_ids).to(device),
+                    attention_mask=torch.from_numpy(batch.attention_mask).to(device),
+                    labels=torch.from_numpy(batch.labels).to(device),
+                )
+                loss = out.loss
+                if penalty is not None:
+                    loss = loss + penalty()
+                loss.backward()
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(out.loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"the loss became {value} at step {step}; lower the learning rate")
+                losses.append(value)
+                examples += len(batch)
+                if on_step is not None:
+                    on_step(StepInfo(step=step, total=total, loss=value, examples=examples))
     finally:
         model.eval()
     if not losses and not stopped:

@@ -77,6 +77,8 @@ class SimConfig:
     target_modules: tuple[str, ...] = ("query", "value")
     hetlora_lambda: float = 0.0
     hetlora_gamma: float = 0.99
+    # LoRA on encoder layers >= k only, trained from cached layer-k states (None: every layer).
+    freeze_below_layer: int | None = None
     round_deadline_seconds: float = 24 * 3600.0
     # Extra coordinator settings by dotted name, e.g. {"lora.alpha_rule": "fixed"}.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -139,12 +141,20 @@ def coordinator_overrides(cfg: SimConfig, *, data_dir: Path, manifest: Path, num
     return values
 
 
-def write_manifest(model_dir: Path, path: Path, *, num_labels: int, target_modules: Sequence[str]) -> Path:
+def write_manifest(
+    model_dir: Path,
+    path: Path,
+    *,
+    num_labels: int,
+    target_modules: Sequence[str],
+    freeze_below_layer: int | None = None,
+) -> Path:
     from rankfed.edge_client.manifest import build_manifest
     from rankfed.edge_client.manifest import write_manifest as write
 
     manifest = build_manifest(
-        model_dir, task="sequence-classification", num_labels=num_labels, target_modules=tuple(target_modules)
+        model_dir, task="sequence-classification", num_labels=num_labels, target_modules=tuple(target_modules),
+        freeze_below_layer=freeze_below_layer,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     write(manifest, path)
@@ -209,7 +219,8 @@ def run_simulation(
     work_dir = Path(work_dir)
     data_dir = work_dir / "coordinator"
     manifest = write_manifest(
-        Path(model_dir), work_dir / "model-manifest.json", num_labels=len(label_names), target_modules=cfg.target_modules
+        Path(model_dir), work_dir / "model-manifest.json", num_labels=len(label_names), target_modules=cfg.target_modules,
+        freeze_below_layer=cfg.freeze_below_layer,
     )
     from rankfed.coordinator.config import load_config
 
@@ -235,6 +246,7 @@ def run_simulation(
                     max_length=cfg.max_length,
                     hetlora_lambda=cfg.hetlora_lambda if get_method(cfg.method).client_pruning else 0.0,
                     hetlora_gamma=cfg.hetlora_gamma,
+                    freeze_below_layer=cfg.freeze_below_layer,
                     max_wait_s=5.0,
                     rejoin_on_bandwidth_change=False,
                 ),

@@ -52,6 +52,12 @@ def test_coordinator_accepts_our_manifest(bert_dir, tmp_path):
           "--num-labels", "3", "--target-modules", "query,value", "--out", str(out)])
     loaded = manifest_mod.load_manifest(out)
     assert len(loaded.modules) == 4 and loaded.dense["classifier.weight"] == (3, 32)
+    # --freeze-below-layer 1: the coordinator serves the top layer's modules only
+    assert main(["edge", "manifest", "--model", str(bert_dir), "--task", "sequence-classification",
+                 "--num-labels", "3", "--target-modules", "query,value", "--freeze-below-layer", "1",
+                 "--out", str(out)]) == 0
+    top = manifest_mod.load_manifest(out)
+    assert sorted(top.modules) == [f"bert.encoder.layer.1.attention.self.{n}" for n in ("query", "value")]
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, capsys):

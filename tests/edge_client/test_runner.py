@@ -209,3 +209,20 @@ def test_other_base_model_is_refused(bert_dir, cls_data, spec_and_sha):
     runner, _ = _runner(bert_dir, cls_data, transport)
     with pytest.raises(ModelMismatchError, match="weights sha256 cdcd.*point --model"):
         runner.run()
+
+
+def test_frozen_layer_cache_trains_and_uploads_the_top_layer_only(bert_dir, cls_data):
+    m = build_manifest(bert_dir, task="sequence-classification", num_labels=3, target_modules=("query", "value"),
+                       freeze_below_layer=1)
+    assert m["modules"] and all(".layer.1." in name for name in m["modules"])
+    transport = FakeTransport(AdapterSpec(modules=m["modules"], dense=m["dense"]), weights_sha256(bert_dir),
+                              [_train(1, 4), _train(2, 4), DoneTask(final_round=2)])
+    transport._all = [t for t in transport.tasks if isinstance(t, TrainTask)]
+    runner, events = _runner(bert_dir, cls_data, transport, freeze_below_layer=1)
+    summary = runner.run()
+    assert [r["round"] for r in summary.rounds] == [1, 2]
+    caches = [f for n, f in events if n == "prefix_cache"]
+    assert len(caches) == 1 and caches[0]["layer"] == 1 and caches[0]["examples"] == 60  # built once, both rounds
+    for header, blob in transport.uploads:
+        assert sorted(decode_adapter(blob).modules) == sorted(m["modules"])
+        assert np.isfinite(header.metrics.loss_last)

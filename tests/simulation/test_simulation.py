@@ -151,3 +151,17 @@ def test_simulated_devices_score_their_eval_files(tiny, tmp_path):
     sim = run_simulation(model, clients, cfg, work_dir=tmp_path / "sim", label_names=LABELS)
     (report,) = sim.rounds
     assert [sorted(c["eval"]) for c in report.clients] == [["accuracy", "loss"]] * 2
+
+
+def test_frozen_layer_cache_through_the_coordinator(tiny, tmp_path):
+    """freeze_below_layer end to end: the manifest lists the top layer's modules only, the
+    devices train them from cached states, the coordinator aggregates them."""
+    model, data = tiny
+    clients = [SimClient(f"client-{i}", PROFILE_NAMES[i], data[i]) for i in range(2)]
+    cfg = SimConfig(method="rbla", rounds=2, local_steps=3, batch_size=4, learning_rate=1e-2, max_length=16,
+                    seed=5, freeze_below_layer=1)
+    sim = run_simulation(model, clients, cfg, work_dir=tmp_path / "sim", label_names=LABELS)
+    assert len(sim.rounds) == 2 and all(len(r.clients) == 2 for r in sim.rounds)
+    final = decode_adapter(Path(sim.final_global_path).read_bytes())
+    assert final.modules and all(".layer.1." in name for name in final.modules)
+    assert _max_delta(sim.final_global_path) > 1e-4
