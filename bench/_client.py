@@ -73,6 +73,7 @@ def write_config(path: Path, manifest: Path, *, rounds: int, clients: int, metho
         f"max_chunk_bytes = {chunk_bytes}\nmax_receive_message_bytes = {max(4 * MiB, chunk_bytes + 128 * 1024)}\n")
     path.write_text(f"""\
 [server]
+loopback_operators = true  # a local benchmark: its tools ask without a token
 {chunking}max_upload_bytes = {max_upload_bytes}
 long_poll_seconds = 30.0
 

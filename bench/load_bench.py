@@ -60,6 +60,7 @@ def write_setup(work: Path, args: argparse.Namespace) -> Path:
     config = work / "coordinator.toml"
     config.write_text(f"""
 [server]
+loopback_operators = true  # a local benchmark: its tools ask without a token
 max_chunk_bytes = {MiB}
 long_poll_seconds = {args.long_poll}
 upload_idle_timeout_seconds = 120.0

@@ -49,6 +49,7 @@ from tests.coordinator.harness import (  # noqa: E402
 
 CONFIG = """
 [server]
+loopback_operators = true  # a local benchmark: its tools ask without a token
 max_chunk_bytes = 1024
 long_poll_seconds = 1.0
 upload_idle_timeout_seconds = 10.0

@@ -14,7 +14,6 @@ and is logged by the coordinator with who asked.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 ACTIONS = ("pause", "resume", "close-round", "stop", "remove-device", "allow-device", "new-run")
@@ -29,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--reason", default="", help="why, for the coordinator's log")
     parser.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
     parser.add_argument("--admin-token", default="", help="operator token (default: $RANKFED_ADMIN_TOKEN)")
+    parser.add_argument("--data-dir", default="rankfed-data",
+                        help="the coordinator's data directory on this host: its generated operator token "
+                             "(DATA_DIR/admin-token) is used when no --admin-token is given")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
     parser.add_argument("--tls-ca", help="CA PEM that signed the coordinator's certificate (turns TLS on)")
     parser.add_argument("--tls-cert", help="operator certificate PEM, for mutual TLS")
@@ -38,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rankfed.coordinator.admin_client import AdminClient, AdminError
+    from rankfed.coordinator.admin_client import AdminClient, AdminError, resolve_admin_token
     from rankfed.tls import TlsError, TlsOptions
 
     needs_device = args.action in ("remove-device", "allow-device")
@@ -46,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rankfed admin {args.action}: " + ("name the device" if needs_device else "takes no device name"),
               file=sys.stderr)
         return 2
-    token = args.admin_token or os.environ.get("RANKFED_ADMIN_TOKEN", "")
+    token = resolve_admin_token(args.admin_token, args.data_dir)
     try:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
             args.tls_ca or args.tls_cert) else None

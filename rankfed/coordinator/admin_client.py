@@ -10,7 +10,9 @@ a generated message or a grpc error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -141,3 +143,21 @@ class AdminClient:
             if not status.next_page_token:
                 return rounds
             token = status.next_page_token
+
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def resolve_admin_token(explicit: str = "", data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The operator token to send: the one given, else $RANKFED_ADMIN_TOKEN, else the token a
+    coordinator generated into DATA_DIR/admin-token (readable only by its owner), else ""."""
+    if explicit:
+        return explicit
+    if os.environ.get("RANKFED_ADMIN_TOKEN"):
+        return os.environ["RANKFED_ADMIN_TOKEN"]
+    if data_dir is not None:
+        try:
+            return (Path(data_dir) / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+    return ""

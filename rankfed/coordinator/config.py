@@ -104,9 +104,16 @@ class ServerConfig:
     )
     admin_token: str = _f(
         "",
-        "Bearer token the operator API requires; empty: only loopback callers and "
-        "operator certificates (mutual TLS, OU=operators) may use it.",
+        "Bearer token the operator API and the dashboard require (operator certificates, "
+        "mutual TLS OU=operators, work too); empty: one is generated at the first start into "
+        "DATA_DIR/admin-token (owner-only), which rankfed status and rankfed admin read.",
         secret=True,
+    )
+    loopback_operators: bool = _f(
+        False,
+        "With no admin_token: let any loopback caller use the operator API and the dashboard "
+        "without a credential (an explicit opt-in: everything behind a local proxy would be an "
+        "operator), instead of generating a token.",
     )
     insecure: bool = _f(
         False,

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import secrets
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         store, blobs = _open_data_dir(data_dir)
         undo.callback(store.close)
         _check_data_dir_model(store, manifest, data_dir)
+        admin_token = operator_token(config, data_dir)
         federation = Federation(config, store, blobs, manifest)
         await federation.start()
         undo.push_async_callback(federation.stop)
@@ -124,7 +127,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         server = grpc.aio.server(options=server_options(config))
         add_edge_service(EdgeServicer(federation, metrics), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(federation, config.server.admin_token, metrics), server
+            AdminServicer(federation, admin_token, metrics), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -137,7 +140,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
             try:
                 http = await start_http_listener(
                     metrics, config.server.metrics_address, federation=federation,
-                    admin_token=config.server.admin_token,
+                    admin_token=admin_token,
                 )
             except OSError as exc:
                 raise ConfigError(_bind_problem(config.server.metrics_address, "server.metrics_address", exc)) from None
@@ -169,6 +172,25 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         metrics=metrics, metrics_port=metrics_port, _http=http,
         health_port=health_port, _health_server=health_server, _tracking=tracking,
     )
+
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def operator_token(config: CoordinatorConfig, data_dir: Path) -> str:
+    """The operator API's bearer token: server.admin_token, or "" with the loopback opt-in,
+    or else one generated once into DATA_DIR/admin-token (0600) for local tools to read."""
+    if config.server.admin_token or config.server.loopback_operators:
+        return config.server.admin_token
+    path = data_dir / ADMIN_TOKEN_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    log.info("operator token generated", extra={"path": str(path)})
+    return token
 
 
 def _open_data_dir(data_dir: Path) -> tuple[SqliteStore, BlobStore]:

@@ -24,7 +24,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--history", type=_count, default=0, help="past rounds to show (0: the newest page of 100)")
     parser.add_argument("--clients", action="store_true", help="list the registered clients instead")
     parser.add_argument("--admin-token", default="",
-                        help="operator token, if the coordinator requires one (default: $RANKFED_ADMIN_TOKEN)")
+                        help="operator token (default: $RANKFED_ADMIN_TOKEN, else DATA_DIR/admin-token)")
+    parser.add_argument("--data-dir", default="rankfed-data",
+                        help="the coordinator's data directory on this host: its generated operator token "
+                             "(DATA_DIR/admin-token) is used when no --admin-token is given")
     parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the coordinator")
     parser.add_argument("--reconnect-for", type=_seconds, default=300.0, metavar="SECONDS",
                         help="with --watch: keep reconnecting this long while the coordinator is unreachable "
@@ -71,10 +74,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from rankfed.coordinator.admin_client import AdminClient, AdminError
+    from rankfed.coordinator.admin_client import AdminClient, AdminError, resolve_admin_token
     from rankfed.tls import TlsError, TlsOptions
 
-    token = args.admin_token or os.environ.get("RANKFED_ADMIN_TOKEN", "")
+    token = resolve_admin_token(args.admin_token, args.data_dir)
     try:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
             args.tls_ca or args.tls_cert) else None

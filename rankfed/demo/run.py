@@ -224,13 +224,14 @@ def _wait_for_port(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout
     raise RuntimeError(f"the coordinator did not start within {timeout:.0f} s; see {log}")
 
 
-def _watch(address: str, out: queue.Queue[Any], stop: threading.Event) -> None:
-    """Stream the federation's status (WatchRounds) into a queue until done."""
-    from rankfed.coordinator.admin_client import AdminClient, AdminError
+def _watch(address: str, data_dir: Path, out: queue.Queue[Any], stop: threading.Event) -> None:
+    """Stream the federation's status (WatchRounds) into a queue until done, with the
+    operator token the coordinator generated into its data directory."""
+    from rankfed.coordinator.admin_client import AdminClient, AdminError, resolve_admin_token
 
     while not stop.is_set():
         try:
-            with AdminClient(address) as admin:
+            with AdminClient(address, admin_token=resolve_admin_token("", data_dir)) as admin:
                 for status in admin.watch():
                     out.put(status)
                     if status.done:
@@ -348,7 +349,7 @@ def run_federation(opts: DemoOptions, split: FederatedSplit, data_paths: list[Pa
         evaluator = Evaluator(mdir, split.test, max_length=opts.max_length)
         view = LiveView(say, opts.rounds)
         statuses: queue.Queue[Any] = queue.Queue()
-        watcher = threading.Thread(target=_watch, args=(address, statuses, stop), daemon=True)
+        watcher = threading.Thread(target=_watch, args=(address, coord_dir, statuses, stop), daemon=True)
         watcher.start()
         pending: list[RoundRow] = []
         done = False

@@ -46,6 +46,9 @@ def make_config(data_dir: Path, **overrides) -> CoordinatorConfig:
         "server.data_dir": str(data_dir),
         "server.max_chunk_bytes": CHUNK,
         "server.long_poll_seconds": 2.0,
+        # Tests reach the operator API from loopback without a token; the default (a generated
+        # token) has its own tests in test_operator_token.py.
+        "server.loopback_operators": True,
         "model.manifest": str(MANIFEST),
         "federation.rounds": 2,
         "federation.min_clients": 3,

@@ -50,16 +50,16 @@ def test_serve_status_and_sigterm(tmp_path, capsys, tiny_manifest):
         client.download(task.round)
         client.upload(task.round, random_adapter(tiny_manifest, task.assignment.lora.rank, 8.0, 0))
 
-        assert main(["status", "--address", address]) == 0
+        assert main(["status", "--address", address, "--data-dir", str(tmp_path / "data")]) == 0
         table = capsys.readouterr().out
         assert "round 1/5" in table and "laptop" in table and "uploaded" in table and "phone" in table
 
-        assert main(["status", "--address", address, "--json"]) == 0
+        assert main(["status", "--address", address, "--data-dir", str(tmp_path / "data"), "--json"]) == 0
         as_json = json.loads(capsys.readouterr().out)
         states = {p["device_name"]: p["state"] for p in as_json["current"]["participants"]}
         assert states == {"laptop": "uploaded", "phone": "assigned"}
 
-        assert main(["status", "--address", address, "--clients"]) == 0
+        assert main(["status", "--address", address, "--data-dir", str(tmp_path / "data"), "--clients"]) == 0
         assert "phone" in capsys.readouterr().out
         client.close()
         client2.close()

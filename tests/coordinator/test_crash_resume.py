@@ -30,6 +30,7 @@ from tests.coordinator.harness import (
 
 CONFIG = f"""
 [server]
+loopback_operators = true
 max_chunk_bytes = 4096
 long_poll_seconds = 2.0
 [model]
