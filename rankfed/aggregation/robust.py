@@ -22,16 +22,21 @@ from .adapter import Adapter, LoraModule
 
 
 def update_norm(adapter: Adapter) -> float:
-    """‖update‖_F over all modules and dense tensors, accumulated in float64."""
+    """‖update‖_F over all modules and dense tensors. It runs on every accepted upload, so
+    it never copies a factor: the (r, r) Gram matrices come from the float32 factors (BLAS)
+    and only they are summed in float64; the scaling enters as s²."""
     total = 0.0
     for module in adapter.modules.values():
-        a = module.a.astype(np.float64)  # (r, d_in)
-        b = module.effective_b(adapter.use_rslora).astype(np.float64)  # (d_out, r)
-        gram_b = b.T @ b  # (r, d_out) @ (d_out, r)
-        gram_a = a @ a.T  # (r, d_in) @ (d_in, r)
-        total += float(np.sum(gram_b * gram_a))  # trace(G_b G_a) for symmetric G_a
+        s = module.scaling(adapter.use_rslora)
+        gram_b = module.b.T @ module.b  # (r, d_out) @ (d_out, r)
+        gram_a = module.a @ module.a.T  # (r, d_in) @ (d_in, r)
+        term = float(np.sum(gram_b.astype(np.float64) * gram_a.astype(np.float64)))  # trace(G_b G_a)
+        if not math.isfinite(term):  # float32 Gram overflowed: an outlier, measured exactly
+            a64, b64 = module.a.astype(np.float64), module.b.astype(np.float64)
+            term = float(np.sum((b64.T @ b64) * (a64 @ a64.T)))
+        total += s * s * term
     for value in adapter.dense.values():
-        total += float(np.sum(np.square(value.astype(np.float64))))
+        total += float(np.sum(np.square(value, dtype=np.float64)))
     return math.sqrt(max(total, 0.0))
 
 
