@@ -171,18 +171,10 @@ def _schema_of(tp: Any) -> dict[str, Any]:
             str: {"type": "string"}}[tp]
 
 
-def to_json(value: object) -> Any:
+def to_json(value: Any) -> Any:
     """A protocol dataclass as JSON-ready data: every field present, numbers as numbers,
-    enums as their names, unset times as 0."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple | list):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    return value
+    enums as their values (they are StrEnums), unset times as 0."""
+    return dataclasses.asdict(value)
 
 
 def _emit(args: argparse.Namespace, as_dict: Any, as_text: Callable[[], str]) -> None:
