@@ -48,7 +48,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rankfed admin {args.action}: " + ("name the device" if needs_device else "takes no device name"),
               file=sys.stderr)
         return 2
-    token = resolve_admin_token(args.admin_token, args.data_dir)
+    try:
+        token = resolve_admin_token(args.admin_token, args.data_dir)
+    except OSError as exc:
+        print(f"rankfed admin: cannot read the operator token: {exc} (run as the coordinator's user, or pass --admin-token)",
+              file=sys.stderr)
+        return 2
     try:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
             args.tls_ca or args.tls_cert) else None

@@ -158,6 +158,8 @@ def resolve_admin_token(explicit: str = "", data_dir: str | os.PathLike[str] | N
     if data_dir is not None:
         try:
             return (Path(data_dir) / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
-        except OSError:
-            return ""
+        except FileNotFoundError:
+            return ""  # no generated token here: the coordinator may not need one
+        # Any other OSError (e.g. permission denied: the file is the coordinator user's only)
+        # propagates: the tools report it instead of calling without a token.
     return ""

@@ -77,7 +77,12 @@ def _query(args: argparse.Namespace) -> int:
     from rankfed.coordinator.admin_client import AdminClient, AdminError, resolve_admin_token
     from rankfed.tls import TlsError, TlsOptions
 
-    token = resolve_admin_token(args.admin_token, args.data_dir)
+    try:
+        token = resolve_admin_token(args.admin_token, args.data_dir)
+    except OSError as exc:
+        print(f"rankfed status: cannot read the operator token: {exc} (run as the coordinator's user, or pass --admin-token)",
+              file=sys.stderr)
+        return 2
     try:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
             args.tls_ca or args.tls_cert) else None

@@ -42,3 +42,9 @@ def test_loopback_operators_is_an_explicit_opt_in(start):
     assert not (server.config.server.data_dir / "admin-token").exists()
     with AdminClient(server.address) as admin:
         assert admin.status().federation_id
+
+
+def test_an_unreadable_token_file_is_reported_not_skipped(tmp_path, capsys):
+    (tmp_path / "admin-token").mkdir()  # reading it fails with an OSError other than "not found"
+    assert main(["status", "--address", "127.0.0.1:1", "--data-dir", str(tmp_path)]) == 2
+    assert "cannot read the operator token" in capsys.readouterr().err
