@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
+
+from rankfed.protocol.files import write_atomic
 
 
 def default_key_dir() -> Path:
@@ -41,12 +42,4 @@ class DeviceKeys:
             self._memory[(address, name)] = key
             return
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".key-")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(key + "\n")
-            os.replace(tmp, self._path(address, name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._path(address, name), (key + "\n").encode("utf-8"), mode=0o600)

@@ -9,8 +9,6 @@ where it came from (base model, round, method). It travels inside the safetensor
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 from rankfed.aggregation import Adapter, decode_adapter, peft_adapter_config, read_adapter_metadata
 
 from .errors import DecodeError
+from .files import write_atomic
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -102,10 +101,10 @@ def write_adapter_dir(out: Path | str, blob: bytes) -> AdapterCard | None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     card = AdapterCard.from_metadata(read_adapter_metadata(blob))
-    _write_atomic(out / ADAPTER_FILE, blob)
+    write_atomic(out / ADAPTER_FILE, blob)
     if card is not None:
         config = peft_config(decode_adapter(blob), card)
-        _write_atomic(out / PEFT_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        write_atomic(out / PEFT_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return card
 
 
@@ -119,14 +118,3 @@ def read_card(adapter_dir: Path | str) -> AdapterCard | None:
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
         blob = head + fh.read(min(size, 100 * 1024 * 1024))  # the header only: metadata lives there
     return AdapterCard.from_metadata(read_adapter_metadata(blob))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

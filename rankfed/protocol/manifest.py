@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import string
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ManifestError
+from .files import write_atomic
 
 if TYPE_CHECKING:
     from rankfed.aggregation import AdapterSpec
@@ -191,17 +190,7 @@ def manifest_from_dict(data: Any) -> ModelManifest:
 def write_manifest(manifest: ModelManifest, path: Path) -> None:
     """Write `manifest` as JSON, atomically (a temporary file renamed over `path`)."""
     path = Path(path)
-    text = json.dumps(manifest.to_json_dict(), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(manifest.to_json_dict(), indent=2) + "\n").encode("utf-8"))
 
 
 def _str_tuple(value: Any, name: str) -> tuple[str, ...]:
