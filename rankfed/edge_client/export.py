@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rankfed.aggregation import Adapter, decode_adapter
+from rankfed.aggregation import Adapter, decode_adapter, read_adapter_metadata
 from rankfed.protocol import LoraSettings
-from rankfed.protocol.artifact import AdapterCard
-from rankfed.protocol.artifact import read_card as read_adapter_card
+from rankfed.protocol.artifact import ADAPTER_FILE, AdapterCard
 
 from .errors import (
     AccuracyGateError,
@@ -108,16 +107,22 @@ class ExportReport:
 
 
 def read_adapter(path: str | Path) -> Adapter:
+    return read_adapter_and_card(path)[0]
+
+
+def read_adapter_and_card(path: str | Path) -> tuple[Adapter, AdapterCard | None]:
+    """The adapter in a .safetensors file (or a directory holding adapter_model.safetensors)
+    and the card in its metadata (None for an adapter written without one), from one read."""
     path = Path(path)
     if path.is_dir():
-        path = path / "adapter_model.safetensors"
+        path = path / ADAPTER_FILE
     try:
         data = path.read_bytes()
     except OSError as err:
         raise AdapterError(f"cannot read adapter {path}: {err}") from None
     try:
-        return decode_adapter(data)
-    except Exception as err:  # AdapterFormatError / AdapterValidationError, named by key
+        return decode_adapter(data), AdapterCard.from_metadata(read_adapter_metadata(data))
+    except Exception as err:  # AdapterFormatError / AdapterValidationError / DecodeError, named by key
         raise AdapterError(f"{path}: {err}") from err
 
 
@@ -133,13 +138,6 @@ def settings_for_adapter(adapter: Adapter) -> LoraSettings:
         use_rslora=adapter.use_rslora,
         modules_to_save=tuple(sorted({n.rsplit(".", 1)[0] for n in adapter.dense})),
     )
-
-
-def read_card(path: str | Path) -> AdapterCard | None:
-    try:
-        return read_adapter_card(path)
-    except (OSError, ValueError) as err:  # DecodeError is a ValueError; a bad card is a bad adapter
-        raise AdapterError(f"{path}: {err}") from None
 
 
 def infer_task(adapter: Adapter) -> str:
@@ -328,10 +326,9 @@ def export_onnx(
     """Merge, export, optimize, check parity; optionally quantize (accuracy-gated) and write
     the ORT format. Raises ParityError above ``tolerance``, AccuracyGateError when int8 loses
     more than ``max_accuracy_drop`` points of held-out accuracy (unless ``force``)."""
-    adapter = read_adapter(adapter_path)
     # A global adapter describes itself (task, labels): what the user does not pass comes
     # from its card, and only an adapter without one falls back to guessing.
-    card = read_card(adapter_path)
+    adapter, card = read_adapter_and_card(adapter_path)
     task = task or (card.task if card is not None else infer_task(adapter))
     if labels is None and card is not None and card.labels:
         labels = list(card.labels)
