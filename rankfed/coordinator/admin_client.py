@@ -52,6 +52,13 @@ class AdminClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _call(self, what: str, call: Any, request: Any) -> Any:
+        """One unary call with the operator's credentials; a gRPC failure becomes AdminError."""
+        try:
+            return call(request, metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise self._error(err, what) from None
+
     def _error(self, err: grpc.RpcError, what: str) -> AdminError:
         code = err.code() if isinstance(err, grpc.Call) else None
         name = code.name if code is not None else "UNKNOWN"
@@ -60,13 +67,8 @@ class AdminClient:
 
     def status(self, history_limit: int = 0) -> FederationStatus:
         """The federation now: current round, its participants, and up to `history_limit` past rounds (0: all)."""
-        try:
-            reply = self._stub.GetRoundStatus(
-                ProtoAdmin.GetRoundStatusRequest(history_limit=history_limit),
-                metadata=self._metadata, timeout=self.timeout_s,
-            )
-        except grpc.RpcError as err:
-            raise self._error(err, "GetRoundStatus") from None
+        reply = self._call("GetRoundStatus", self._stub.GetRoundStatus,
+                           ProtoAdmin.GetRoundStatusRequest(history_limit=history_limit))
         return serde.federation_status_from_proto(reply)
 
     def watch(self, history_limit: int = 0) -> Iterator[FederationStatus]:
@@ -84,12 +86,7 @@ class AdminClient:
         out: list[ClientInfo] = []
         token = ""
         while True:
-            try:
-                reply = self._stub.ListClients(
-                    ProtoAdmin.ListClientsRequest(page_token=token), metadata=self._metadata, timeout=self.timeout_s
-                )
-            except grpc.RpcError as err:
-                raise self._error(err, "ListClients") from None
+            reply = self._call("ListClients", self._stub.ListClients, ProtoAdmin.ListClientsRequest(page_token=token))
             page = serde.client_page_from_proto(reply)
             out.extend(page.clients)
             if not page.next_page_token:
@@ -99,11 +96,7 @@ class AdminClient:
     # -- operator controls: each returns what the coordinator did, for a person
 
     def _control(self, what: str, call: Any, request: Any) -> str:
-        try:
-            reply = call(request, metadata=self._metadata, timeout=self.timeout_s)
-        except grpc.RpcError as err:
-            raise self._error(err, what) from None
-        return str(reply.message)
+        return str(self._call(what, call, request).message)
 
     def pause(self, reason: str = "") -> str:
         return self._control("PauseFederation", self._stub.PauseFederation, ProtoAdmin.ControlRequest(reason=reason))
@@ -132,12 +125,8 @@ class AdminClient:
         rounds: list[RoundStatus] = []
         token = ""
         while True:
-            try:
-                reply = self._stub.GetRoundStatus(
-                    ProtoAdmin.GetRoundStatusRequest(page_token=token), metadata=self._metadata, timeout=self.timeout_s
-                )
-            except grpc.RpcError as err:
-                raise self._error(err, "GetRoundStatus") from None
+            reply = self._call("GetRoundStatus", self._stub.GetRoundStatus,
+                               ProtoAdmin.GetRoundStatusRequest(page_token=token))
             status = serde.federation_status_from_proto(reply)
             rounds[:0] = status.history
             if not status.next_page_token:
