@@ -25,8 +25,12 @@ per-layer position arguments) raises `ConfigError`.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -132,6 +136,26 @@ class PrefixCache:
             backbone.train(was_training)
         return cls(k, states)
 
+    def save(self, path: Path) -> None:
+        """One fp32 array of every example's rows plus their lengths (exact, atomic)."""
+        import torch
+
+        lengths = np.array([s.shape[0] for s in self.states], dtype=np.int64)
+        rows = torch.cat(self.states).numpy() if self.states else np.zeros((0, 0), np.float32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, k=np.int64(self.k), lengths=lengths, rows=rows)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PrefixCache:
+        import torch
+
+        with np.load(path) as data:
+            k, lengths, rows = int(data["k"]), data["lengths"], torch.from_numpy(data["rows"])
+        return cls(k, list(torch.split(rows, [int(n) for n in lengths])))
+
     def batch(self, indices: Sequence[int] | npt.NDArray[np.int64], seq_len: int) -> torch.Tensor:
         """(len(indices), seq_len, hidden): the examples' states, zero-padded on the right."""
         import torch
@@ -142,6 +166,16 @@ class PrefixCache:
             s = self.states[int(i)]
             out[row, : s.shape[0]] = s
         return out
+
+
+def cache_key(base_sha256: str, dataset: TextDataset, k: int) -> str:
+    """What the states entering layer k are a function of: the base weights, k and the
+    tokenized examples in order (a different tokenizer or max_length gives other ids)."""
+    h = hashlib.sha256(f"{base_sha256}|{k}|{len(dataset)}|".encode())
+    for e in dataset.examples:
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:32]
 
 
 class _PrefixDone(Exception):

@@ -73,7 +73,7 @@ from .errors import (
     StaleRoundError,
     TransportError,
 )
-from .layer_cache import PrefixCache
+from .layer_cache import PrefixCache, cache_key
 from .model import weights_sha256
 from .personal import PrivateSettings
 from .probe import probe, with_bandwidth
@@ -144,6 +144,10 @@ class RunnerConfig:
     # the states entering layer k are computed once per dataset and every step trains
     # from them (layer_cache.py). None: every layer.
     freeze_below_layer: int | None = None
+    # Where the frozen-layer states of each dataset are kept between runs (None: in memory
+    # only): keyed by the base model, k and the tokenized examples, so a reused dataset never
+    # runs its frozen prefix twice (the simulation's studies rerun the same partition).
+    prefix_cache_dir: Path | None = None
 
 
 @dataclass
@@ -228,6 +232,7 @@ class EdgeRunner:
         self._split_done = False
         self._num_records = 0
         self._prefix_cache: PrefixCache | None = None
+        self._eval_prefix_cache: PrefixCache | None = None
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -318,9 +323,27 @@ class EdgeRunner:
     def _evaluate(self, model: Any) -> dict[str, float]:
         if self._eval_dataset is None:
             return {}
-        return evaluate(model, self._eval_dataset, batch_size=max(self.config.batch_size or 16, 16))
+        k = self.config.freeze_below_layer
+        cache = None
+        if k is not None:
+            if self._eval_prefix_cache is None:
+                self._eval_prefix_cache = self._build_cache(model, self._eval_dataset, k, "eval")
+            cache = self._eval_prefix_cache
+        return evaluate(model, self._eval_dataset, batch_size=max(self.config.batch_size or 16, 16),
+                        prefix_cache=cache)
 
     # -- the loop ------------------------------------------------------------------------
+
+    def adopt(self, joined: JoinResult, base_sha256: str) -> None:
+        """Take a Join answered elsewhere (the simulation's driver joins for its virtual
+        devices and runs their rounds on a worker): load model, tokenizer and data once."""
+        self.base_sha256 = base_sha256
+        self.join_result = joined
+        self._prepare(joined)
+
+    def train_round(self, task: TrainTask) -> dict[str, Any] | None:
+        """One round of `task` over this runner's transport, exactly as `run` does it."""
+        return self._round(task)
 
     def run(self) -> RunSummary:
         self.base_sha256 = weights_sha256(self.config.model_dir)
@@ -513,12 +536,22 @@ class EdgeRunner:
         if k is None or self._dataset is None:
             return None
         if self._prefix_cache is None:
-            start = time.perf_counter()
-            self._prefix_cache = PrefixCache.build(model, self._dataset, k)
-            self._emit("prefix_cache", {"layer": k, "examples": len(self._prefix_cache),
-                                        "bytes": self._prefix_cache.nbytes,
-                                        "seconds": round(time.perf_counter() - start, 3)})
+            self._prefix_cache = self._build_cache(model, self._dataset, k, "train")
         return self._prefix_cache
+
+    def _build_cache(self, model: Any, dataset: TextDataset, k: int, split: str) -> PrefixCache:
+        start = time.perf_counter()
+        where = self.config.prefix_cache_dir
+        path = where / f"{cache_key(self.base_sha256, dataset, k)}.npz" if where is not None else None
+        cache = PrefixCache.load(path) if path is not None and path.is_file() else None
+        loaded = cache is not None
+        if cache is None:
+            cache = PrefixCache.build(model, dataset, k)
+            if path is not None:
+                cache.save(path)
+        self._emit("prefix_cache", {"split": split, "layer": k, "examples": len(cache), "bytes": cache.nbytes,
+                                    "loaded": loaded, "seconds": round(time.perf_counter() - start, 3)})
+        return cache
 
     def _upload(self, task: TrainTask, header: UploadHeader, blob: bytes) -> UploadReceipt | None:
         """Upload one update; None when this round's update cannot count (the round closed,

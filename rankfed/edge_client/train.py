@@ -15,6 +15,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .data import TextDataset
 from .errors import ModelError, TrainingError
 from .layer_cache import PrefixCache, check_layer, set_prefix_eval, suffix_only, trainable_below
@@ -195,17 +197,31 @@ def train_local(
     )
 
 
-def evaluate(model: torch.nn.Module, dataset: TextDataset, *, batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: TextDataset,
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    prefix_cache: PrefixCache | None = None,
+) -> dict[str, float]:
     """Mean loss over ``dataset`` and, for classification, accuracy (``{"accuracy", "loss"}``);
-    the model is left in eval mode."""
+    the model is left in eval mode. ``prefix_cache``: ``dataset``'s states entering layer k
+    (exact: the model then runs only layers k.. and the head)."""
     import torch
 
     model.eval()
     correct = total = 0
     loss_sum = 0.0
-    with torch.no_grad():
+    if prefix_cache is not None and len(prefix_cache) != len(dataset):
+        raise TrainingError(f"the prefix cache holds {len(prefix_cache)} examples, the dataset {len(dataset)}")
+    suffix = suffix_only(model, prefix_cache.k) if prefix_cache is not None else nullcontext(None)
+    with torch.no_grad(), suffix as feed:
         for start in range(0, len(dataset), batch_size):
             batch = dataset.collate(dataset.examples[start : start + batch_size])
+            if feed is not None and prefix_cache is not None:
+                rows = np.arange(start, start + len(batch))
+                feed.hidden = prefix_cache.batch(rows, batch.input_ids.shape[1]).to(device)
             out = model(
                 input_ids=torch.from_numpy(batch.input_ids).to(device),
                 attention_mask=torch.from_numpy(batch.attention_mask).to(device),

@@ -94,3 +94,35 @@ def test_cache_refuses_what_it_cannot_make_exact(setup, llama_dir, lm_data):
     with pytest.raises(ConfigError, match="not a BERT-like encoder"):
         build_peft_model(llama, LoraSettings(rank=2, alpha=4.0, target_modules=("q_proj",)), "causal-lm",
                          freeze_below_layer=1)
+
+
+def test_saved_cache_loads_the_same_states_and_key_follows_the_data(setup, tmp_path):
+    from rankfed.edge_client.data import TextDataset
+    from rankfed.edge_client.layer_cache import cache_key
+
+    base, ds = setup
+    model = _model(base, LAYERS - 1)
+    cache = PrefixCache.build(model, ds, LAYERS - 1)
+    cache.save(tmp_path / "c.npz")
+    back = PrefixCache.load(tmp_path / "c.npz")
+    assert back.k == cache.k and len(back) == len(cache)
+    assert all(torch.equal(a, b) for a, b in zip(cache.states, back.states, strict=True))
+    key = cache_key("sha", ds, LAYERS - 1)
+    assert key == cache_key("sha", ds, LAYERS - 1)
+    assert key != cache_key("sha", ds, LAYERS - 2) and key != cache_key("other", ds, LAYERS - 1)
+    fewer = TextDataset(ds.examples[:-1], task=ds.task, pad_id=ds.pad_id)
+    assert key != cache_key("sha", fewer, LAYERS - 1)
+
+
+def test_cached_evaluation_equals_uncached(setup):
+    from rankfed.edge_client.train import evaluate
+
+    base, ds = setup
+    model = _model(base, LAYERS - 2)
+    cache = PrefixCache.build(model, ds, LAYERS - 2, batch_size=5)
+    ref = evaluate(model, ds, batch_size=8)
+    got = evaluate(model, ds, batch_size=8, prefix_cache=cache)
+    assert got["accuracy"] == ref["accuracy"]
+    assert abs(got["loss"] - ref["loss"]) < 1e-5
+    with pytest.raises(TrainingError):
+        evaluate(model, ds, prefix_cache=PrefixCache(LAYERS - 2, cache.states[:-1]))
