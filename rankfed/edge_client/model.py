@@ -287,8 +287,10 @@ def peft_model_for_adapter(
     task: str,
     *,
     copy_base: bool = True,
+    freeze_below_layer: int | None = None,
 ) -> PeftModel:
-    """A peft model shaped like ``adapter`` (its rank and alpha per module) holding it."""
+    """A peft model shaped like ``adapter`` (its rank and alpha per module) holding it
+    (``freeze_below_layer``: an adapter of encoder layers >= k only, as `build_peft_model`)."""
     settings = LoraSettings(
         rank=settings.rank,
         alpha=settings.alpha,
@@ -299,7 +301,8 @@ def peft_model_for_adapter(
         modules_to_save=settings.modules_to_save,
     )
     model = build_peft_model(
-        base, settings, task, ranks=adapter.ranks, alphas=adapter.alphas, copy_base=copy_base
+        base, settings, task, ranks=adapter.ranks, alphas=adapter.alphas, copy_base=copy_base,
+        freeze_below_layer=freeze_below_layer,
     )
     load_adapter(model, adapter)
     return model

@@ -27,8 +27,9 @@ T = TypeVar("T")
 class FederationHost:
     """Owns the event loop thread, the store and the `Federation`; use as a context manager."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] | None = None) -> None:
         self.config = config
+        self.clock = clock  # the federation's clock (None: wall time); a simulation's is virtual
         self.data_dir = Path(config.server.data_dir)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="rankfed-sim-loop", daemon=True)
@@ -50,7 +51,8 @@ class FederationHost:
             manifest = load_manifest(manifest_path(self.config.model.manifest))
             store, blobs = open_store(self.data_dir)
             self._store = store
-            federation = Federation(self.config, store, blobs, manifest)
+            federation = (Federation(self.config, store, blobs, manifest) if self.clock is None
+                          else Federation(self.config, store, blobs, manifest, clock=self.clock))
             await federation.start()
             self._tracking = open_tracking(self.config, federation)
             return federation
