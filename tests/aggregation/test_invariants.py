@@ -171,10 +171,110 @@ def test_dense_is_fedavg_by_data_weight_in_every_rule(clients):
         np.testing.assert_allclose(g.dense["classifier.weight"], expected, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["zero_pad", "hetlora", "rbla", "replication"])
+@pytest.mark.parametrize("name", ["zero_pad", "hetlora", "rbla", "replication", "fedavg_updates"])
 def test_component_rules_refuse_ranks_above_global(clients, name):
     with pytest.raises(AggregationError, match="global_rank"):
         get_method(name).aggregate(clients, WEIGHTS, global_rank=4)
     acc = get_method(name).accumulator(SPEC, global_rank=4)
     with pytest.raises(AggregationError, match="global_rank"):
         acc.fold(clients[2], 1.0)
+
+
+def both_forms(clients, weights, *, global_rank=8, previous=None):
+    """fedavg_updates, batch and streaming."""
+    method = get_method("fedavg_updates")
+    batch = method.aggregate(clients, weights, global_rank=global_rank, previous=previous)
+    acc = method.accumulator(clients[0].spec(), global_rank=global_rank, previous=previous)
+    for c, w in zip(clients, weights):
+        acc.fold(c, w)
+    return batch, acc.result()
+
+
+def test_fedavg_updates_is_previous_times_non_owner_share_plus_zero_pad(clients):
+    # per component: (1 − P_i) previous + Σ_{k∈H_i} p_k comp_i(k) = (1 − P_i) previous + P_i RBLA
+    previous = random_adapter(SPEC, 8, alpha=3.0, use_rslora=True, seed=7)
+    low = clients[:2]  # ranks 2 and 4: components 4..7 owned by nobody, kept at previous
+    p = np.array(WEIGHTS[:2]) / sum(WEIGHTS[:2])
+    share = np.array([p[[r > i for r in RANKS[:2]]].sum() for i in range(8)])  # P_i
+    zp = zero_pad(low, WEIGHTS[:2], global_rank=8)
+    for g in both_forms(low, WEIGHTS[:2], previous=previous):
+        for name in SPEC.modules:
+            (pa, pb), (za, zb), (ga, gb) = factors(previous, name), factors(zp, name), factors(g, name)
+            np.testing.assert_allclose(ga, (1 - share)[:, None] * pa + za, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(gb, (1 - share)[None, :] * pb + zb, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ga[4:], pa[4:], rtol=1e-6)
+
+
+def test_fedavg_updates_with_equal_ranks_is_fedit_whatever_previous():
+    # every client owns every component: previous + Σ p_k (x_k − previous) = Σ p_k x_k
+    same = [random_adapter(SPEC, 4, alpha=a, seed=s) for s, a in enumerate([4.0, 8.0, 2.0])]
+    reference = fedit(same, WEIGHTS, global_rank=4)
+    previous = random_adapter(SPEC, 4, alpha=16.0, seed=11)
+    for g in both_forms(same, WEIGHTS, global_rank=4, previous=previous):
+        assert_same_factors(g, reference)
+
+
+def test_fedavg_updates_without_previous_is_zero_pad(clients):
+    for g in both_forms(clients, WEIGHTS):
+        assert_same_factors(g, zero_pad(clients, WEIGHTS, global_rank=8))
+
+
+def test_fedavg_updates_clients_that_did_not_train_leave_the_global_unchanged(clients):
+    # each client returns exactly what truncating redistribution sent it, at its own rank,
+    # alpha and scaling rule: every update is zero, so the global stays (zero padding would
+    # shrink the components the rank-2 and rank-4 clients lack)
+    previous = rbla(clients, WEIGHTS, global_rank=8)
+    method = get_method("fedavg_updates")
+    sent = [
+        method.redistribute(previous, rank=c.max_rank, alpha=c.alphas["enc.q"], use_rslora=c.use_rslora)
+        for c in clients
+    ]
+    sent = [Adapter(s.modules, c.dense, s.use_rslora) for s, c in zip(sent, clients)]
+    for g in both_forms(sent, WEIGHTS, previous=previous):
+        assert_same_factors(g, previous)
+    assert rel(factors(zero_pad(sent, WEIGHTS, global_rank=8), "enc.q")[0], factors(previous, "enc.q")[0]) > 0.1
+
+
+def test_fedavg_updates_ignores_client_order_and_weight_zero_clients(clients):
+    previous = random_adapter(SPEC, 6, alpha=2.0, seed=5)
+    reference, _ = both_forms(clients, WEIGHTS, previous=previous)
+    order = [2, 0, 1]
+    for g in both_forms([clients[k] for k in order], [WEIGHTS[k] for k in order], previous=previous):
+        assert_same_factors(g, reference)
+        for key in SPEC.dense:
+            assert rel(g.dense[key], reference.dense[key]) < 1e-6
+    # a weight-0 client owns nothing: the same as leaving it out
+    without, _ = both_forms(clients[:2], WEIGHTS[:2], previous=previous)
+    for g in both_forms(clients, [*WEIGHTS[:2], 0.0], previous=previous):
+        assert_same_factors(g, without)
+
+
+def test_fedavg_updates_dense_is_fedavg_whatever_previous(clients):
+    previous = random_adapter(SPEC, 8, seed=3)  # its dense tensors differ from every client's
+    p = np.array(WEIGHTS) / sum(WEIGHTS)
+    for g in both_forms(clients, WEIGHTS, previous=previous):
+        for key in SPEC.dense:
+            expected = sum(pk * c.dense[key].astype(np.float64) for pk, c in zip(p, clients))
+            np.testing.assert_allclose(g.dense[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fedavg_updates_refuses_non_finite_and_mismatched_previous(clients):
+    # effective B~ = s B = 16 · 1e38 does not fit in float32: neither form hands it out
+    modules = {n: LoraModule(m.a, np.full_like(m.b, 1e38), 16.0 * m.rank) for n, m in clients[0].modules.items()}
+    huge = Adapter(modules, clients[0].dense)
+    method = get_method("fedavg_updates")
+    with pytest.raises(AggregationError, match="not finite"):
+        method.aggregate([huge, clients[1]], [1.0, 1.0], global_rank=8)
+    acc = method.accumulator(SPEC, global_rank=8)
+    acc.fold(huge, 1.0)
+    acc.fold(clients[1], 1.0)
+    with pytest.raises(AggregationError, match="not finite"):
+        acc.result()
+    other = type(SPEC)(modules={**SPEC.modules, "enc.q": (6, 4)}, dense=SPEC.dense)
+    wrong = random_adapter(other, 8)
+    with pytest.raises(AggregationError, match="previous adapter's enc.q"):
+        method.aggregate(clients, WEIGHTS, global_rank=8, previous=wrong)
+    acc = method.accumulator(SPEC, global_rank=8, previous=wrong)
+    acc.fold(clients[0], 1.0)
+    with pytest.raises(AggregationError, match="previous adapter's enc.q"):
+        acc.result()

@@ -30,6 +30,7 @@ __all__ = [
     "global_module",
     "dense_average",
     "fill_unowned",
+    "previous_factors",
 ]
 
 UNOWNED = ("previous", "zero", "drop")
@@ -97,6 +98,26 @@ def dense_average(adapters: Sequence[Adapter], weights: F64Array) -> dict[str, F
     }
 
 
+def previous_factors(
+    previous: Adapter | None, name: str, d_out: int, d_in: int, rank: int
+) -> tuple[F64Array, F64Array]:
+    """Last round's effective factors of module ``name`` at ``rank`` components, float64:
+    (A (rank, d_in), B~ = s B (d_out, rank)). Components beyond the previous adapter's rank
+    are zero (truncating redistribution zero-pads them too); without a previous adapter, or
+    without this module in it, all are zero."""
+    a = np.zeros((rank, d_in))
+    b_eff = np.zeros((d_out, rank))
+    if previous is None or name not in previous.modules:
+        return a, b_eff
+    prev = previous.modules[name]
+    if (prev.d_out, prev.d_in) != (d_out, d_in):
+        raise AggregationError(f"previous adapter's {name} is {prev.d_out}x{prev.d_in}, expected {d_out}x{d_in}")
+    stop = min(rank, prev.rank)
+    a[:stop] = prev.a[:stop]
+    b_eff[:, :stop] = prev.scaling(previous.use_rslora) * prev.b[:, :stop].astype(np.float64)
+    return a, b_eff
+
+
 def fill_unowned(
     a: F64Array,
     b_eff: F64Array,
@@ -115,19 +136,13 @@ def fill_unowned(
     rank = a.shape[0]
     if unowned == "drop":
         return a[:owned], b_eff[:, :owned]
-    if unowned == "zero" or previous is None or owned >= rank or name not in previous.modules:
+    if unowned == "zero" or previous is None or owned >= rank:
         return a, b_eff
-    prev = previous.modules[name]
-    if (prev.d_out, prev.d_in) != (b_eff.shape[0], a.shape[1]):
-        raise AggregationError(
-            f"previous adapter's {name} is {prev.d_out}x{prev.d_in}, expected {b_eff.shape[0]}x{a.shape[1]}"
-        )
-    stop = min(rank, prev.rank)
-    if stop > owned:
-        a = a.copy()
-        b_eff = b_eff.copy()
-        a[owned:stop] = prev.a[owned:stop]
-        b_eff[:, owned:stop] = prev.scaling(previous.use_rslora) * prev.b[:, owned:stop].astype(np.float64)
+    prev_a, prev_b = previous_factors(previous, name, b_eff.shape[0], a.shape[1], rank)
+    a = a.copy()
+    b_eff = b_eff.copy()
+    a[owned:] = prev_a[owned:]
+    b_eff[:, owned:] = prev_b[:, owned:]
     return a, b_eff
 
 
