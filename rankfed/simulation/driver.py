@@ -193,13 +193,16 @@ class Simulation:
         links: dict[str, InProcessTransport] = {}
         joined: dict[str, Any] = {}
         by_client: dict[str, str] = {}
+        fed = host.fed()
+        # The whole fleet is online before round 1 selects from it (as the operator would: pause).
+        host.call(fed.pause, "rankfed simulate", "the fleet is joining")
         for d in population.devices:
             link = InProcessTransport(host)
             result = link.join(JoinRequest(device_name=d.name, capability=PROFILES[d.profile],
                                            base_model_sha256=base_sha, num_examples=d.num_examples))
             links[d.name], joined[d.name] = link, result
             by_client[result.client_id] = d.name
-        fed = host.fed()
+        host.call(fed.resume, "rankfed simulate", f"{len(links)} devices joined")
         lines: list[dict[str, Any]] = []
         rounds_file = open(self.out_dir / "rounds.jsonl", "w")  # noqa: SIM115 - closed below
         lora: LoraSettings | None = None
@@ -218,7 +221,7 @@ class Simulation:
                 names = sorted(by_client[p.client_id] for p in parts)
                 rng = np.random.default_rng([fleet.seed, r, 1])
                 dropped = {n for n in names if rng.random() < fleet.devices.dropout}
-                jobs = []
+                jobs: list[TrainJob] = []
                 for name in names:
                     if name in dropped:
                         continue

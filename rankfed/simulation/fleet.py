@@ -147,7 +147,8 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise FleetError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(sorted(fields))}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else fields[name].default  # type: ignore[misc]
+        spec = fields[name]
+        default = spec.default_factory() if callable(spec.default_factory) else spec.default
         if name == "latency":
             kwargs[name] = _build(Latency, value, f"{where}.latency")
         elif (where, name) in _FREE_MAPS:

@@ -190,6 +190,8 @@ class SimWorker:
         with self._lock:
             lock = self._device_locks.setdefault(job.device, threading.Lock())
         try:
+            header: UploadHeader | None
+            blob: bytes | None
             with lock:
                 if self.settings.synthetic:
                     header, blob, record = synthetic_update(job)
