@@ -1,0 +1,144 @@
+"""Study v2 (docs/results.md §3): the preregistered grid on `rankfed simulate`.
+
+    OMP_NUM_THREADS=1 python bench/quality/study.py --out bench/results/study-v2 --jobs 2
+    python bench/quality/study.py --out bench/results/study-v2 --report   # tables only
+
+Each run is one `simulate()` of bench/quality/fleets/wordnet.toml with a few keys changed; its
+rounds.jsonl and summary.json are kept under OUT/<run>/ (the coordinator's blobs are deleted
+to keep the raw results small). Runs already present are skipped, so the grid resumes.
+The frozen-layer states are shared by all runs (OUT/../study-cache): a device's data is the
+same in every run of a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+FLEET = Path(__file__).parent / "fleets" / "wordnet.toml"
+SEEDS = (0, 1, 2)
+RULES = ("zero_pad", "rbla", "fedavg_updates", "hetlora")
+ASSIGNMENTS = ("random", "aligned")
+
+
+def grid() -> list[tuple[str, list[str]]]:
+    runs = []
+    for seed in SEEDS:
+        for r, profile in ((16, "cuda-large"), (2, "mobile")):
+            runs.append((f"homog-r{r}-s{seed}", [f"seed={seed}", 'method="zero_pad"',
+                                                 f"devices.profiles={{ {profile} = 1.0 }}"]))
+        for assignment in ASSIGNMENTS:
+            for rule in RULES:
+                runs.append((f"{rule}-{assignment}-s{seed}", [f"seed={seed}", f'method="{rule}"',
+                                                              f'devices.assignment="{assignment}"']))
+    return runs
+
+
+def run_one(name: str, sets: list[str], out: Path, cache: Path) -> str:
+    target = out / name
+    if (target / "summary.json").is_file():
+        return f"{name}: kept"
+    if target.exists():
+        shutil.rmtree(target)
+    cmd = [sys.executable, "-m", "rankfed", "simulate", str(FLEET), "--out", str(target), "--cache-dir", str(cache),
+           "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    shutil.rmtree(target / "coordinator", ignore_errors=True)
+    shutil.rmtree(target / "prefix-cache", ignore_errors=True)
+    return f"{name}: exit {proc.returncode} {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+
+
+def _t95(n: int) -> float:
+    return {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}.get(n - 1, 1.96) if n > 1 else float("nan")
+
+
+def _ci(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _t95(n) * sd / math.sqrt(n)
+
+
+def report(out: Path) -> dict[str, Any]:
+    acc: dict[str, dict[int, float]] = {}
+    up: dict[str, dict[int, int]] = {}
+    best_val: dict[str, dict[int, float]] = {}
+    for summary in sorted(out.glob("*/summary.json")):
+        s = json.loads(summary.read_text())
+        name = summary.parent.name
+        config, seed = name.rsplit("-s", 1)
+        if s.get("final") and s["final"].get("test"):
+            acc.setdefault(config, {})[int(seed)] = s["final"]["test"]["accuracy"]
+            up.setdefault(config, {})[int(seed)] = s["uplink_bytes"]
+            best_val.setdefault(config, {})[int(seed)] = (s["best_by_validation"]["test"] or {}).get("accuracy", float("nan"))
+    rows = []
+    for config in sorted(acc):
+        vals = [acc[config][k] for k in sorted(acc[config])]
+        mean, half = _ci(vals)
+        rows.append({"config": config, "seeds": sorted(acc[config]), "test_acc": vals, "mean": mean, "ci95": half,
+                     "uplink_mb": sum(up[config].values()) / len(up[config]) / 1e6})
+
+    def paired(a: str, b: str) -> dict[str, Any] | None:
+        seeds = sorted(set(acc.get(a, {})) & set(acc.get(b, {})))
+        if not seeds:
+            return None
+        diffs = [100 * (acc[a][s] - acc[b][s]) for s in seeds]
+        mean, half = _ci(diffs)
+        return {"a": a, "b": b, "seeds": seeds, "diff_points": diffs, "mean": mean, "ci95": half}
+
+    het = [f"{r}-random" for r in RULES]
+    best = max((c for c in het if c in acc), key=lambda c: sum(acc[c].values()) / len(acc[c]), default=None)
+    hyp = {
+        "H0 homog r16 - r2 >= 5": paired("homog-r16", "homog-r2"),
+        "H1 aligned: rbla - zero_pad >= 2": paired("rbla-aligned", "zero_pad-aligned"),
+        "H2 random: rbla - zero_pad <= 0": paired("rbla-random", "zero_pad-random"),
+        f"H3 best het ({best}) - homog r16 >= -2": paired(best, "homog-r16") if best else None,
+    }
+    extra = {f"{r}: aligned - random": paired(f"{r}-aligned", f"{r}-random") for r in RULES}
+    extra.update({f"random: {r} - zero_pad": paired(f"{r}-random", "zero_pad-random") for r in RULES[1:]})
+    extra.update({f"aligned: {r} - zero_pad": paired(f"{r}-aligned", "zero_pad-aligned") for r in RULES[1:]})
+    result = {"rows": rows, "hypotheses": hyp, "comparisons": extra,
+              "uplink_ratio_best_het_vs_r16": (sum(up[best].values()) / sum(up["homog-r16"].values()))
+              if best and "homog-r16" in up else None}
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    print(f"{'config':28s} {'seeds':>8s} {'test acc (mean ± 95% CI)':>26s} {'uplink MB':>10s}")
+    for r in rows:
+        print(f"{r['config']:28s} {len(r['seeds']):8d} {100 * r['mean']:17.1f} ± {100 * r['ci95']:5.1f} {r['uplink_mb']:10.2f}")
+    print()
+    for title, p in {**hyp, **extra}.items():
+        if p:
+            print(f"{title:45s} {p['mean']:+6.1f} ± {p['ci95']:4.1f} points  per seed {['%+.1f' % d for d in p['diff_points']]}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results/study-v2"))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="only print the tables of the runs present")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        cache = args.out.parent / "study-cache"
+        # Seed-major order: every seed's runs finish before the next seed starts.
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), grid()):
+                print(line, flush=True)
+    report(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
