@@ -217,3 +217,58 @@ def test_the_round_budget_still_applies_after_allocation(tmp_path):
         await fed.stop()
 
     asyncio.run(scenario())
+
+
+def test_validation_scores_through_the_federations_evaluation_calls(tmp_path):
+    """The evaluator role driven in-process through the same core calls the gRPC servicer uses."""
+    from rankfed.protocol import (
+        EvaluationDownloadRequest,
+        EvaluationKind,
+        EvaluationTask,
+        EvaluationTaskRequest,
+        ScoreReport,
+    )
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 2, "rank_policy.allocation": "validation",
+                                             "rank_policy.evaluator_wait_seconds": 30.0})
+        clients = _join(fed, ["gpu", "laptop"])
+        names = {cid: name for name, cid in clients.items()}
+
+        async def evaluator():
+            for _ in range(2):
+                task = await fed.evaluation_task(EvaluationTaskRequest(max_wait_s=10.0, globals=False))
+                assert isinstance(task, EvaluationTask) and task.kind is EvaluationKind.UPDATE
+                manifest_, chunks = await fed.open_evaluation_download(
+                    EvaluationDownloadRequest(kind=task.kind, round=task.round, client_id=task.client_id))
+                data = b"".join([piece async for piece in chunks])
+                assert hashlib.sha256(data).hexdigest() == task.adapter_sha256 == manifest_.sha256
+                loss = {"gpu": 0.2, "laptop": 0.6}[names[task.client_id]]  # the server-side score, not the device's
+                fed.report_scores(ScoreReport(kind=task.kind, round=task.round, client_id=task.client_id,
+                                              adapter_sha256=task.adapter_sha256, metrics={"loss": loss}), "test")
+
+        scoring = asyncio.ensure_future(evaluator())
+        first = await _play_round(fed, clients, {"gpu": 0.9, "laptop": 0.1})  # devices' own losses: ignored
+        await scoring
+        second = await _play_round(fed, clients, {"gpu": 0.9, "laptop": 0.1})
+        assert _ranks(first) == {"gpu": 16, "laptop": 4} and _ranks(second) == {"gpu": 16, "laptop": 2}
+        assert second["gpu"].assignment.reason.startswith("validation score rank 1/2 (loss 0.2")
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+def test_without_an_evaluator_the_round_waits_then_ranks_everyone_low(tmp_path):
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 2, "rank_policy.allocation": "validation",
+                                             "rank_policy.evaluator_wait_seconds": 0.3})
+        clients = _join(fed, ["gpu", "laptop"])
+        await _play_round(fed, clients, {"gpu": 0.9, "laptop": 0.1})
+        second = await _play_round(fed, clients, {"gpu": 0.9, "laptop": 0.1})
+        assert _ranks(second) == {"gpu": 2, "laptop": 2}
+        assert second["gpu"].assignment.reason.startswith(
+            "no validation score at the ranking of round 2 (no evaluator had scored an update of this device): "
+            "low rank 2 (capability cap 16)")
+        await fed.stop()
+
+    asyncio.run(scenario())
