@@ -53,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     export.add_argument("--data-dir", type=Path, default=Path("rankfed-data"), help="the coordinator's data directory")
     export.add_argument("--round", default="last", help="a round number, 'last' or 'best' (default: last)")
     export.add_argument("--metric", default="eval_accuracy",
-                        help="round metric that ranks rounds for --round best (devices' reported evaluation)")
+                        help="metric that ranks rounds for --round best: an evaluator's score of the global "
+                             "adapters (eval_accuracy reads its accuracy) when there are some, else the devices' "
+                             "reported evaluation")
     export.add_argument("--out", type=Path, required=True, help="directory to write")
     export.set_defaults(func=_export)
 
@@ -66,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {}
     # Secrets from the environment (systemd EnvironmentFile=, a Kubernetes Secret), so they
     # need not sit in the config file.
-    for env, name in (("RANKFED_ENROLLMENT_SECRET", "server.enrollment_secret"), ("RANKFED_ADMIN_TOKEN", "server.admin_token")):
+    for env, name in (("RANKFED_ENROLLMENT_SECRET", "server.enrollment_secret"), ("RANKFED_ADMIN_TOKEN", "server.admin_token"),
+                      ("RANKFED_EVALUATOR_TOKEN", "server.evaluator_token")):
         if os.environ.get(env):
             overrides[name] = os.environ[env]
     for flag, name in (("tls_cert", "server.tls_cert_file"), ("tls_key", "server.tls_key_file"),

@@ -36,9 +36,11 @@ from typing import Any
 from rankfed.aggregation.registry import METHODS
 from rankfed.coordinator.errors import ConfigError
 from rankfed.protocol import AlphaRule, DeviceClass, FederationMode
+from rankfed.protocol.limits import MAX_METRIC_NAME_CHARS, METRIC_NAME
 
 __all__ = [
     "AGGREGATION_METHODS",
+    "ALLOCATIONS",
     "CHUNK_OVERHEAD_BYTES",
     "CoordinatorConfig",
     "DEFAULT_TIERS",
@@ -59,6 +61,9 @@ __all__ = [
 
 FEDERATION_MODES = tuple(m.value for m in FederationMode)
 AGGREGATION_METHODS = tuple(METHODS)  # the method registry is the one list of rules
+# How a round's ranks are chosen (docs/rank-allocation.md): device capability alone, or the
+# devices' scores too, as they report them (reported) or as an evaluator measures them (validation).
+ALLOCATIONS = ("capability", "validation", "reported")
 # Room a chunk message needs beyond its payload (offsets, ids, digest): the gRPC receive
 # limit must exceed max_chunk_bytes by at least this much.
 CHUNK_OVERHEAD_BYTES = 64 * 1024
@@ -107,6 +112,13 @@ class ServerConfig:
         "Bearer token the operator API and the dashboard require (operator certificates, "
         "mutual TLS OU=operators, work too); empty: one is generated at the first start into "
         "DATA_DIR/admin-token (owner-only), which rankfed status and rankfed admin read.",
+        secret=True,
+    )
+    evaluator_token: str = _f(
+        "",
+        "Bearer token of the evaluator role (`rankfed edge evaluate`): it opens EvaluatorService "
+        "only (evaluation tasks, their adapters, score reports), not the operator API. Operator "
+        "credentials open EvaluatorService too. Empty: evaluators use operator credentials.",
         secret=True,
     )
     loopback_operators: bool = _f(
@@ -284,6 +296,61 @@ class RankPolicyConfig:
         "(1 + hysteresis). 0: no band.",
         ge=0,
         lt=1,
+    )
+    allocation: str = _f(
+        "capability",
+        "How each round's ranks are chosen: capability (the tiers alone), reported (the devices' "
+        "own held-out score, metrics.eval) or validation (an evaluator scores each update on the "
+        "operator's held-out set). The capability rank stays an upper bound in every mode "
+        "(docs/rank-allocation.md).",
+        choices=ALLOCATIONS,
+    )
+    score_metric: str = _f(
+        "loss",
+        "The score devices are ranked by: a key of their metrics.eval (reported) or of the "
+        "evaluator's scores (validation). Names ending in 'loss' or 'perplexity' rank lower is "
+        "better, others higher is better.",
+    )
+    high_rank_fraction: float = _f(
+        0.25,
+        "Fraction of the scored devices that get high_rank, rounded up (at least one device).",
+        gt=0,
+        le=1,
+    )
+    high_rank: int = _f(
+        0, "Rank of the top-scored devices, capped by each one's capability rank; 0: lora.max_rank.", ge=0
+    )
+    low_rank: int = _f(
+        2,
+        "Rank of the other scored devices, and of devices with no score yet, capped by each "
+        "one's capability rank.",
+        ge=1,
+    )
+    warmup_rounds: int = _f(
+        1,
+        "Rounds at capability ranks before scores decide (their updates give the first scores).",
+        ge=0,
+    )
+    reevaluate_every: int = _f(
+        1,
+        "Rounds between re-rankings of the devices by their latest scores (1: every round); in "
+        "between, every device keeps its high or low status.",
+        ge=1,
+    )
+    score_hysteresis: float = _f(
+        0.05,
+        "Relative margin that keeps a device's status steady between re-rankings: a device that "
+        "holds the high rank keeps it unless a challenger's score is better than its own by more "
+        "than this fraction of it. 0: the plain top fraction.",
+        ge=0,
+        lt=1,
+    )
+    evaluator_wait_seconds: float = _f(
+        60.0,
+        "validation: at a re-ranking round, wait up to this long for the evaluator to score the "
+        "previous round's updates before the ranks are set (0: never wait; unscored devices get "
+        "low_rank).",
+        ge=0,
     )
 
 
@@ -653,6 +720,7 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
             f"federation.method = {fed.method!r}: federation.mode = 'personalized' averages one "
             f"homogeneous shared adapter; set federation.method to one of {homogeneous}"
         )
+    _check_allocation(s, errors)
     tracking: TrackingConfig = s["tracking"]
     if tracking.mlflow_uri and not tracking.mlflow_experiment.strip():
         errors.append("tracking.mlflow_experiment = '': name the MLflow experiment (default \"rankfed\")")
@@ -660,6 +728,31 @@ def _cross_check(s: Mapping[str, Any], errors: list[str]) -> None:
         errors.append(
             f"federation.heartbeat_timeout_seconds = {fed.heartbeat_timeout_seconds}: must "
             f"exceed federation.heartbeat_interval_seconds = {fed.heartbeat_interval_seconds}"
+        )
+
+
+def _check_allocation(s: Mapping[str, Any], errors: list[str]) -> None:
+    policy: RankPolicyConfig = s["rank_policy"]
+    fed: FederationConfig = s["federation"]
+    lora: LoraSection = s["lora"]
+    if len(policy.score_metric) > MAX_METRIC_NAME_CHARS or not METRIC_NAME.fullmatch(policy.score_metric):
+        errors.append(
+            f"rank_policy.score_metric = {policy.score_metric!r}: expected a metric name of 1..{MAX_METRIC_NAME_CHARS} "
+            "letters, digits and _ . : / - (e.g. loss or accuracy)"
+        )
+    if policy.allocation == "capability":
+        return
+    high = policy.high_rank or lora.max_rank
+    if policy.high_rank > lora.max_rank:
+        errors.append(f"rank_policy.high_rank = {policy.high_rank}: must be ≤ lora.max_rank = {lora.max_rank} (0: lora.max_rank)")
+    if policy.low_rank > high:
+        errors.append(f"rank_policy.low_rank = {policy.low_rank}: must be ≤ the high rank {high} (rank_policy.high_rank, "
+                      "0: lora.max_rank)")
+    if fed.mode == FederationMode.PERSONALIZED or (fed.method in METHODS and METHODS[fed.method].homogeneous):
+        errors.append(
+            f"rank_policy.allocation = {policy.allocation!r}: federation.method = {fed.method!r} "
+            f"({fed.mode}) trains every client at one rank; data-aware allocation needs a rank-heterogeneous "
+            "method, or set allocation = 'capability'"
         )
 
 

@@ -4,6 +4,11 @@ as a directory `PeftModel.from_pretrained` and `rankfed edge export` load as the
     rankfed coordinator export --data-dir ./rankfed-data --round last --out final/
     rankfed coordinator export --round best --metric eval_accuracy --out best/
 
+"best" prefers an evaluator's scores of the global adapters on the operator's validation set
+(`rankfed edge evaluate`, docs/rank-allocation.md): `--metric eval_accuracy` reads its
+"accuracy". Without them it falls back to the devices' own evaluation (the round's metric).
+Losses and perplexities count lower as better, every other metric higher.
+
 This is the one answer to "where is the global adapter of round N": nothing else builds
 blob paths by hand. It reads the state database and never writes the data directory, so it
 is safe beside a running coordinator.
@@ -14,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rankfed.coordinator.allocation import lower_is_better
 from rankfed.coordinator.errors import ConfigError, NotFoundError
-from rankfed.coordinator.models import RoundRecord
+from rankfed.coordinator.models import RoundRecord, ScoreRecord
 from rankfed.coordinator.store import BLOB_DIR, STATE_FILE, BlobStore, SqliteStore
 from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
 from rankfed.protocol import RoundPhase
@@ -41,23 +48,36 @@ class ExportResult:
     metrics: dict[str, float]
 
 
-def choose_round(rounds: list[RoundRecord], which: str, *, metric: str = "eval_accuracy") -> tuple[RoundRecord, str]:
-    """The round `which` names: a number, "last" (the latest DONE round) or "best" (the DONE
-    round with the highest `metric`, as the devices reported it on their evaluation data)."""
+def choose_round(
+    rounds: list[RoundRecord], which: str, *, metric: str = "eval_accuracy", scores: Sequence[ScoreRecord] = ()
+) -> tuple[RoundRecord, str]:
+    """The round `which` names: a number, "last" (the latest DONE round) or "best": the DONE
+    round whose global adapter an evaluator scored best (`scores`: validation scores of the
+    global adapters; `metric` without its "eval_" prefix), else the one with the best `metric`
+    as the devices reported it on their evaluation data."""
     done = [r for r in rounds if r.phase is RoundPhase.DONE]
     if which == "last":
         if not done:
             raise NotFoundError("no round has finished yet: there is no global adapter beyond the initial one")
         return done[-1], "the latest finished round"
     if which == "best":
+        sign = -1.0 if lower_is_better(metric) else 1.0
+        word = "lowest" if sign < 0 else "highest"
+        key = metric.removeprefix("eval_")
+        by_round = {s.round: s.metrics[key] for s in scores if not s.client_id and key in s.metrics}
+        judged = [r for r in done if r.round in by_round]
+        if judged:
+            best = max(judged, key=lambda r: (sign * by_round[r.round], r.round))
+            return best, f"the {word} {key} ({by_round[best.round]:.4f}) on the evaluator's validation set"
         scored = [r for r in done if metric in r.metrics]
         if not scored:
             raise NotFoundError(
                 f"no finished round reports {metric!r}; devices report evaluation metrics with "
-                "`rankfed edge run --eval-data FILE`, or export --round last"
+                "`rankfed edge run --eval-data FILE` (or an evaluator scores the global adapters: "
+                "`rankfed edge evaluate`), or export --round last"
             )
-        best = max(scored, key=lambda r: (r.metrics[metric], r.round))
-        return best, f"the highest {metric} ({best.metrics[metric]:.4f}) reported by the devices"
+        best = max(scored, key=lambda r: (sign * r.metrics[metric], r.round))
+        return best, f"the {word} {metric} ({best.metrics[metric]:.4f}) reported by the devices"
     try:
         number = int(which)
     except ValueError:
@@ -75,7 +95,7 @@ def export_global_adapter(data_dir: Path | str, which: str, out: Path | str, *, 
         raise ConfigError(f"{data_dir} holds no coordinator state ({STATE_FILE}); pass the coordinator's --data-dir")
     store = SqliteStore(data_dir / STATE_FILE)
     try:
-        record, why = choose_round(store.list_rounds(), which, metric=metric)
+        record, why = choose_round(store.list_rounds(), which, metric=metric, scores=store.list_scores("validation"))
     finally:
         store.close()
     blobs = BlobStore(data_dir / BLOB_DIR)

@@ -3,9 +3,10 @@
 It composes the parts, each in its own module and readable in one sitting:
     registry.py     devices, sessions and liveness (Join, Leave, Heartbeat, ListClients)
     dispatch.py     tasks and downloads (GetTask, DownloadAdapter)
+    evaluations.py  the evaluator role: what needs a score, its bytes, the scores (EvaluatorService)
     ingest.py       uploads: store, verify, fsync, receipt, fold (UploadUpdate)
     rounds.py       the round loop, crash resume, aggregation at close
-    rank_planner.py ranks for a round (tiers, method traits, byte budget)
+    rank_planner.py ranks for a round (tiers, scores, method traits, byte budget)
     status_view.py  what operators see (GetRoundStatus, WatchRounds)
 over a shared `FederationContext` (config, stores, clock, change notifier, round state).
 Plain Python on asyncio: no grpc, no protobuf; requests and answers are `rankfed.protocol`
@@ -26,6 +27,7 @@ from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.context import FederationContext
 from rankfed.coordinator.controls import Controls
 from rankfed.coordinator.dispatch import TaskDispatcher
+from rankfed.coordinator.evaluations import Evaluations
 from rankfed.coordinator.ingest import Ingest
 from rankfed.coordinator.models import ClientRecord, Receipt, RoundRecord
 from rankfed.coordinator.registry import ClientRegistry
@@ -37,12 +39,17 @@ from rankfed.protocol import (
     ClientInfo,
     ClientPage,
     DownloadRequest,
+    EvaluationDownloadRequest,
+    EvaluationTaskRequest,
+    EvaluatorTask,
     FederationStatus,
     HeartbeatRequest,
     HeartbeatResult,
     JoinRequest,
     JoinResult,
     LeaveRequest,
+    ScoreReceipt,
+    ScoreReport,
     Task,
     TransferManifest,
     UploadHeader,
@@ -81,7 +88,8 @@ class Federation:
         self.dispatch = TaskDispatcher(self.ctx, self.registry)
         self.ingest = Ingest(self.ctx, self.dispatch)
         self.controls = Controls(self.ctx, self.registry)
-        self.rounds = RoundLoop(self.ctx, self.registry, self.dispatch, self.controls)
+        self.evaluations = Evaluations(self.ctx)
+        self.rounds = RoundLoop(self.ctx, self.registry, self.dispatch, self.controls, self.evaluations)
         self.view = StatusView(self.ctx, self.registry)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -187,6 +195,19 @@ class Federation:
     def leave(self, client_id: str, request: LeaveRequest) -> None:
         self.registry.leave(client_id, request)
 
+    # ------------------------------------------------------------------ EvaluatorService
+
+    async def evaluation_task(self, request: EvaluationTaskRequest) -> EvaluatorTask:
+        return await self.evaluations.next_task(request)
+
+    async def open_evaluation_download(
+        self, request: EvaluationDownloadRequest
+    ) -> tuple[TransferManifest, AsyncGenerator[bytes, None]]:
+        return await self.evaluations.open_download(request)
+
+    def report_scores(self, report: ScoreReport, reporter: str) -> ScoreReceipt:
+        return self.evaluations.report_scores(report, reporter)
+
     # ------------------------------------------------------------------ AdminService
 
     def status(self, history_limit: int = 0, *, page_size: int = 0, page_token: str = "") -> FederationStatus:
@@ -238,6 +259,7 @@ class Federation:
             await asyncio.to_thread(_archive_blobs, self.ctx.blobs.root, archive / BLOB_DIR if kept else None)
             self.ctx.store.reset_run()
         self.ctx.reset_run()
+        self.evaluations.reset()
         await self.start()
         where = f"archived in {archive}" if kept else "not kept (in-memory state)"
         return f"new federation {self.federation_id} started; the previous one ({old_id}) is {where}"

@@ -39,7 +39,7 @@ from rankfed.coordinator.errors import (
     PreconditionError,
     RetryLaterError,
 )
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, ScoreRecord
 from rankfed.coordinator.store.blobs import update_relpath
 from rankfed.coordinator.uploads import SessionState, UploadSession, check_header
 from rankfed.protocol import (
@@ -234,6 +234,13 @@ class Ingest:
             ctx.store.upsert_client(replace(
                 client, rounds_completed=client.rounds_completed + 1, deadlines_missed=0, last_seen_at=ctx.clock()
             ))
+            if ctx.config.rank_policy.allocation == "reported" and header.metrics.eval:
+                # The device's score of its own update on its held-out split: what ranks it.
+                ctx.store.put_score(ScoreRecord(
+                    round=receipt.round, client_id=receipt.client_id, source="reported",
+                    metrics=dict(header.metrics.eval), recorded_at=receipt.accepted_at,
+                    adapter_sha256=receipt.sha256, reporter=client.device_name,
+                ))
 
 
 def fold_update(accumulator: Accumulator, adapter: Adapter, num_examples: int, norms: dict[str, float],

@@ -70,3 +70,20 @@ class RoundRecord:
     global_sha256: str = ""  # of the global adapter this round produced
     metrics: dict[str, float] = field(default_factory=dict)
     failure_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """A score of one adapter on held-out data: a device's update of a round (client_id set)
+    or a round's global adapter (client_id "").
+
+    source "reported": the device's own held-out split, sent with its update (metrics.eval);
+    source "validation": an evaluator's held-out set (EvaluatorService.ReportScores)."""
+
+    round: int
+    client_id: str  # "": the round's global adapter
+    source: str
+    metrics: dict[str, float]
+    recorded_at: float
+    adapter_sha256: str = ""  # the adapter scored
+    reporter: str = ""  # who reported it, for the log and status

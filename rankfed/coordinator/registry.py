@@ -136,6 +136,8 @@ class ClientRegistry:
         )
         if ctx.personalized:
             rank, reason = cfg.lora.max_rank, SHARED_REASON.format(rank=cfg.lora.max_rank)
+        elif cfg.rank_policy.allocation != "capability":
+            reason += f"; each round's rank follows the devices' {cfg.rank_policy.allocation} scores under this cap"
         if existing is None:
             client = ClientRecord(
                 client_id="c-" + secrets.token_hex(6), device_name=name, capability=info.capability,

@@ -22,6 +22,7 @@ from rankfed.coordinator.context import OPEN_STATES, FederationContext
 from rankfed.coordinator.controls import Controls
 from rankfed.coordinator.dispatch import TaskDispatcher
 from rankfed.coordinator.errors import StorageError
+from rankfed.coordinator.evaluations import Evaluations
 from rankfed.coordinator.ingest import fold_update, load_update
 from rankfed.coordinator.models import Participant, Receipt, RoundRecord
 from rankfed.coordinator.rank_planner import plan_round
@@ -36,11 +37,12 @@ ROUND_END_POLL_S = 0.05  # the round loop re-reads participants at most this oft
 
 class RoundLoop:
     def __init__(self, ctx: FederationContext, registry: ClientRegistry, dispatch: TaskDispatcher,
-                 controls: Controls) -> None:
+                 controls: Controls, evaluations: Evaluations) -> None:
         self._ctx = ctx
         self._registry = registry
         self._dispatch = dispatch
         self._controls = controls
+        self._evaluations = evaluations
         self.fatal: BaseException | None = None
         # Called with each closed round's record (DONE or FAILED); the metrics use it.
         self.on_round_closed: Callable[[RoundRecord], None] | None = None
@@ -151,6 +153,9 @@ class RoundLoop:
         )
         ctx.store.put_round(waiting)
         ctx.changes.notify()
+        # validation allocation: the evaluator's scores of the last updates, before they rank anyone.
+        await self._evaluations.wait_for_scores(
+            round_no, interrupted=lambda: self._controls.paused or self._controls.stopped)
         online = await self._wait_for_clients()
         if online is None:
             return False

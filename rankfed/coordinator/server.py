@@ -1,6 +1,7 @@
-"""Build and run the coordinator's grpc.aio server: EdgeService, AdminService, health and
-reflection (so grpcurl and load balancers work out of the box), over TLS or mutual TLS
-when configured, plus the Prometheus endpoint on its own HTTP port."""
+"""Build and run the coordinator's grpc.aio server: EdgeService, AdminService,
+EvaluatorService, health and reflection (so grpcurl and load balancers work out of the
+box), over TLS or mutual TLS when configured, plus the Prometheus endpoint on its own
+HTTP port."""
 
 from __future__ import annotations
 
@@ -28,17 +29,19 @@ from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.retention import UpdateRetention, disk_usage
 from rankfed.coordinator.servicer_admin import AdminServicer
 from rankfed.coordinator.servicer_edge import EdgeServicer, add_edge_service
+from rankfed.coordinator.servicer_evaluator import EvaluatorServicer
 from rankfed.coordinator.store import BlobStore, SqliteStore, StateStore, open_store
 from rankfed.coordinator.tracking import Tracking, open_tracking
 from rankfed.protocol import ManifestError
 from rankfed.protocol.manifest import ModelManifest, load_manifest
 from rankfed.tls import TlsError, is_loopback_address, server_credentials
-from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2
+from rankfed.v1 import admin_pb2, admin_pb2_grpc, edge_pb2, evaluator_pb2, evaluator_pb2_grpc
 
 log = logging.getLogger("rankfed.coordinator")
 
 EDGE_SERVICE = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+EVALUATOR_SERVICE = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
 
 
 def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
@@ -129,10 +132,13 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(federation, admin_token, metrics), server
         )
+        evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server(
+            EvaluatorServicer(federation, admin_token, config.server.evaluator_token, metrics), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (EDGE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (EDGE_SERVICE, ADMIN_SERVICE, EVALUATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         port = _bind(server, config.server.address, credentials, "server.address")
         http, metrics_port = None, 0
@@ -159,7 +165,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
             undo.callback(tracking.close)
         await server.start()
         undo.pop_all()  # everything started: from here on Coordinator.stop() owns it
-    for name in ("", EDGE_SERVICE, ADMIN_SERVICE):
+    for name in ("", EDGE_SERVICE, ADMIN_SERVICE, EVALUATOR_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator serving", extra={
         "address": config.server.address, "port": port, "data_dir": str(data_dir),

@@ -29,27 +29,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _authorize(self, context: ServicerContext) -> str:
         """Who the operator is (for the log of operator actions); AuthError otherwise."""
-        identity = peer_identity(context.auth_context())
-        if identity is not None and identity.is_operator:
-            return f"certificate {identity.common_name}"
-        token = bearer_token(dict(context.invocation_metadata() or ()))
-        if self._token:
-            if token is not None and secrets.compare_digest(token.encode(), self._token.encode()):
-                return f"admin token from {context.peer()}"
-            raise AuthError(
-                "the operator API needs 'authorization: Bearer <admin token>' (server.admin_token) "
-                f"or an operator certificate (OU={OPERATOR_OU}); device session tokens are not accepted"
-            )
-        if identity is not None:
-            raise PermissionDeniedError(
-                f"a device certificate cannot use the operator API; use one with OU={OPERATOR_OU} or an admin token"
-            )
-        if not peer_is_loopback(context.peer()):
-            raise PermissionDeniedError(
-                "server.admin_token is not set, so the operator API answers only loopback callers and "
-                f"operator certificates (OU={OPERATOR_OU}); set an admin token to manage it remotely"
-            )
-        return f"loopback {context.peer()}"
+        return authorize_operator(context, self._token)
 
     @unary
     async def GetRoundStatus(
@@ -114,6 +94,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def StartFederation(self, request: ProtoAdmin.ControlRequest, context: ServicerContext) -> ProtoAdmin.ControlResponse:
         operator = self._authorize(context)
         return ProtoAdmin.ControlResponse(message=await self._fed.new_run(operator, _reason(request.reason)))
+
+
+def authorize_operator(context: ServicerContext, admin_token: str, *, api: str = "the operator API") -> str:
+    """Who the operator is (for the log of operator actions); AuthError or PermissionDeniedError
+    otherwise. `api` names what was called, in the errors."""
+    identity = peer_identity(context.auth_context())
+    if identity is not None and identity.is_operator:
+        return f"certificate {identity.common_name}"
+    token = bearer_token(dict(context.invocation_metadata() or ()))
+    if admin_token:
+        if token is not None and secrets.compare_digest(token.encode(), admin_token.encode()):
+            return f"admin token from {context.peer()}"
+        raise AuthError(
+            f"{api} needs 'authorization: Bearer <admin token>' (server.admin_token) "
+            f"or an operator certificate (OU={OPERATOR_OU}); device session tokens are not accepted"
+        )
+    if identity is not None:
+        raise PermissionDeniedError(
+            f"a device certificate cannot use {api}; use one with OU={OPERATOR_OU} or an admin token"
+        )
+    if not peer_is_loopback(context.peer()):
+        raise PermissionDeniedError(
+            f"server.admin_token is not set, so {api} answers only loopback callers and "
+            f"operator certificates (OU={OPERATOR_OU}); set an admin token to manage it remotely"
+        )
+    return f"loopback {context.peer()}"
 
 
 def _reason(text: str) -> str:

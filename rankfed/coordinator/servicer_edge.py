@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import cast
 
 import grpc
 
 from rankfed.coordinator.auth import bearer_token
+from rankfed.coordinator.config import ServerConfig
 from rankfed.coordinator.errors import (
     AuthError,
     InvalidArgumentError,
@@ -27,7 +28,7 @@ from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import unary
 from rankfed.coordinator.upload_wire import Malformed, RawChunk, UploadPart, upload_message_from_bytes
-from rankfed.protocol import Chunk, UploadHeader, UploadReceipt, WaitTask, serde
+from rankfed.protocol import Chunk, TransferManifest, UploadHeader, UploadReceipt, WaitTask, serde
 from rankfed.tls import peer_identity
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
@@ -144,6 +145,46 @@ def add_edge_service(servicer: EdgeServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(EDGE_SERVICE, handlers)
 
 
+async def write_download(
+    context: grpc.aio.ServicerContext, manifest: TransferManifest, chunks: AsyncGenerator[bytes, None], *,
+    offset: int, server: ServerConfig, on_bytes: Callable[[int], None],
+) -> None:
+    """Write a download stream (the manifest, then chunks from `offset`), each write bounded
+    by server.download_idle_timeout_seconds and the whole by download_total_timeout_seconds.
+
+    A coroutine that writes (not an async generator that yields): a yielded message is
+    sent by grpc's own loop, where no timeout of ours can reach a write blocked on flow
+    control; here each write is our await, bounded like an upload's receives."""
+    idle, total = server.download_idle_timeout_seconds, server.download_total_timeout_seconds
+    loop = asyncio.get_running_loop()
+    until = loop.time() + total
+
+    async def send(message: ProtoEdge.DownloadMessage) -> None:
+        # The write returns once gRPC's flow control takes the message; a client that
+        # stopped reading keeps it waiting. Whichever limit comes first applies.
+        idle_ends = loop.time() + idle
+        try:
+            async with asyncio.timeout_at(min(idle_ends, until)):
+                await context.write(message)
+        except TimeoutError:
+            if idle_ends <= until:
+                raise StreamTimeoutError(
+                    f"the client took no data for {idle:g} s (server.download_idle_timeout_seconds); the "
+                    "download was aborted, resume it with offset = bytes received", reason="idle_timeout",
+                ) from None
+            raise StreamTimeoutError(
+                f"download took longer than {total:g} s (server.download_total_timeout_seconds); it was "
+                "aborted, resume it with offset = bytes received over a faster link", reason="total_timeout",
+            ) from None
+
+    async with contextlib.aclosing(chunks):  # closes the adapter file however we leave
+        await send(ProtoEdge.DownloadMessage(manifest=serde.transfer_manifest_to_proto(manifest)))
+        async for data in chunks:
+            await send(ProtoEdge.DownloadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data)))
+            offset += len(data)
+            on_bytes(len(data))
+
+
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     def __init__(self, federation: Federation, metrics: CoordinatorMetrics | None = None) -> None:
         self._fed = federation
@@ -188,46 +229,16 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             self.metrics.get_task_overrun.observe(max(0.0, time.perf_counter() - started - due))
         return serde.task_to_proto(task)
 
-    # A coroutine that writes (not an async generator that yields): a yielded message is
-    # sent by grpc's own loop, where no timeout of ours can reach a write blocked on flow
-    # control; here each write is our await, bounded like an upload's receives. (grpc.aio
-    # serves both forms; the generated stub types only the generator one.)
+    # A coroutine that writes (see write_download), not an async generator: grpc.aio serves
+    # both forms; the generated stub types only the generator one.
     @unary
     async def DownloadAdapter(  # type: ignore[override]
         self, request: ProtoEdge.DownloadRequest, context
     ) -> None:
         client_id = self._client_id(context)
         manifest, chunks = await self._fed.open_download(client_id, serde.download_request_from_proto(request))
-        server = self._fed.config.server
-        idle, total = server.download_idle_timeout_seconds, server.download_total_timeout_seconds
-        loop = asyncio.get_running_loop()
-        until = loop.time() + total
-
-        async def send(message: ProtoEdge.DownloadMessage) -> None:
-            # The write returns once gRPC's flow control takes the message; a client that
-            # stopped reading keeps it waiting. Whichever limit comes first applies.
-            idle_ends = loop.time() + idle
-            try:
-                async with asyncio.timeout_at(min(idle_ends, until)):
-                    await context.write(message)
-            except TimeoutError:
-                if idle_ends <= until:
-                    raise StreamTimeoutError(
-                        f"the client took no data for {idle:g} s (server.download_idle_timeout_seconds); the "
-                        "download was aborted, resume it with offset = bytes received", reason="idle_timeout",
-                    ) from None
-                raise StreamTimeoutError(
-                    f"download took longer than {total:g} s (server.download_total_timeout_seconds); it was "
-                    "aborted, resume it with offset = bytes received over a faster link", reason="total_timeout",
-                ) from None
-
-        async with contextlib.aclosing(chunks):  # closes the adapter file however we leave
-            await send(ProtoEdge.DownloadMessage(manifest=serde.transfer_manifest_to_proto(manifest)))
-            offset = request.offset
-            async for data in chunks:
-                await send(ProtoEdge.DownloadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data)))
-                offset += len(data)
-                self.metrics.bytes_out.inc(len(data))
+        await write_download(context, manifest, chunks, offset=request.offset, server=self._fed.config.server,
+                             on_bytes=self.metrics.bytes_out.inc)
 
     @unary
     async def UploadUpdate(self, request_iterator, context) -> ProtoEdge.UploadReceipt:

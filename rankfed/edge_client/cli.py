@@ -1,4 +1,4 @@
-"""`rankfed edge ...`: probe, run, export, infer, manifest.
+"""`rankfed edge ...`: probe, run, evaluate, export, infer, manifest.
 
 Heavy imports (torch, transformers, peft, grpc) happen inside the command functions, so
 `rankfed edge infer` works with only the `infer` extra installed.
@@ -204,6 +204,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         "final_adapter": summary.final_adapter_path,
         "reason": summary.reason,
     })
+    return 0
+
+
+def _evaluator_token(args: argparse.Namespace) -> str:
+    """--token, else the first line of --token-file, else $RANKFED_EVALUATOR_TOKEN, else
+    $RANKFED_ADMIN_TOKEN (an operator credential opens EvaluatorService too), else ""."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"--token-file {args.token_file}: {err}") from None
+    return os.environ.get("RANKFED_EVALUATOR_TOKEN") or os.environ.get("RANKFED_ADMIN_TOKEN", "")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _offline(args.threads)
+    from rankfed.tls import transport_mismatch
+
+    from .evaluator import Evaluator, EvaluatorConfig
+    from .evaluator_transport import EvaluatorTransport
+    from .transport import RetryPolicy
+
+    tls = _tls_options(args)
+    mismatch = transport_mismatch(args.coordinator, tls)
+    if mismatch:
+        raise ConfigError(mismatch)
+    if args.no_updates and args.no_globals:
+        raise ConfigError("--no-updates and --no-globals together leave nothing to score")
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from rankfed.datasets import DemoDataError
+        from rankfed.datasets import model_dir as demo_model_dir
+
+        try:
+            model_dir = demo_model_dir()
+        except DemoDataError as exc:
+            raise ConfigError(f"no --model given and the bundled demo model is missing: {exc}") from None
+    config = EvaluatorConfig(
+        model_dir=model_dir, data_path=Path(args.data), label_names=args.labels, max_length=args.max_length,
+        batch_size=args.batch_size, max_wait_s=args.max_wait, updates=not args.no_updates,
+        globals=not args.no_globals, max_tasks=args.max_tasks,
+    )
+    printer = _Printer(args.json, args.quiet)
+    _terminate_like_interrupt()
+    with EvaluatorTransport(args.coordinator, token=_evaluator_token(args), tls=tls,
+                            retry=RetryPolicy(max_elapsed_s=args.retry_for)) as transport:
+        summary = Evaluator(transport, config, on_event=printer).run()
+    printer("summary", {"scored": len(summary.scored), "failed": summary.failed, "reason": summary.reason})
     return 0
 
 
@@ -424,6 +475,38 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_guarded(cmd_run))
+
+    p = cmds.add_parser(
+        "evaluate", help="the evaluator role: score devices' updates and global adapters on a validation set",
+        description="Score the adapters a coordinator asks about (devices' updates for rank_policy.allocation = "
+                    "'validation', each round's global adapter for `coordinator export --round best`) on a "
+                    "held-out validation set, and report the scores. See docs/rank-allocation.md.",
+    )
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="the validation set: JSONL or CSV like the devices' data (text,label or prompt,response)")
+    p.add_argument("--model", metavar="DIR", help="the federation's base model (default: the bundled demo model)")
+    p.add_argument("--token", help="server.evaluator_token or the operator's admin token "
+                   "(default: --token-file, $RANKFED_EVALUATOR_TOKEN, then $RANKFED_ADMIN_TOKEN)")
+    p.add_argument("--token-file", metavar="FILE", help="read the token from this file (e.g. DATA_DIR/admin-token)")
+    p.add_argument("--labels", type=_csv, help="label names in id order, for data with named labels")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-updates", action="store_true", help="score no device updates")
+    p.add_argument("--no-globals", action="store_true", help="score no global adapters")
+    p.add_argument("--max-tasks", type=int, help="exit after this many scores (default: when the federation is done)")
+    p.add_argument("--max-wait", type=float, default=30.0, help="long-poll wait per task request, seconds")
+    p.add_argument("--retry-for", type=float, default=300.0, help="give up after this long unreachable, seconds")
+    t = p.add_argument_group("transport security (default: plaintext, which coordinators allow on loopback only)")
+    t.add_argument("--tls", action="store_true", help="TLS, verifying the coordinator with the system roots")
+    t.add_argument("--tls-ca", metavar="PEM", help="CA that signed the coordinator's certificate (implies --tls)")
+    t.add_argument("--tls-cert", metavar="PEM", help="an operator certificate (OU=operators), for mutual TLS")
+    t.add_argument("--tls-key", metavar="PEM", help="its private key")
+    t.add_argument("--tls-server-name", metavar="NAME", help="expected name in the coordinator's certificate")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_guarded(cmd_evaluate))
 
     p = cmds.add_parser("export", help="merge an adapter and export to ONNX")
     p.add_argument("--model", required=True, metavar="DIR")

@@ -1,8 +1,9 @@
 """The stub layer: every RPC to the coordinator, with retries, backoff and streaming.
 
-The only edge module that imports grpc. It takes and returns the dataclasses of
-`rankfed.protocol` and raises the `errors.TransportError` family, mapped from gRPC status codes in
-one table (`STATUS_TO_ERROR`).
+With `evaluator_transport` (the evaluator role's calls over the same `Connection`), the
+only edge modules that import grpc. It takes and returns the dataclasses of
+`rankfed.protocol` and raises the `errors.TransportError` family, mapped from gRPC status
+codes in one table (`STATUS_TO_ERROR`).
 
 Retries: calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped
 exponential backoff and full jitter until `RetryPolicy.max_elapsed_s` is spent. Uploads are
@@ -16,9 +17,9 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import grpc
 
@@ -126,13 +127,13 @@ def sha256_hex(data: bytes) -> str:
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
-class EdgeTransport:
-    """A connection to one coordinator's EdgeService (sync API: fine for one device).
+class Connection:
+    """A channel to one coordinator with the call machinery every client of it shares:
+    retries with backoff (`with_retries`) and resumable, verified downloads (`receive`).
 
     ``tls``: None for plaintext (the coordinator allows it on loopback only, or with
     --insecure), else TLS verifying the server with ``ca_file`` (None: system roots) and,
-    for mutual TLS, presenting ``cert_file``/``key_file`` (the certificate's CN enrolls the
-    device).
+    for mutual TLS, presenting ``cert_file``/``key_file``.
     """
 
     def __init__(
@@ -144,12 +145,8 @@ class EdgeTransport:
         call_timeout_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
-        keys: DeviceKeys | None = None,
     ) -> None:
         self.address = address
-        # The device key proves this device's name at later joins (in memory by default;
-        # `rankfed edge run` keeps it in a file so a restarted device can rejoin).
-        self.keys = keys if keys is not None else DeviceKeys()
         self.retry = retry
         self.call_timeout_s = call_timeout_s
         self._sleep = sleep
@@ -158,28 +155,19 @@ class EdgeTransport:
             self._channel = channel_for(address, tls, CHANNEL_OPTIONS)
         except (TlsError, OSError) as err:
             raise ConfigError(f"TLS settings: {err}") from err
-        self._stub = ProtoEdgeGrpc.EdgeServiceStub(self._channel)
-        self._token = ""
-        self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
-        # Measured on the real link by the last transfer, bytes per second (0: none yet).
-        self.upload_bytes_per_second = 0.0
+        # Measured on the real link by the last download, bytes per second (0: none yet).
         self.download_bytes_per_second = 0.0
-
-    # -- plumbing ----------------------------------------------------------------------
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> EdgeTransport:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
-
-    def _with_retries(self, what: str, call: Callable[[int], T]) -> T:
+    def with_retries(self, what: str, call: Callable[[int], T]) -> T:
         """Run ``call(attempt)``, retrying retryable failures with backoff."""
         start = time.monotonic()
         delays = self.retry.delays(self._rng)
@@ -200,6 +188,102 @@ class EdgeTransport:
             log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
             self._sleep(delay)
 
+    def receive(
+        self,
+        what: str,
+        open_stream: Callable[[int], Iterable[ProtoEdge.DownloadMessage]],
+        *,
+        expected_sha256: str = "",
+        progress: ProgressFn | None = None,
+    ) -> tuple[TransferManifest, bytes]:
+        """A file streamed as a TransferManifest then chunks (``open_stream(offset)`` opens
+        the stream from a byte): resumes after a broken stream and checks size and sha256
+        against the manifest (and ``expected_sha256`` when given)."""
+        buf = bytearray()
+        state: dict[str, TransferManifest] = {}
+        started = time.monotonic()
+
+        def call(attempt: int) -> TransferManifest:
+            manifest: TransferManifest | None = None
+            for message in open_stream(len(buf)):
+                kind = message.WhichOneof("kind")
+                if kind == "manifest":
+                    manifest = serde.transfer_manifest_from_proto(message.manifest)
+                    previous = state.get("manifest")
+                    if previous is not None and previous.sha256 != manifest.sha256:
+                        log.warning("the file changed during a resumed %s; restarting", what)
+                        buf.clear()
+                    if manifest.total_bytes > MAX_DOWNLOAD_BYTES:
+                        raise IntegrityError(
+                            f"download of {manifest.total_bytes} bytes exceeds the "
+                            f"{MAX_DOWNLOAD_BYTES}-byte cap"
+                        )
+                    state["manifest"] = manifest
+                elif kind == "chunk":
+                    if manifest is None:
+                        raise IntegrityError(f"{what}: a chunk arrived before the manifest")
+                    chunk = message.chunk
+                    if chunk.offset != len(buf):
+                        raise IntegrityError(f"{what}: chunk at offset {chunk.offset}, expected {len(buf)}")
+                    if len(buf) + len(chunk.data) > manifest.total_bytes:
+                        raise IntegrityError(f"{what}: more bytes than the manifest announced")
+                    buf.extend(chunk.data)
+                    if progress is not None:
+                        progress(len(buf), manifest.total_bytes)
+            if manifest is None:
+                raise IntegrityError(f"{what}: the stream ended without a manifest")
+            if len(buf) != manifest.total_bytes:
+                # A stream cut short without an error status: resume like UNAVAILABLE.
+                raise UnavailableError(
+                    f"{what}: stream ended at {len(buf)} of {manifest.total_bytes} bytes", code="UNAVAILABLE",
+                )
+            return manifest
+
+        manifest = self.with_retries(what, call)
+        data = bytes(buf)
+        digest = sha256_hex(data)
+        if digest != manifest.sha256:
+            raise IntegrityError(f"{what}: sha256 {digest} does not match the manifest's {manifest.sha256}")
+        if expected_sha256 and digest != expected_sha256:
+            raise IntegrityError(f"{what}: got adapter {digest}, the task announced {expected_sha256}")
+        elapsed = time.monotonic() - started
+        if elapsed > 0 and data:
+            self.download_bytes_per_second = len(data) / elapsed
+        return manifest, data
+
+
+class EdgeTransport(Connection):
+    """A connection to one coordinator's EdgeService (sync API: fine for one device).
+
+    ``tls``: as for `Connection`; under mutual TLS the certificate's CN enrolls the device.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: TlsOptions | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        call_timeout_s: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = None,
+        keys: DeviceKeys | None = None,
+    ) -> None:
+        super().__init__(address, tls=tls, retry=retry, call_timeout_s=call_timeout_s, sleep=sleep, seed=seed)
+        # The device key proves this device's name at later joins (in memory by default;
+        # `rankfed edge run` keeps it in a file so a restarted device can rejoin).
+        self.keys = keys if keys is not None else DeviceKeys()
+        self._stub = ProtoEdgeGrpc.EdgeServiceStub(self._channel)
+        self._token = ""
+        self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
+        # Measured on the real link by the last upload, bytes per second (0: none yet).
+        self.upload_bytes_per_second = 0.0
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token}"),) if self._token else ()
+
     # -- calls -------------------------------------------------------------------------
 
     def join(self, request: JoinRequest) -> JoinResult:
@@ -212,7 +296,7 @@ class EdgeTransport:
             response = self._stub.Join(proto, timeout=self.call_timeout_s)
             return serde.join_result_from_proto(response)
 
-        result = self._with_retries("Join", call)
+        result = self.with_retries("Join", call)
         if result.device_key:
             self.keys.put(self.address, name, result.device_key)
         self._token = result.session_token
@@ -229,7 +313,7 @@ class EdgeTransport:
             )
             return serde.task_from_proto(response)
 
-        return self._with_retries("GetTask", call)
+        return self.with_retries("GetTask", call)
 
     def heartbeat(self, round: int, state: ParticipantState, progress: float) -> HeartbeatResult:
         """One attempt, no retries: the next heartbeat is the retry."""
@@ -265,69 +349,15 @@ class EdgeTransport:
         """Fetch the global adapter for ``round``: resumes after a broken stream and checks
         size and sha256 against the manifest (and ``expected_sha256`` when given). With
         ``full`` (round 0 only), the latest global adapter at the global rank, to export."""
-        buf = bytearray()
-        state: dict[str, TransferManifest] = {}
-        started = time.monotonic()
 
-        def call(attempt: int) -> TransferManifest:
-            stream = self._stub.DownloadAdapter(
-                serde.download_request_to_proto(DownloadRequest(round=round, offset=len(buf), full=full)),
+        def open_stream(offset: int) -> Iterable[ProtoEdge.DownloadMessage]:
+            return self._stub.DownloadAdapter(
+                serde.download_request_to_proto(DownloadRequest(round=round, offset=offset, full=full)),
                 timeout=self.call_timeout_s * 10,
                 metadata=self._metadata(),
             )
-            manifest: TransferManifest | None = None
-            for message in stream:
-                kind = message.WhichOneof("kind")
-                if kind == "manifest":
-                    manifest = serde.transfer_manifest_from_proto(message.manifest)
-                    previous = state.get("manifest")
-                    if previous is not None and previous.sha256 != manifest.sha256:
-                        log.warning("global adapter changed during a resumed download; restarting")
-                        buf.clear()
-                    if manifest.total_bytes > MAX_DOWNLOAD_BYTES:
-                        raise IntegrityError(
-                            f"download of {manifest.total_bytes} bytes exceeds the "
-                            f"{MAX_DOWNLOAD_BYTES}-byte cap"
-                        )
-                    state["manifest"] = manifest
-                elif kind == "chunk":
-                    if manifest is None:
-                        raise IntegrityError("DownloadAdapter: a chunk arrived before the manifest")
-                    chunk = message.chunk
-                    if chunk.offset != len(buf):
-                        raise IntegrityError(
-                            f"DownloadAdapter: chunk at offset {chunk.offset}, expected {len(buf)}"
-                        )
-                    if len(buf) + len(chunk.data) > manifest.total_bytes:
-                        raise IntegrityError("DownloadAdapter: more bytes than the manifest announced")
-                    buf.extend(chunk.data)
-                    if progress is not None:
-                        progress(len(buf), manifest.total_bytes)
-            if manifest is None:
-                raise IntegrityError("DownloadAdapter: the stream ended without a manifest")
-            if len(buf) != manifest.total_bytes:
-                # A stream cut short without an error status: resume like UNAVAILABLE.
-                raise UnavailableError(
-                    f"DownloadAdapter: stream ended at {len(buf)} of {manifest.total_bytes} bytes",
-                    code="UNAVAILABLE",
-                )
-            return manifest
 
-        manifest = self._with_retries("DownloadAdapter", call)
-        data = bytes(buf)
-        digest = sha256_hex(data)
-        if digest != manifest.sha256:
-            raise IntegrityError(
-                f"DownloadAdapter: sha256 {digest} does not match the manifest's {manifest.sha256}"
-            )
-        if expected_sha256 and digest != expected_sha256:
-            raise IntegrityError(
-                f"DownloadAdapter: got adapter {digest}, the task announced {expected_sha256}"
-            )
-        elapsed = time.monotonic() - started
-        if elapsed > 0 and data:
-            self.download_bytes_per_second = len(data) / elapsed
-        return manifest, data
+        return self.receive("DownloadAdapter", open_stream, expected_sha256=expected_sha256, progress=progress)
 
     def upload(
         self,
@@ -377,4 +407,4 @@ class EdgeTransport:
                 )
             return receipt
 
-        return self._with_retries("UploadUpdate", call)
+        return self.with_retries("UploadUpdate", call)

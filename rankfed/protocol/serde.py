@@ -21,6 +21,7 @@ from google.rpc import status_pb2 as ProtoStatus
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
+from rankfed.v1 import evaluator_pb2 as ProtoEvaluator
 
 from .errors import DecodeError
 from .types import (
@@ -36,6 +37,13 @@ from .types import (
     DoneTask,
     DownloadRequest,
     ErrorDetail,
+    EvaluationDone,
+    EvaluationDownloadRequest,
+    EvaluationKind,
+    EvaluationTask,
+    EvaluationTaskRequest,
+    EvaluationWait,
+    EvaluatorTask,
     FederationMode,
     FederationStatus,
     HeartbeatRequest,
@@ -48,6 +56,8 @@ from .types import (
     ParticipantStatus,
     RoundPhase,
     RoundStatus,
+    ScoreReceipt,
+    ScoreReport,
     Task,
     TrainMetrics,
     TrainTask,
@@ -96,6 +106,11 @@ MODE_TO_PROTO = {
     FederationMode.PERSONALIZED: ProtoCommon.FEDERATION_MODE_PERSONALIZED,
 }
 MODE_FROM_PROTO = {v: k for k, v in MODE_TO_PROTO.items()}
+EVALUATION_KIND_TO_PROTO = {
+    EvaluationKind.UPDATE: ProtoEvaluator.EVALUATION_KIND_UPDATE,
+    EvaluationKind.GLOBAL: ProtoEvaluator.EVALUATION_KIND_GLOBAL,
+}
+EVALUATION_KIND_FROM_PROTO = {v: k for k, v in EVALUATION_KIND_TO_PROTO.items()}
 
 
 def _enum(table: Mapping[int, object], value: int, what: str) -> object:
@@ -489,6 +504,94 @@ def client_page_to_proto(page: ClientPage) -> ProtoAdmin.ListClientsResponse:
 
 def client_page_from_proto(p: ProtoAdmin.ListClientsResponse) -> ClientPage:
     return ClientPage(clients=tuple(client_info_from_proto(c) for c in p.clients), next_page_token=p.next_page_token)
+
+
+# ------------------------------------------------------------------ EvaluatorService
+
+
+def _evaluation_kind(value: ProtoEvaluator.EvaluationKind.ValueType) -> EvaluationKind:
+    if value not in EVALUATION_KIND_FROM_PROTO:
+        raise DecodeError(f"kind is missing or unknown ({value}); send EVALUATION_KIND_UPDATE or EVALUATION_KIND_GLOBAL")
+    return EVALUATION_KIND_FROM_PROTO[value]
+
+
+def evaluation_task_request_to_proto(r: EvaluationTaskRequest) -> ProtoEvaluator.GetEvaluationTaskRequest:
+    return ProtoEvaluator.GetEvaluationTaskRequest(
+        max_wait=duration_to_proto(r.max_wait_s), skip_updates=not r.updates, skip_globals=not r.globals,
+    )
+
+
+def evaluation_task_request_from_proto(p: ProtoEvaluator.GetEvaluationTaskRequest) -> EvaluationTaskRequest:
+    return EvaluationTaskRequest(
+        max_wait_s=duration_from_proto(p.max_wait), updates=not p.skip_updates, globals=not p.skip_globals,
+    )
+
+
+def evaluator_task_to_proto(task: EvaluatorTask) -> ProtoEvaluator.EvaluationTaskResponse:
+    if isinstance(task, EvaluationTask):
+        return ProtoEvaluator.EvaluationTaskResponse(task=ProtoEvaluator.EvaluationTask(
+            kind=EVALUATION_KIND_TO_PROTO[task.kind], round=task.round, client_id=task.client_id,
+            device_name=task.device_name, rank=task.rank, adapter_sha256=task.adapter_sha256,
+            adapter_bytes=task.adapter_bytes, base_round=task.base_round, base_sha256=task.base_sha256,
+            base_model=None if task.base_model is None else base_model_to_proto(task.base_model), metric=task.metric,
+        ))
+    if isinstance(task, EvaluationWait):
+        return ProtoEvaluator.EvaluationTaskResponse(wait=ProtoEvaluator.EvaluationWait(
+            retry_after=duration_to_proto(task.retry_after_s), reason=task.reason,
+        ))
+    return ProtoEvaluator.EvaluationTaskResponse(done=ProtoEvaluator.EvaluationDone(reason=task.reason))
+
+
+def evaluator_task_from_proto(p: ProtoEvaluator.EvaluationTaskResponse) -> EvaluatorTask | None:
+    """The task, or None when the message holds none of the kinds this evaluator knows."""
+    kind = p.WhichOneof("kind")
+    if kind == "task":
+        t = p.task
+        return EvaluationTask(
+            kind=_evaluation_kind(t.kind), round=t.round, adapter_sha256=t.adapter_sha256,
+            adapter_bytes=t.adapter_bytes, client_id=t.client_id, device_name=t.device_name, rank=t.rank,
+            base_round=t.base_round, base_sha256=t.base_sha256,
+            base_model=base_model_from_proto(t.base_model) if t.HasField("base_model") else None, metric=t.metric,
+        )
+    if kind == "wait":
+        return EvaluationWait(retry_after_s=duration_from_proto(p.wait.retry_after), reason=p.wait.reason)
+    if kind == "done":
+        return EvaluationDone(reason=p.done.reason)
+    return None
+
+
+def evaluation_download_request_to_proto(r: EvaluationDownloadRequest) -> ProtoEvaluator.EvaluationDownloadRequest:
+    return ProtoEvaluator.EvaluationDownloadRequest(
+        kind=EVALUATION_KIND_TO_PROTO[r.kind], round=r.round, client_id=r.client_id, offset=r.offset,
+    )
+
+
+def evaluation_download_request_from_proto(p: ProtoEvaluator.EvaluationDownloadRequest) -> EvaluationDownloadRequest:
+    return EvaluationDownloadRequest(kind=_evaluation_kind(p.kind), round=p.round, client_id=p.client_id,
+                                     offset=p.offset)
+
+
+def score_report_to_proto(r: ScoreReport) -> ProtoEvaluator.ScoreReport:
+    return ProtoEvaluator.ScoreReport(
+        kind=EVALUATION_KIND_TO_PROTO[r.kind], round=r.round, client_id=r.client_id,
+        adapter_sha256=r.adapter_sha256, metrics=dict(r.metrics), num_examples=r.num_examples,
+    )
+
+
+def score_report_from_proto(p: ProtoEvaluator.ScoreReport) -> ScoreReport:
+    _finite(p.metrics, "metrics.")
+    return ScoreReport(
+        kind=_evaluation_kind(p.kind), round=p.round, adapter_sha256=p.adapter_sha256, metrics=dict(p.metrics),
+        client_id=p.client_id, num_examples=p.num_examples,
+    )
+
+
+def score_receipt_to_proto(r: ScoreReceipt) -> ProtoEvaluator.ScoreReportResponse:
+    return ProtoEvaluator.ScoreReportResponse(message=r.message)
+
+
+def score_receipt_from_proto(p: ProtoEvaluator.ScoreReportResponse) -> ScoreReceipt:
+    return ScoreReceipt(message=p.message)
 
 
 # ------------------------------------------------------------------ error details

@@ -325,3 +325,73 @@ class ClientPage:
 
     clients: tuple[ClientInfo, ...] = ()
     next_page_token: str = ""
+
+
+# ------------------------------------------------------------------ EvaluatorService
+
+
+class EvaluationKind(enum.StrEnum):
+    UPDATE = "update"  # a device's update of a round, as uploaded
+    GLOBAL = "global"  # a round's global adapter
+
+
+@dataclass(frozen=True)
+class EvaluationTaskRequest:
+    max_wait_s: float = 0.0
+    updates: bool = True  # devices' updates (rank_policy.allocation = "validation")
+    globals: bool = True  # rounds' global adapters (export --round best)
+
+
+@dataclass(frozen=True)
+class EvaluationTask:
+    """Score one adapter on the evaluator's validation set: a device's update of `round`
+    (`client_id` set) or round `round`'s global adapter."""
+
+    kind: EvaluationKind
+    round: int
+    adapter_sha256: str
+    adapter_bytes: int
+    client_id: str = ""
+    device_name: str = ""
+    rank: int = 0
+    base_round: int = 0  # UPDATE: the global adapter the device trained from
+    base_sha256: str = ""
+    base_model: BaseModel | None = None
+    metric: str = ""  # the score the coordinator ranks by: an UPDATE's report must hold it
+
+
+@dataclass(frozen=True)
+class EvaluationWait:
+    retry_after_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class EvaluationDone:
+    reason: str = ""
+
+
+EvaluatorTask = EvaluationTask | EvaluationWait | EvaluationDone
+
+
+@dataclass(frozen=True)
+class EvaluationDownloadRequest:
+    kind: EvaluationKind
+    round: int
+    client_id: str = ""
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    kind: EvaluationKind
+    round: int
+    adapter_sha256: str
+    metrics: dict[str, float]
+    client_id: str = ""
+    num_examples: int = 0  # examples in the validation set
+
+
+@dataclass(frozen=True)
+class ScoreReceipt:
+    message: str = ""  # what the coordinator did with the scores, for a person

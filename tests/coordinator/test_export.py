@@ -66,3 +66,33 @@ def test_export_refuses_with_one_clear_line(finished, tmp_path, capsys, args, co
 def test_export_of_a_directory_without_state(tmp_path, capsys):
     assert main(["coordinator", "export", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "holds no coordinator state" in capsys.readouterr().err
+
+
+def test_best_prefers_the_evaluators_scores_of_the_global_adapters(finished, tmp_path, capsys):
+    """Devices reported round 1 as better; the evaluator, on the operator's validation set, says round 2."""
+    from rankfed.coordinator.models import ScoreRecord
+
+    store = finished.federation.store
+    for round_no, accuracy in ((1, 0.55), (2, 0.8)):
+        finished.call(store.put_score, ScoreRecord(round=round_no, client_id="", source="validation",
+                                                  metrics={"accuracy": accuracy, "loss": 1.0 - accuracy},
+                                                  recorded_at=1.0))
+    data_dir = finished.config.server.data_dir
+    assert main(["coordinator", "export", "--data-dir", str(data_dir), "--round", "best", "--out",
+                 str(tmp_path / "best")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote round 2" in out and "the highest accuracy (0.8000) on the evaluator's validation set" in out
+    assert main(["coordinator", "export", "--data-dir", str(data_dir), "--round", "best", "--metric", "eval_loss",
+                 "--out", str(tmp_path / "best-loss")]) == 0
+    assert "the lowest loss (0.2000) on the evaluator's validation set" in capsys.readouterr().out
+
+
+def test_choose_round_by_device_metrics_counts_a_loss_lower_as_better():
+    from rankfed.coordinator.export import choose_round
+    from rankfed.coordinator.models import RoundRecord
+    from rankfed.protocol import RoundPhase
+
+    rounds = [RoundRecord(round=n, phase=RoundPhase.DONE, method="rbla", started_at=1.0, deadline=2.0, min_clients=1,
+                          global_rank=8, metrics={"eval_loss": loss}) for n, loss in ((1, 0.4), (2, 0.7))]
+    record, why = choose_round(rounds, "best", metric="eval_loss")
+    assert record.round == 1 and why == "the lowest eval_loss (0.4000) reported by the devices"

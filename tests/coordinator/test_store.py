@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
 from rankfed.coordinator.store import (
     SCHEMA_VERSION,
     MemoryStore,
@@ -111,6 +111,15 @@ def receipt(n: int = 1, cid: str = "c1", at: float = 200.0, **kw: object) -> Rec
     )
     fields.update(kw)
     return Receipt(**fields)  # type: ignore[arg-type]
+
+
+def score(n: int = 1, cid: str = "c1", source: str = "validation", loss: float = 0.5, **kw: object) -> ScoreRecord:
+    fields: dict[str, object] = dict(
+        round=n, client_id=cid, source=source, metrics={"loss": loss, "accuracy": 0.1 + 0.2},
+        recorded_at=300.0 + n, adapter_sha256="cd" * 32, reporter="evaluator token from ipv4:127.0.0.1:1",
+    )
+    fields.update(kw)
+    return ScoreRecord(**fields)  # type: ignore[arg-type]
 
 
 def same(a: object, b: object) -> bool:
@@ -297,6 +306,46 @@ class TestStateStoreContract:
         with pytest.raises(NotFoundError):
             seeded.add_receipt(receipt(1, "ghost"))
 
+    def test_latest_receipts_one_per_client_newest_round_first(self, seeded: StateStore) -> None:
+        seeded.add_receipt(receipt(1, "c1", at=201.0))
+        seeded.add_receipt(receipt(1, "c2", at=200.0))
+        seeded.add_receipt(receipt(2, "c1", at=300.0))
+        seeded.add_receipt(receipt(1, "c3", at=200.0))
+        assert [(r.round, r.client_id) for r in seeded.latest_receipts()] == [(2, "c1"), (1, "c2"), (1, "c3")]
+        assert same(seeded.latest_receipts()[0], receipt(2, "c1", at=300.0))
+
+    def test_scores_roundtrip_replace_and_latest(self, seeded: StateStore) -> None:
+        seeded.put_score(score(1, "c1", loss=0.7))
+        seeded.put_score(score(2, "c1", loss=0.4))
+        seeded.put_score(score(1, "c2", loss=0.1 + 0.2))
+        seeded.put_score(score(2, "c2", source="reported", loss=9.0))
+        seeded.put_score(score(2, "", loss=0.3))  # round 2's global adapter
+        assert seeded.get_score(1, "c2", "validation") == score(1, "c2", loss=0.1 + 0.2)
+        assert seeded.get_score(1, "c3", "validation") is None
+        latest = seeded.latest_scores("validation")
+        assert sorted(latest) == ["c1", "c2"]  # the global adapter's score is not a device's
+        assert latest["c1"] == score(2, "c1", loss=0.4) and latest["c2"].round == 1
+        assert seeded.latest_scores("reported") == {"c2": score(2, "c2", source="reported", loss=9.0)}
+        seeded.put_score(score(2, "c1", loss=0.2, reporter="again"))  # a second report replaces the first
+        assert seeded.get_score(2, "c1", "validation") == score(2, "c1", loss=0.2, reporter="again")
+        assert seeded.list_scores("validation") == [score(2, "", loss=0.3)]
+        assert [s.round for s in seeded.list_scores("validation", "c1")] == [1, 2]
+        seeded.latest_scores("validation")["c1"].metrics["loss"] = 99.0  # copies out
+        assert seeded.get_score(2, "c1", "validation").metrics["loss"] == 0.2
+
+    def test_score_needs_round_and_client(self, seeded: StateStore) -> None:
+        with pytest.raises(NotFoundError, match="round 9"):
+            seeded.put_score(score(9, "c1"))
+        with pytest.raises(NotFoundError, match="nobody"):
+            seeded.put_score(score(1, "nobody"))
+        seeded.put_score(score(1, ""))  # a global adapter's score names no client
+
+    def test_reset_run_clears_scores_and_the_ranking(self, seeded: StateStore) -> None:
+        seeded.put_score(score(1, "c1"))
+        seeded.set_meta("allocation.ranking", "{}")
+        seeded.reset_run()
+        assert seeded.latest_scores("validation") == {} and seeded.get_meta("allocation.ranking") is None
+
     def test_transaction_commits_together(self, seeded: StateStore) -> None:
         with seeded.transaction():
             seeded.add_receipt(receipt(1, "c1"))
@@ -459,6 +508,23 @@ class TestSqliteStore:
         with pytest.raises(SchemaVersionError, match="newer RankFed.*Upgrade") as e:
             SqliteStore(path)
         assert isinstance(e.value, StorageError)
+
+    def test_version_1_file_is_migrated_keeping_its_state(self, tmp_path: Path) -> None:
+        from rankfed.coordinator.store._schema import SCHEMA_V1
+
+        path = tmp_path / "s.db"
+        conn = sqlite3.connect(path)
+        with conn:  # a state file as RankFed with schema version 1 wrote it
+            conn.executescript(SCHEMA_V1)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+            conn.execute("INSERT INTO meta (key, value) VALUES ('federation_id', 'fed-v1')")
+        conn.close()
+        with SqliteStore(path) as s:
+            assert s.get_meta("schema_version") == str(SCHEMA_VERSION) and s.get_meta("federation_id") == "fed-v1"
+            s.put_round(round_(1))
+            s.put_score(score(1, ""))
+        with SqliteStore(path) as s:
+            assert s.list_scores("validation") == [score(1, "")]
 
     def test_not_a_database(self, tmp_path: Path) -> None:
         path = tmp_path / "s.db"

@@ -26,6 +26,12 @@ from rankfed.protocol import (
     DownloadRequest,
     ErrorDetail,
     ErrorReason,
+    EvaluationDone,
+    EvaluationDownloadRequest,
+    EvaluationKind,
+    EvaluationTask,
+    EvaluationTaskRequest,
+    EvaluationWait,
     FederationMode,
     FederationStatus,
     HeartbeatRequest,
@@ -38,6 +44,8 @@ from rankfed.protocol import (
     ParticipantStatus,
     RoundPhase,
     RoundStatus,
+    ScoreReceipt,
+    ScoreReport,
     TrainMetrics,
     TrainTask,
     TransferManifest,
@@ -162,6 +170,32 @@ PAIRS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], Any], Callable[[A
             online=st.booleans()), max_size=3).map(tuple), next_page_token=TEXT),
         serde.client_page_to_proto, serde.client_page_from_proto,
     ),
+    "evaluation_task_request": (
+        st.builds(EvaluationTaskRequest, max_wait_s=DURATION, updates=st.booleans(), globals=st.booleans()),
+        serde.evaluation_task_request_to_proto, serde.evaluation_task_request_from_proto,
+    ),
+    "evaluator_task": (
+        st.one_of(
+            st.builds(EvaluationTask, kind=st.sampled_from(EvaluationKind), round=U64, adapter_sha256=TEXT,
+                      adapter_bytes=U64, client_id=TEXT, device_name=TEXT, rank=U32, base_round=U64,
+                      base_sha256=TEXT, base_model=st.none() | base_models, metric=TEXT),
+            st.builds(EvaluationWait, retry_after_s=DURATION, reason=TEXT),
+            st.builds(EvaluationDone, reason=TEXT),
+        ),
+        serde.evaluator_task_to_proto, serde.evaluator_task_from_proto,
+    ),
+    "evaluation_download_request": (
+        st.builds(EvaluationDownloadRequest, kind=st.sampled_from(EvaluationKind), round=U64, client_id=TEXT,
+                  offset=U64),
+        serde.evaluation_download_request_to_proto, serde.evaluation_download_request_from_proto,
+    ),
+    "score_report": (
+        st.builds(ScoreReport, kind=st.sampled_from(EvaluationKind), round=U64, adapter_sha256=TEXT,
+                  metrics=st.dictionaries(TEXT, FINITE, max_size=4), client_id=TEXT, num_examples=U64),
+        serde.score_report_to_proto, serde.score_report_from_proto,
+    ),
+    "score_receipt": (st.builds(ScoreReceipt, message=TEXT), serde.score_receipt_to_proto,
+                      serde.score_receipt_from_proto),
 }
 
 
@@ -189,7 +223,8 @@ def test_every_message_type_has_a_tested_pair() -> None:
     messages = {n for n, v in vars(types).items() if isinstance(v, type) and hasattr(v, "__dataclass_fields__")}
     snake = {re.sub(r"(?<!^)([A-Z])", r"_\1", n).lower() for n in messages}
     aliases = {"train_metrics": "metrics", "lora_settings": "lora", "train_task": "task", "wait_task": "task",
-               "done_task": "task"}
+               "done_task": "task", "evaluation_task": "evaluator_task", "evaluation_wait": "evaluator_task",
+               "evaluation_done": "evaluator_task"}
     for name in snake - {"error_detail"}:  # carried in a trailer: test_error_detail_round_trip
         key = aliases.get(name, name)
         assert key in PAIRS, f"{name} has no round-trip test"
@@ -232,3 +267,21 @@ def test_a_task_of_an_unknown_kind_reads_as_none() -> None:
 def test_an_unknown_heartbeat_state_is_a_plain_sign_of_life() -> None:
     request = serde.heartbeat_request_from_proto(ProtoEdge.HeartbeatRequest(round=3, state=42, progress=math.nan))
     assert request == HeartbeatRequest(round=3, state=None, progress=0.0)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_scores_are_a_decode_error(value: float) -> None:
+    from rankfed.v1 import evaluator_pb2 as ProtoEvaluator
+
+    report = ProtoEvaluator.ScoreReport(kind=ProtoEvaluator.EVALUATION_KIND_UPDATE, metrics={"loss": value})
+    with pytest.raises(DecodeError, match="metrics.loss is not a finite number"):
+        serde.score_report_from_proto(report)
+
+
+def test_an_evaluation_kind_left_unset_is_a_decode_error() -> None:
+    from rankfed.v1 import evaluator_pb2 as ProtoEvaluator
+
+    with pytest.raises(DecodeError, match="kind is missing or unknown"):
+        serde.score_report_from_proto(ProtoEvaluator.ScoreReport(round=1))
+    with pytest.raises(DecodeError, match="kind is missing or unknown"):
+        serde.evaluation_download_request_from_proto(ProtoEvaluator.EvaluationDownloadRequest(kind=7))

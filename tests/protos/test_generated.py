@@ -44,3 +44,8 @@ def test_services_have_the_agreed_methods():
         "StartFederation",
     ]
     assert admin.methods_by_name["WatchRounds"].server_streaming
+    from rankfed.v1 import evaluator_pb2
+
+    evaluator = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"]
+    assert [m.name for m in evaluator.methods] == ["GetEvaluationTask", "DownloadEvaluationAdapter", "ReportScores"]
+    assert evaluator.methods_by_name["DownloadEvaluationAdapter"].server_streaming

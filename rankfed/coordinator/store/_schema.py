@@ -1,4 +1,6 @@
-"""SQLite schema, version 1.
+"""SQLite schema: version 1, and what version 2 adds (the scores of data-aware rank
+allocation). A new file gets SCHEMA_V1 then every migration; a file at version n gets the
+migrations from n on (MIGRATIONS[n] takes it to n + 1).
 
 Why the explicit `seq INTEGER PRIMARY KEY` columns: the contract orders ties by insertion,
 and only an INTEGER PRIMARY KEY is a rowid that VACUUM promises to keep. Upserts use
@@ -75,3 +77,23 @@ CREATE INDEX IF NOT EXISTS receipts_by_time ON receipts (round, accepted_at, seq
 CREATE INDEX IF NOT EXISTS participants_by_client ON participants (client_id);
 CREATE INDEX IF NOT EXISTS receipts_by_client ON receipts (client_id);
 """
+
+# Version 2: scores of updates and global adapters (rank_policy.allocation, export --round best).
+# client_id '' is a round's global adapter, so it cannot reference clients; put_score checks it.
+SCORES_V2 = """
+CREATE TABLE IF NOT EXISTS scores (
+    seq            INTEGER PRIMARY KEY,
+    round          INTEGER NOT NULL REFERENCES rounds (round),
+    client_id      TEXT NOT NULL,            -- '' : the round's global adapter
+    source         TEXT NOT NULL,            -- 'reported' or 'validation'
+    metrics        TEXT NOT NULL,            -- JSON object of floats
+    recorded_at    REAL NOT NULL,
+    adapter_sha256 TEXT NOT NULL,
+    reporter       TEXT NOT NULL,
+    UNIQUE (round, client_id, source)
+);
+CREATE INDEX IF NOT EXISTS scores_by_client ON scores (source, client_id, round);
+"""
+
+MIGRATIONS: dict[int, str] = {1: SCORES_V2}
+"""version -> the statements that take a file from that version to the next."""

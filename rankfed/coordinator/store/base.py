@@ -21,6 +21,9 @@ Rules every implementation keeps:
   otherwise `NotFoundError` (put the round and the client first).
 - A second receipt for the same (round, client_id), or a reused receipt_id, raises
   `DuplicateError` and changes nothing.
+- A score names a stored round and, unless it scores the round's global adapter
+  (client_id ""), a stored client, otherwise `NotFoundError`; a second score of the same
+  (round, client_id, source) replaces the first.
 - Every write outside `transaction()` is atomic and, for a durable store, durable when the
   method returns. Inside `transaction()` nothing is visible to a later reopen until the
   outermost block exits normally; an exception undoes every write of the block.
@@ -38,9 +41,9 @@ from types import TracebackType
 from typing import Self
 
 from rankfed.coordinator.errors import StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped on every incompatible change of the persisted layout."""
 
 SCHEMA_VERSION_KEY = "schema_version"
@@ -52,7 +55,7 @@ class SchemaVersionError(StorageError):
 
 
 class StateStore(abc.ABC):
-    """Clients, rounds, participants, receipts and a small key/value `meta` table."""
+    """Clients, rounds, participants, receipts, scores and a small key/value `meta` table."""
 
     # --- meta --------------------------------------------------------------------------
 
@@ -125,11 +128,35 @@ class StateStore(abc.ABC):
     def list_receipts(self, round: int) -> list[Receipt]:
         """Receipts of `round` ordered by accepted_at (ties: first added first)."""
 
+    @abc.abstractmethod
+    def latest_receipts(self) -> list[Receipt]:
+        """Each client's receipt of its highest round, newest round first (ties: by
+        accepted_at, then first added first)."""
+
+    # --- scores ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_score(self, s: ScoreRecord) -> None:
+        """Insert, or replace the score of the same (round, client_id, source). NotFoundError
+        for an unknown round, or an unknown client when client_id is not ""."""
+
+    @abc.abstractmethod
+    def get_score(self, round: int, client_id: str, source: str) -> ScoreRecord | None: ...
+
+    @abc.abstractmethod
+    def latest_scores(self, source: str) -> dict[str, ScoreRecord]:
+        """client id -> its score of `source` from its highest round (global scores, client_id
+        "", are not included)."""
+
+    @abc.abstractmethod
+    def list_scores(self, source: str, client_id: str = "") -> list[ScoreRecord]:
+        """The scores of `source` of one client ("": the global adapters), oldest round first."""
+
     # --- runs --------------------------------------------------------------------------
 
     # Meta keys a new run starts without (the rest — token key, model, token generations,
     # bans — belong to the coordinator and its devices, not to one run).
-    RUN_META_KEYS = ("federation_id", "operator.paused", "operator.stopped")
+    RUN_META_KEYS = ("federation_id", "operator.paused", "operator.stopped", "allocation.ranking")
 
     @abc.abstractmethod
     def snapshot(self, path: Path) -> bool:
@@ -138,7 +165,7 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def reset_run(self) -> None:
-        """Start a new run: rounds, participants and receipts are cleared, the run's meta keys
+        """Start a new run: rounds, participants, receipts and scores are cleared, the run's meta keys
         removed, and every client's per-run counters (rounds completed, deadlines missed)
         reset; clients, their tokens and the rest of meta stay."""
 

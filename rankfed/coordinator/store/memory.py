@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
 from rankfed.coordinator.store.base import (
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
@@ -57,6 +57,7 @@ class MemoryStore(StateStore):
         self._participants: dict[int, dict[str, Participant]] = {}
         self._receipts: dict[int, dict[str, Receipt]] = {}
         self._receipt_ids: dict[str, tuple[int, str]] = {}
+        self._scores: dict[tuple[int, str, str], ScoreRecord] = {}  # by (round, client_id, source)
         self._lock = threading.RLock()
         self._depth = 0
         self._undo: list[tuple[dict[Any, Any], Any, Any]] = []
@@ -104,6 +105,7 @@ class MemoryStore(StateStore):
 
     def reset_run(self) -> None:
         with self.transaction():
+            self._clear(self._scores)
             self._clear(self._receipts)
             self._clear(self._participants)
             self._clear(self._rounds)
@@ -245,3 +247,44 @@ class MemoryStore(StateStore):
             self._check_open()
             mine = self._receipts.get(round, {}).values()
             return _copy(sorted(mine, key=lambda x: x.accepted_at))  # stable sort
+
+    def latest_receipts(self) -> list[Receipt]:
+        with self._lock:
+            self._check_open()
+            latest: dict[str, Receipt] = {}
+            for round_no in sorted(self._receipts):
+                for receipt in sorted(self._receipts[round_no].values(), key=lambda x: x.accepted_at):
+                    latest[receipt.client_id] = receipt
+            ordered = sorted(latest.values(), key=lambda x: x.accepted_at)  # stable: ties keep insertion order
+            return _copy(sorted(ordered, key=lambda x: -x.round))
+
+    # --- scores ------------------------------------------------------------------------
+
+    def put_score(self, s: ScoreRecord) -> None:
+        check_finite("score", recorded_at=s.recorded_at)
+        with self.transaction():
+            if s.round not in self._rounds:
+                raise NotFoundError(f"score names round {s.round}, which is not stored; put_round first")
+            if s.client_id and s.client_id not in self._clients:
+                raise NotFoundError(f"score names client {s.client_id!r}, which is not stored; upsert_client first")
+            self._set(self._scores, (s.round, s.client_id, s.source), _copy(s))
+
+    def get_score(self, round: int, client_id: str, source: str) -> ScoreRecord | None:
+        with self._lock:
+            self._check_open()
+            return _copy(self._scores.get((round, client_id, source)))
+
+    def latest_scores(self, source: str) -> dict[str, ScoreRecord]:
+        with self._lock:
+            self._check_open()
+            latest: dict[str, ScoreRecord] = {}
+            for (round_no, client_id, kind), score in self._scores.items():
+                if kind == source and client_id and (client_id not in latest or latest[client_id].round < round_no):
+                    latest[client_id] = score
+            return _copy(latest)
+
+    def list_scores(self, source: str, client_id: str = "") -> list[ScoreRecord]:
+        with self._lock:
+            self._check_open()
+            mine = [s for (_, cid, kind), s in self._scores.items() if kind == source and cid == client_id]
+            return _copy(sorted(mine, key=lambda x: x.round))

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord
+from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
 from rankfed.coordinator.store import _codec
-from rankfed.coordinator.store._schema import SCHEMA_V1
+from rankfed.coordinator.store._schema import MIGRATIONS, SCHEMA_V1
 from rankfed.coordinator.store.base import (
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
@@ -73,7 +73,9 @@ def _upsert_sql(table: str, cols: str, key: str) -> str:
 _UPSERT_CLIENT = _upsert_sql("clients", _CLIENT_COLS, "client_id")
 _UPSERT_ROUND = _upsert_sql("rounds", _ROUND_COLS, "round")
 _UPSERT_PARTICIPANT = _upsert_sql("participants", _PARTICIPANT_COLS, "round, client_id")
+_SCORE_COLS = "round, client_id, source, metrics, recorded_at, adapter_sha256, reporter"
 _INSERT_RECEIPT = f"INSERT INTO receipts ({_RECEIPT_COLS}) VALUES ({', '.join('?' * 10)})"
+_UPSERT_SCORE = _upsert_sql("scores", _SCORE_COLS, "round, client_id, source")
 
 
 class SqliteStore(StateStore):
@@ -115,10 +117,9 @@ class SqliteStore(StateStore):
             self._run("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             found = self._scalar("SELECT value FROM meta WHERE key = ?", (SCHEMA_VERSION_KEY,))
             if found is None:
-                # statement by statement: executescript() would COMMIT our transaction
-                for stmt in SCHEMA_V1.split(";"):
-                    if stmt.strip():
-                        self._run(stmt)
+                self._script(SCHEMA_V1)
+                for version in range(1, SCHEMA_VERSION):
+                    self._script(MIGRATIONS[version])
                 self._run(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
                     (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION)),
@@ -137,11 +138,22 @@ class SqliteStore(StateStore):
                     f"RankFed; this one understands up to version {SCHEMA_VERSION}. Upgrade "
                     "rankfed, or start with a fresh --data-dir"
                 )
-            if version < SCHEMA_VERSION:  # no older versions exist yet
-                raise SchemaVersionError(
-                    f"{self._path} has state schema version {version} and no migration to "
-                    f"version {SCHEMA_VERSION} exists"
-                )
+            if version < SCHEMA_VERSION:
+                if any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+                    raise SchemaVersionError(
+                        f"{self._path} has state schema version {version} and no migration to "
+                        f"version {SCHEMA_VERSION} exists"
+                    )
+                for v in range(version, SCHEMA_VERSION):
+                    self._script(MIGRATIONS[v])
+                self._run("UPDATE meta SET value = ? WHERE key = ?", (str(SCHEMA_VERSION), SCHEMA_VERSION_KEY))
+                log.info("%s: state schema migrated from version %d to %d", self._path, version, SCHEMA_VERSION)
+
+    def _script(self, sql: str) -> None:
+        # statement by statement: executescript() would COMMIT our transaction
+        for stmt in sql.split(";"):
+            if stmt.strip():
+                self._run(stmt)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -248,7 +260,7 @@ class SqliteStore(StateStore):
 
     def reset_run(self) -> None:
         with self.transaction():
-            for table in ("receipts", "participants", "rounds"):
+            for table in ("scores", "receipts", "participants", "rounds"):
                 self._run(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
             self._run("UPDATE clients SET rounds_completed = 0, deadlines_missed = 0")
             for key in self.RUN_META_KEYS:
@@ -435,6 +447,50 @@ class SqliteStore(StateStore):
         )
         return [_receipt(r) for r in rows]
 
+    def latest_receipts(self) -> list[Receipt]:
+        rows = self._rows(
+            f"SELECT {_RECEIPT_COLS} FROM receipts AS r WHERE round = "
+            "(SELECT MAX(round) FROM receipts AS x WHERE x.client_id = r.client_id) "
+            "ORDER BY round DESC, accepted_at, seq"
+        )
+        return [_receipt(r) for r in rows]
+
+    # --- scores ------------------------------------------------------------------------
+
+    def put_score(self, s: ScoreRecord) -> None:
+        check_finite("score", recorded_at=s.recorded_at)
+        params = (s.round, s.client_id, s.source, _codec.dumps(s.metrics), s.recorded_at, s.adapter_sha256,
+                  s.reporter)
+        with self.transaction():
+            if self._scalar("SELECT 1 FROM rounds WHERE round = ?", (s.round,)) is None:
+                raise NotFoundError(f"score names round {s.round}, which is not stored; put_round first")
+            if s.client_id and self._scalar("SELECT 1 FROM clients WHERE client_id = ?", (s.client_id,)) is None:
+                raise NotFoundError(f"score names client {s.client_id!r}, which is not stored; upsert_client first")
+            self._run(_UPSERT_SCORE, params)
+
+    def get_score(self, round: int, client_id: str, source: str) -> ScoreRecord | None:
+        row = self._row(
+            f"SELECT {_SCORE_COLS} FROM scores WHERE round = ? AND client_id = ? AND source = ?",
+            (round, client_id, source),
+        )
+        return None if row is None else _score(row)
+
+    def latest_scores(self, source: str) -> dict[str, ScoreRecord]:
+        rows = self._rows(
+            f"SELECT {_SCORE_COLS} FROM scores AS s WHERE source = ? AND client_id != '' AND round = "
+            "(SELECT MAX(round) FROM scores AS x WHERE x.source = s.source AND x.client_id = s.client_id) "
+            "ORDER BY seq",
+            (source,),
+        )
+        return {row[1]: _score(row) for row in rows}
+
+    def list_scores(self, source: str, client_id: str = "") -> list[ScoreRecord]:
+        rows = self._rows(
+            f"SELECT {_SCORE_COLS} FROM scores WHERE source = ? AND client_id = ? ORDER BY round",
+            (source, client_id),
+        )
+        return [_score(r) for r in rows]
+
 
 # --- row -> dataclass (column order as in the *_COLS strings) ------------------------------
 
@@ -498,4 +554,16 @@ def _receipt(row: tuple[Any, ...]) -> Receipt:
         blob_path=row[7],
         accepted_at=row[8],
         metrics=_codec.metrics_from_json(row[9]),
+    )
+
+
+def _score(row: tuple[Any, ...]) -> ScoreRecord:
+    return ScoreRecord(
+        round=row[0],
+        client_id=row[1],
+        source=row[2],
+        metrics=_codec.float_dict_from_json(row[3]),
+        recorded_at=row[4],
+        adapter_sha256=row[5],
+        reporter=row[6],
     )
