@@ -23,22 +23,59 @@ from pathlib import Path
 from typing import Any
 
 FLEET = Path(__file__).parent / "fleets" / "wordnet.toml"
-SEEDS = (0, 1, 2)
-RULES = ("zero_pad", "rbla", "fedavg_updates", "hetlora")
+SEEDS = (0, 1, 2, 3, 4)
+RULES = ("zero_pad", "rbla", "replication", "fedavg_updates", "hetlora", "flexlora")
+TUNE_SEED = 100
+LRS = (2e-3, 5e-3, 1e-2, 2e-2)
 ASSIGNMENTS = ("random", "aligned")
 
 
-def grid() -> list[tuple[str, list[str]]]:
+REPORTED = [
+    "devices.profiles={ cuda-large = 1.0 }", "data.local_validation=0.2",
+    'federation.coordinator={ "rank_policy.allocation" = "reported", "rank_policy.high_rank_fraction" = 0.2, '
+    '"rank_policy.low_rank" = 2, "rank_policy.warmup_rounds" = 1, "rank_policy.reevaluate_every" = 1 }',
+]
+HOMOG = ((16, "cuda-large"), (4, "cpu"), (2, "mobile"))
+ALIGNED_RULES = ("zero_pad", "rbla", "replication")
+
+
+def tuning_grid() -> list[tuple[str, list[str]]]:
+    """The learning-rate sweep on the tuning seed (validation accuracy decides)."""
+    runs = []
+    for lr in LRS:
+        runs.append((f"tune-homog-r16-lr{lr:g}-s{TUNE_SEED}", [f"seed={TUNE_SEED}", 'method="zero_pad"',
+                     "devices.profiles={ cuda-large = 1.0 }", f"training.learning_rate={lr}"]))
+        runs.append((f"tune-zero_pad-random-lr{lr:g}-s{TUNE_SEED}", [f"seed={TUNE_SEED}", 'method="zero_pad"',
+                     f"training.learning_rate={lr}"]))
+    return runs
+
+
+def grid(lr: float) -> list[tuple[str, list[str]]]:
     runs = []
     for seed in SEEDS:
-        for r, profile in ((16, "cuda-large"), (2, "mobile")):
-            runs.append((f"homog-r{r}-s{seed}", [f"seed={seed}", 'method="zero_pad"',
-                                                 f"devices.profiles={{ {profile} = 1.0 }}"]))
+        common = [f"seed={seed}", f"training.learning_rate={lr}"]
+        for r, profile in HOMOG:
+            runs.append((f"homog-r{r}-s{seed}", [*common, 'method="zero_pad"', f"devices.profiles={{ {profile} = 1.0 }}"]))
         for assignment in ASSIGNMENTS:
-            for rule in RULES:
-                runs.append((f"{rule}-{assignment}-s{seed}", [f"seed={seed}", f'method="{rule}"',
+            for rule in RULES if assignment == "random" else ALIGNED_RULES:
+                runs.append((f"{rule}-{assignment}-s{seed}", [*common, f'method="{rule}"',
                                                               f'devices.assignment="{assignment}"']))
+        for rule in ("zero_pad", "rbla"):
+            runs.append((f"{rule}-reported-s{seed}", [*common, f'method="{rule}"', *REPORTED]))
     return runs
+
+
+def chosen_lr(out: Path) -> float | None:
+    """The lr with the best mean final validation accuracy over the tuning runs (None until all ran)."""
+    scores: dict[float, list[float]] = {}
+    for name, _ in tuning_grid():
+        path = out / name / "summary.json"
+        if not path.is_file():
+            return None
+        s = json.loads(path.read_text())
+        lr = float(name.split("-lr")[1].split("-s")[0])
+        scores.setdefault(lr, []).append(s["final"]["validation"]["accuracy"])
+    return max(scores, key=lambda lr: (sum(scores[lr]) / len(scores[lr]), -lr))
 
 
 def run_one(name: str, sets: list[str], out: Path, cache: Path) -> str:
@@ -78,6 +115,8 @@ def report(out: Path) -> dict[str, Any]:
     for summary in sorted(out.glob("*/summary.json")):
         s = json.loads(summary.read_text())
         name = summary.parent.name
+        if name.startswith("tune-"):
+            continue
         config, seed = name.rsplit("-s", 1)
         if s.get("final") and s["final"].get("test"):
             acc.setdefault(config, {})[int(seed)] = s["final"]["test"]["accuracy"]
@@ -106,13 +145,26 @@ def report(out: Path) -> dict[str, Any]:
         "H2 random: rbla - zero_pad <= 0": paired("rbla-random", "zero_pad-random"),
         f"H3 best het ({best}) - homog r16 >= -2": paired(best, "homog-r16") if best else None,
     }
-    extra = {f"{r}: aligned - random": paired(f"{r}-aligned", f"{r}-random") for r in RULES}
+    extra = {f"{r}: aligned - random": paired(f"{r}-aligned", f"{r}-random") for r in ALIGNED_RULES}
     extra.update({f"random: {r} - zero_pad": paired(f"{r}-random", "zero_pad-random") for r in RULES[1:]})
-    extra.update({f"aligned: {r} - zero_pad": paired(f"{r}-aligned", "zero_pad-aligned") for r in RULES[1:]})
+    extra.update({f"aligned: {r} - zero_pad": paired(f"{r}-aligned", "zero_pad-aligned") for r in ALIGNED_RULES[1:]})
+    extra["random: replication - rbla (noise floor)"] = paired("replication-random", "rbla-random")
+    hyp["H4a reported zero_pad - homog r4"] = paired("zero_pad-reported", "homog-r4")
+    hyp["H4b reported rbla - homog r4"] = paired("rbla-reported", "homog-r4")
+    extra["reported rbla - homog r16"] = paired("rbla-reported", "homog-r16")
     result = {"rows": rows, "hypotheses": hyp, "comparisons": extra,
               "uplink_ratio_best_het_vs_r16": (sum(up[best].values()) / sum(up["homog-r16"].values()))
               if best and "homog-r16" in up else None}
     (out / "report.json").write_text(json.dumps(result, indent=2))
+    lr = chosen_lr(out)
+    tuning = {}
+    for name, _ in tuning_grid():
+        path = out / name / "summary.json"
+        if path.is_file():
+            tuning[name] = json.loads(path.read_text())["final"]["validation"]["accuracy"]
+    result["learning_rate"] = {"chosen": lr, "validation_accuracy": tuning}
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    print(f"learning rate chosen on validation: {lr}  ({', '.join(f'{k}: {v:.3f}' for k, v in tuning.items())})")
     print(f"{'config':28s} {'seeds':>8s} {'test acc (mean ± 95% CI)':>26s} {'uplink MB':>10s}")
     for r in rows:
         print(f"{r['config']:28s} {len(r['seeds']):8d} {100 * r['mean']:17.1f} ± {100 * r['ci95']:5.1f} {r['uplink_mb']:10.2f}")
@@ -132,9 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         cache = args.out.parent / "study-cache"
-        # Seed-major order: every seed's runs finish before the next seed starts.
         with ThreadPoolExecutor(args.jobs) as pool:
-            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), grid()):
+            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), tuning_grid()):
+                print(line, flush=True)
+            lr = chosen_lr(args.out)
+            print(f"learning rate chosen on validation: {lr}", flush=True)
+            assert lr is not None
+            # Seed-major order: every seed's runs finish before the next seed starts.
+            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), grid(lr)):
                 print(line, flush=True)
     report(args.out)
     return 0

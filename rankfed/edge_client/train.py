@@ -216,11 +216,14 @@ def evaluate(
     if prefix_cache is not None and len(prefix_cache) != len(dataset):
         raise TrainingError(f"the prefix cache holds {len(prefix_cache)} examples, the dataset {len(dataset)}")
     suffix = suffix_only(model, prefix_cache.k) if prefix_cache is not None else nullcontext(None)
+    # Batches of similar length: far less padding to run through the model; every example's
+    # loss and prediction is the same whatever batch it is in, so the result is too.
+    order = np.argsort([len(e.input_ids) for e in dataset.examples], kind="stable")
     with torch.no_grad(), suffix as feed:
         for start in range(0, len(dataset), batch_size):
-            batch = dataset.collate(dataset.examples[start : start + batch_size])
+            rows = order[start : start + batch_size]
+            batch = dataset.collate([dataset.examples[i] for i in rows])
             if feed is not None and prefix_cache is not None:
-                rows = np.arange(start, start + len(batch))
                 feed.hidden = prefix_cache.batch(rows, batch.input_ids.shape[1]).to(device)
             out = model(
                 input_ids=torch.from_numpy(batch.input_ids).to(device),
