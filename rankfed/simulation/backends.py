@@ -177,9 +177,9 @@ class RayWorker:
         return self.worker.evaluate(job)
 
     def stats(self) -> dict[str, Any]:
-        import socket as _socket
+        import ray
 
-        return {**self.worker.stats(), "node": _socket.gethostname()}
+        return {**self.worker.stats(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
