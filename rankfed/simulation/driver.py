@@ -120,8 +120,12 @@ class Simulation:
 
     def __init__(self, fleet: Fleet, out_dir: Path, *, progress: TextIO | None = sys.stderr,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 model_dir: Path | None = None, cache_dir: Path | None = None) -> None:
+                 model_dir: Path | None = None, cache_dir: Path | None = None,
+                 population: Population | None = None) -> None:
+        """``population``: explicit virtual devices (default: built from the fleet's data
+        section); without validation data the driver scores no global adapter itself."""
         self.fleet = fleet
+        self.population = population
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.on_round = on_round
@@ -142,7 +146,7 @@ class Simulation:
 
         fleet = self.fleet
         started = time.perf_counter()
-        population = build_population(fleet)
+        population = self.population or build_population(fleet)
         try:
             mdir = self.model_dir or (Path(fleet.training.model) if fleet.training.model else model_dir())
         except DemoDataError as exc:
@@ -232,7 +236,8 @@ class Simulation:
                     lora = lora or task.assignment.lora
                     manifest, blob = links[name].download(r, expected_sha256=task.adapter_sha256)
                     jobs.append(TrainJob(name, devices[name].data, joined[name], task, manifest, blob,
-                                         seed=fleet.seed * 1_000_003 + r * 10_007 + len(jobs)))
+                                         seed=fleet.seed * 1_000_003 + r * 10_007 + len(jobs),
+                                         eval_data=devices[name].eval_data))
                 train_start = time.perf_counter()
                 outcomes = backend.train(jobs)
                 train_s = time.perf_counter() - train_start
@@ -312,7 +317,7 @@ class Simulation:
     def _evaluate(self, backend: Backend, population: Population, data_dir: Path, line: dict[str, Any],
                   lora: LoraSettings | None) -> None:
         fleet, r = self.fleet, line["round"]
-        if fleet.training.synthetic or lora is None or line["phase"] != str(RoundPhase.DONE):
+        if fleet.training.synthetic or lora is None or line["phase"] != str(RoundPhase.DONE) or not population.validation:
             return
         if r % fleet.eval.every and r != fleet.rounds:
             return

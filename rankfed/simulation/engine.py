@@ -1,14 +1,8 @@
-"""Simulate a federation of many devices in one process, with the real code on both sides.
-
-- The coordinator side is `Federation` itself (rank policy, rounds, quorum, streamed
-  uploads folded into the rule's accumulator, global adapters on disk), on its own event
-  loop (`host.FederationHost`), configured like `rankfed coordinator serve`.
-- Each device is an `EdgeRunner` (probe-free: its capability comes from a device profile)
-  in its own thread, over an `InProcessTransport` that converts every call exactly as gRPC
-  would. Training is the edge client's `train_local` on a peft model of the real base model.
-- `parallel` compute slots bound how many devices train at once (1: one after the other);
-  torch runs with `threads` threads. Devices share one copy of the frozen base model and
-  drop their peft model between rounds, so 100 devices fit in memory.
+"""The explicit-devices API of the simulation: `run_simulation(model_dir, clients, cfg)` runs
+a federation of the given devices (name, profile, data file, optional eval file) to the end
+and reports each round. It is the fleet driver of `rankfed simulate` (`driver.Simulation`)
+with these devices as its population: the same coordinator core, virtual clock, workers and
+edge round code; the demo's `--in-process` mode and bench/quality v1 use it.
 
 With every device taking part in every round (`clients_per_round = 0`), a run is a
 function of the seeds: the same data, config and seed give the same global adapters as the
@@ -18,9 +12,6 @@ gRPC path up to float summation order (tested in tests/simulation/).
 from __future__ import annotations
 
 import json
-import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +19,10 @@ from typing import Any
 
 from rankfed.aggregation import get_method
 from rankfed.coordinator.export import global_adapter_dir
-from rankfed.edge_client.provider import DiskModelProvider
-from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
 from rankfed.protocol.artifact import ADAPTER_FILE
 
-from .host import FederationHost
 from .profiles import PROFILE_RANK, PROFILES, RANK_PROFILE  # noqa: F401 - re-exported
-from .transport import InProcessTransport
 
-log = logging.getLogger("rankfed.simulation")
 
 @dataclass(frozen=True)
 class SimClient:
@@ -57,7 +43,7 @@ class SimConfig:
     max_length: int = 64
     seed: int = 0
     clients_per_round: int = 0  # 0: every client every round (reproducible)
-    parallel: int = 1  # devices training at once
+    parallel: int = 1  # devices training at once (worker threads)
     target_modules: tuple[str, ...] = ("query", "value")
     hetlora_lambda: float = 0.0
     hetlora_gamma: float = 0.99
@@ -145,41 +131,6 @@ def write_manifest(
     return path
 
 
-def round_reports(status: Any, data_dir: Path, started: dict[int, float]) -> list[RoundReport]:
-    """Finished rounds of a `FederationStatus`, as plain reports."""
-    out = []
-    for rec in status.history:
-        clients = []
-        for p in rec.participants:
-            clients.append({
-                "name": p.device_name,
-                "device_class": str(p.device_class) if p.device_class else "",
-                "rank": p.rank,
-                "state": str(p.state),
-                "bytes_up": p.bytes_up,
-                "bytes_down": p.bytes_down,
-                "num_examples": p.num_examples,
-                "loss_first": p.metrics.loss_first if p.metrics else None,
-                "loss_last": p.metrics.loss_last if p.metrics else None,
-                "eval": dict(p.metrics.eval) if p.metrics else {},
-            })
-        clients.sort(key=lambda c: c["name"])
-        m = rec.metrics
-        out.append(RoundReport(
-            round=rec.round,
-            phase=str(rec.phase),
-            method=rec.method,
-            clients=clients,
-            bytes_up=int(m.get("bytes_up", 0)),
-            bytes_down=int(m.get("bytes_down", 0)),
-            loss_first=m.get("loss_first"),
-            loss_last=m.get("loss_last"),
-            global_path=str(global_adapter_dir(data_dir, rec.round) / ADAPTER_FILE),
-            seconds=(rec.finished_at or time.time()) - started.get(rec.round, rec.started_at),
-        ))
-    return out
-
-
 def run_simulation(
     model_dir: Path,
     clients: Sequence[SimClient],
@@ -191,88 +142,69 @@ def run_simulation(
     on_round: Callable[[RoundReport], None] | None = None,
     threads: int | None = None,
 ) -> SimResult:
-    """Run one federation to the end. ``evaluate(path)`` (optional) scores each round's
-    global adapter; it must return an object with ``accuracy`` and ``loss``."""
-    import torch
+    """Run one federation of explicit devices to the end (the fleet driver of `rankfed
+    simulate` underneath: `driver.Simulation` with these devices as its population).
+    ``evaluate(path)`` (optional) scores each round's global adapter; it must return an
+    object with ``accuracy`` and ``loss``."""
+    from .driver import Simulation
+    from .fleet import Backend, Data, Devices, Federation, Fleet, Training
+    from .population import Population, VirtualDevice
 
-    if threads:
-        torch.set_num_threads(threads)
     unknown = sorted({c.profile for c in clients} - set(PROFILES))
     if unknown:
         raise ValueError(f"unknown device profile(s) {unknown}; choose from {sorted(PROFILES)}")
-    work_dir = Path(work_dir)
-    data_dir = work_dir / "coordinator"
-    manifest = write_manifest(
-        Path(model_dir), work_dir / "model-manifest.json", num_labels=len(label_names), target_modules=cfg.target_modules,
-        freeze_below_layer=cfg.freeze_below_layer,
+    counts: dict[str, int] = {}
+    for c in clients:
+        counts[c.profile] = counts.get(c.profile, 0) + 1
+    participants = cfg.clients_per_round or len(clients)
+    fleet = Fleet(
+        seed=cfg.seed, rounds=cfg.rounds, method=cfg.method,
+        devices=Devices(count=len(clients), profiles={p: n / len(clients) for p, n in counts.items()}),
+        data=Data(max_length=cfg.max_length),
+        training=Training(
+            local_steps=cfg.local_steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+            max_rank=cfg.max_rank, target_modules=tuple(cfg.target_modules), freeze_below_layer=cfg.freeze_below_layer,
+            hetlora_lambda=cfg.hetlora_lambda if get_method(cfg.method).client_pruning else 0.0,
+            hetlora_gamma=cfg.hetlora_gamma, model=str(model_dir),
+        ),
+        federation=Federation(participation=float(participants), min_updates=participants,
+                              deadline_s=cfg.round_deadline_seconds, coordinator=dict(cfg.overrides)),
+        backend=Backend(workers=max(1, cfg.parallel), torch_threads=threads or 1),
     )
-    from rankfed.coordinator.config import load_config
-
-    config = load_config(None, overrides=coordinator_overrides(cfg, data_dir=data_dir, manifest=manifest,
-                                                               num_clients=len(clients)))
-    # One frozen base model for every device; each drops its peft model after its round.
-    models = DiskModelProvider(Path(model_dir), keep_model=False)
-    compute = threading.Semaphore(max(1, cfg.parallel))
-    errors: list[BaseException] = []
-    start = time.time()
+    devices = []
+    for c in clients:
+        data = Path(c.data_path).read_bytes()
+        devices.append(VirtualDevice(
+            name=c.name, profile=c.profile, quality=False, data=data, num_examples=data.count(b"\n"), noisy_labels=0,
+            eval_data=Path(c.eval_path).read_bytes() if c.eval_path is not None else None,
+        ))
+    # No validation set: the driver scores nothing itself; ``evaluate`` does, per round.
+    population = Population(tuple(devices), b"", b"", tuple(label_names))
+    data_dir = Path(work_dir) / "coordinator"
     reports: list[RoundReport] = []
-    with FederationHost(config) as host:
-        threads_: list[threading.Thread] = []
-        for client in clients:
-            runner = EdgeRunner(
-                InProcessTransport(host, compute=compute),
-                RunnerConfig(
-                    model_dir=Path(model_dir),
-                    data_path=client.data_path,
-                    eval_path=client.eval_path,
-                    device_name=client.name,
-                    label_names=tuple(label_names),
-                    max_length=cfg.max_length,
-                    hetlora_lambda=cfg.hetlora_lambda if get_method(cfg.method).client_pruning else 0.0,
-                    hetlora_gamma=cfg.hetlora_gamma,
-                    freeze_below_layer=cfg.freeze_below_layer,
-                    max_wait_s=5.0,
-                    rejoin_on_bandwidth_change=False,
-                ),
-                capability=PROFILES[client.profile],
-                models=models,
-            )
-            t = threading.Thread(target=_run_device, args=(runner, errors), name=f"device-{client.name}", daemon=True)
-            threads_.append(t)
-            t.start()
-        seen = 0
-        while True:
-            done = host.call(lambda: host.fed().done)
-            status = host.call(lambda: host.fed().status(0))
-            finished = round_reports(status, data_dir, {})
-            for report in finished[seen:]:
-                if report.phase == "done" and evaluate is not None:
-                    result = evaluate(Path(report.global_path))
-                    report.accuracy, report.eval_loss = result.accuracy, result.loss
-                    report.predicted_histogram = list(getattr(result, "predicted_histogram", []) or []) or None
-                reports.append(report)
-                if on_round is not None:
-                    on_round(report)
-            seen = len(finished)
-            if errors:
-                raise RuntimeError(f"a simulated device failed: {errors[0]!r}") from errors[0]
-            if done and seen >= cfg.rounds:
-                break
-            time.sleep(0.2)
-        for t in threads_:
-            t.join(timeout=120)
-        if errors:
-            raise RuntimeError(f"a simulated device failed: {errors[0]!r}") from errors[0]
+
+    def report(line: dict[str, Any]) -> None:
+        rep = RoundReport(
+            round=line["round"], phase=line["phase"], method=line["method"],
+            clients=[{"name": d["name"], "rank": d["rank"], "state": d["state"], "bytes_up": d["bytes_up"],
+                      "bytes_down": d["bytes_down"], "loss_first": d.get("loss_first"),
+                      "loss_last": d.get("loss_last"), "eval": d.get("eval", {})} for d in line["devices"]],
+            bytes_up=line["bytes_up"], bytes_down=line["bytes_down"], loss_first=line["loss_first"],
+            loss_last=line["loss_last"], global_path=str(global_adapter_dir(data_dir, line["round"]) / ADAPTER_FILE),
+            seconds=line["seconds"]["round"],
+        )
+        if rep.phase == "done" and evaluate is not None:
+            result = evaluate(Path(rep.global_path))
+            rep.accuracy, rep.eval_loss = result.accuracy, result.loss
+            rep.predicted_histogram = list(getattr(result, "predicted_histogram", []) or []) or None
+        reports.append(rep)
+        if on_round is not None:
+            on_round(rep)
+
+    result = Simulation(fleet, Path(work_dir), progress=None, on_round=report, model_dir=Path(model_dir),
+                        population=population).run()
     final = next((r.global_path for r in reversed(reports) if r.phase == "done"), "")
-    return SimResult(rounds=reports, final_global_path=final, seconds=time.time() - start, data_dir=str(data_dir))
-
-
-def _run_device(runner: EdgeRunner, errors: list[BaseException]) -> None:
-    try:
-        runner.run()
-    except BaseException as exc:  # reported by the main thread
-        log.exception("simulated device %s failed", runner.config.device_name)
-        errors.append(exc)
+    return SimResult(rounds=reports, final_global_path=final, seconds=result.summary["seconds"], data_dir=str(data_dir))
 
 
 def result_to_json(result: SimResult) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class VirtualDevice:
     data: bytes  # one {"text", "label"} JSON object per line
     num_examples: int
     noisy_labels: int  # labels flipped by the label-noise setting
+    eval_data: bytes | None = None  # the device's own held-out file (its metrics.eval), if any
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class TrainJob:
     manifest: TransferManifest
     adapter: bytes
     seed: int = 0  # synthetic updates only
+    eval_data: bytes | None = None  # the device's own held-out data (JSONL)
 
 
 @dataclass
@@ -165,6 +166,10 @@ class SimWorker:
             path = self._tmp / "devices" / f"{job.device}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(job.data)
+            eval_path = None
+            if job.eval_data is not None:
+                eval_path = path.with_suffix(".eval.jsonl")
+                eval_path.write_bytes(job.eval_data)
             s = self.settings
             runner = EdgeRunner(
                 JobTransport(job.manifest, job.adapter),
@@ -174,6 +179,7 @@ class SimWorker:
                     hetlora_lambda=s.hetlora_lambda, hetlora_gamma=s.hetlora_gamma,
                     freeze_below_layer=s.freeze_below_layer, rejoin_on_bandwidth_change=False,
                     holdout_fraction=s.local_validation or None, prefix_cache_dir=self._cache_dir,
+                    eval_path=eval_path,
                 ),
                 models=self._provider(),
             )
