@@ -103,6 +103,10 @@ def coordinator_settings(fleet: Fleet, *, data_dir: Path, manifest: Path) -> dic
         "federation.heartbeat_timeout_seconds": 10 * 365 * 86400.0,
     }
     values.update(dict(f.coordinator))
+    if values.get("rank_policy.allocation") == "validation":
+        # The driver is the evaluator and scores every update right after the round closes:
+        # let the next round wait for it (virtual seconds; the scoring takes real ones).
+        values.setdefault("rank_policy.evaluator_wait_seconds", 24 * 3600.0)
     return values
 
 
@@ -243,6 +247,10 @@ class Simulation:
                 train_s = time.perf_counter() - train_start
                 line = self._arrive_and_close(host, r, record.started_at, outcomes, names, dropped, by_client, links)
                 line["seconds"] = {"train": round(train_s, 3)}
+                if self._validation_allocation:
+                    start = time.perf_counter()
+                    line["evaluator"] = self._serve_evaluations(host, backend, population, lora)
+                    line["seconds"]["evaluator"] = round(time.perf_counter() - start, 3)
                 self._evaluate(backend, population, data_dir, line, lora)
                 line["seconds"]["round"] = round(time.perf_counter() - wall, 3)
                 line["rss_bytes"] = peak_rss_bytes()
@@ -313,6 +321,46 @@ class Simulation:
             "failure_reason": rec.failure_reason or None, "global_round": rec.round if rec.phase is RoundPhase.DONE else None,
             "devices": per_device,
         }
+
+    @property
+    def _validation_allocation(self) -> bool:
+        return str(self.fleet.federation.coordinator.get("rank_policy.allocation", "")) == "validation"
+
+    def _serve_evaluations(self, host: FederationHost, backend: Backend, population: Population,
+                           lora: LoraSettings | None) -> dict[str, int]:
+        """The evaluator role of `rank_policy.allocation = "validation"`, in process: score every
+        pending device update on the global validation set through the coordinator's own
+        evaluator calls (the ones `rankfed edge evaluate` makes over gRPC), so the next
+        round's ranks follow the scores."""
+        from rankfed.protocol import (
+            EvaluationDownloadRequest,
+            EvaluationKind,
+            EvaluationTask,
+            EvaluationTaskRequest,
+            ScoreReport,
+        )
+
+        fed = host.fed()
+        scored = 0
+        while lora is not None:
+            task = host.submit(fed.evaluation_task(EvaluationTaskRequest(max_wait_s=0.0, updates=True, globals=False)))
+            if not isinstance(task, EvaluationTask):
+                break
+
+            async def fetch(task: EvaluationTask = task) -> bytes:
+                _, chunks = await fed.open_evaluation_download(
+                    EvaluationDownloadRequest(kind=task.kind, round=task.round, client_id=task.client_id))
+                return b"".join([c async for c in chunks])
+
+            blob = host.submit(fetch())
+            (scores,) = backend.evaluate([EvalJob("validation", population.validation, blob, lora, self.fleet.method)])
+            metrics = {k: float(v) for k, v in scores["global"].items()}
+            host.call(fed.report_scores, ScoreReport(
+                kind=EvaluationKind.UPDATE if task.client_id else task.kind, round=task.round,
+                adapter_sha256=task.adapter_sha256, metrics=metrics, client_id=task.client_id,
+                num_examples=population.validation.count(b"\n")), "rankfed simulate")
+            scored += 1
+        return {"updates_scored": scored}
 
     def _evaluate(self, backend: Backend, population: Population, data_dir: Path, line: dict[str, Any],
                   lora: LoraSettings | None) -> None:

@@ -222,3 +222,35 @@ def _toml(values: dict[str, object]) -> str:
         lines.append(f"[{sec}]")
         lines += [f"{k} = {fmt(v)}" for k, v in items]
     return "\n".join(lines) + "\n"
+
+
+def test_validation_allocation_with_the_in_process_evaluator(tiny, tmp_path):
+    """rank_policy.allocation = "validation": the driver scores each update on the validation
+    set through the coordinator's evaluator calls, and after warm-up the top-scored devices
+    get the high rank (every device could afford it: the cap never binds)."""
+    from rankfed.simulation.driver import simulate
+
+    model, data = tiny
+    fleet = load_fleet(None, _settings(model, data, **{
+        "rounds": 3, "devices.count": 4, "devices.profiles": {"cuda-large": 1.0}, "federation.participation": 4,
+        "federation.coordinator": {"rank_policy.allocation": "validation", "rank_policy.high_rank_fraction": 0.25,
+                                   "rank_policy.low_rank": 2, "rank_policy.warmup_rounds": 1},
+    }))
+    result = simulate(fleet, tmp_path / "val", progress=None)
+    lines = result.rounds
+    assert [x["evaluator"]["updates_scored"] for x in lines] == [4, 4, 4]
+    assert lines[0]["ranks"] == [16, 16, 16, 16]  # warm-up: capability ranks
+    assert lines[1]["ranks"] == [2, 2, 2, 16]  # the top quarter of the scored devices
+    # and it is the device whose round-1 update scored best (lowest loss) on the validation set
+    from rankfed.coordinator.store import open_store
+
+    store, _ = open_store(tmp_path / "val" / "coordinator")
+    try:
+        names = {c.client_id: c.device_name for c in store.list_clients()}
+        first = {s.client_id: s.metrics["loss"] for cid in names for s in store.list_scores("validation", cid)
+                 if s.round == 1}
+    finally:
+        store.close()
+    assert len(first) == 4
+    best = names[min(first, key=first.get)]
+    assert [d["name"] for d in lines[1]["devices"] if d["rank"] == 16] == [best]
