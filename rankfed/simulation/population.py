@@ -135,7 +135,7 @@ def build_population(fleet: Fleet) -> Population:
     if others:
         try:
             split = dirichlet_split(corpus.labels[left], len(others), data.dirichlet_alpha,
-                                    seed=fleet.seed + 11, min_per_client=min(8, max(2, data.examples_per_device // 4)))
+                                    seed=fleet.seed + 11, min_per_client=2)
         except DemoDataError as exc:
             raise FleetError(str(exc)) from None
         for dev, idx in zip(others, split, strict=True):
