@@ -81,6 +81,7 @@ def scale_rows(tmp: Path, sizes: list[int]) -> list[dict[str, object]]:
         values = {
             "seed": 0, "rounds": 3, "method": "zero_pad", "devices.count": n,
             "devices.profiles": {"cuda-large": 1.0}, "data.dataset": "tweets", "data.examples_per_device": 20,
+            "data.quality_fraction": 1.0,  # IID, equal sizes: FedAvg weights every update alike
             "data.validation_examples": 10, "data.test_examples": 10, "data.max_length": 32,
             "training.synthetic": True, "training.target_modules": ["query", "key", "value"],
             "federation.participation": 0.1, "backend.workers": 2,
