@@ -281,6 +281,12 @@ def update_files(data_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
+def staged_files(data_dir: Path) -> list[str]:
+    """Every file of the staging area (bytes of broken uploads kept for a resume)."""
+    root = data_dir / "blobs" / "staging"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
 def decode(data: bytes) -> Adapter:
     return decode_adapter(data)
 
