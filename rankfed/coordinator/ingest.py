@@ -124,6 +124,8 @@ class Ingest:
             # Ended short: a peer that went away can look like a clean end to the server, so
             # this too keeps its bytes for a resume.
             self._park_later(session)
+            if session.superseded:
+                raise PreconditionError("this upload was replaced by a newer one from the same client")
             raise InvalidArgumentError(
                 f"upload ended after {session.received} of {header.total_bytes} declared bytes (truncated); "
                 "resume it (UploadStatus) or send it again"
