@@ -138,7 +138,7 @@ class Ingest:
                     homogeneous=self._ctx.homogeneous,
                 )
         except BaseException:
-            # Short, rejected content, or cancelled while verified: leave no trace.
+            # Rejected content (digest, shapes, rank...), or cancelled while verified: no trace.
             self._abort(session)
             raise
         # From here the update is complete and valid: commit, receipt and fold run as one
