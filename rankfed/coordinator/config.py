@@ -156,6 +156,13 @@ class ServerConfig:
     upload_total_timeout_seconds: float = _f(
         3600.0, "Longest an upload stream may last from its first message to its last.", gt=0
     )
+    upload_resume_ttl_seconds: float = _f(
+        3600.0,
+        "How long the bytes of a broken upload stream are kept for the device to resume "
+        "(UploadStatus, UploadHeader.resume_offset); at most one per device and round, dropped "
+        "when the round closes. 0: resuming is off, a broken upload leaves nothing.",
+        ge=0,
+    )
     download_idle_timeout_seconds: float = _f(
         30.0,
         "A download whose client takes no data for this long (one chunk waits that long to be "

@@ -17,6 +17,7 @@ from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import ConfigError, NotFoundError
 from rankfed.coordinator.global_adapters import GlobalAdapters
 from rankfed.coordinator.models import ClientRecord, RoundRecord
+from rankfed.coordinator.staging import Staging
 from rankfed.coordinator.store import BlobStore, StateStore
 from rankfed.protocol import FederationMode, LoraSettings, ParticipantState
 from rankfed.protocol.manifest import ModelManifest
@@ -140,6 +141,8 @@ class FederationContext:
         self.homogeneous = self.personalized or self.method.homogeneous
         self.spec = manifest.adapter_spec()
         self.globals = GlobalAdapters(blobs, manifest, self.method, seed=config.federation.seed)
+        # Bytes of broken uploads kept for a resume (rankfed.coordinator.staging).
+        self.staging = Staging(blobs, ttl_s=config.server.upload_resume_ttl_seconds, clock=clock)
 
     def reset_run(self) -> None:
         """A fresh round state and global-adapter cache for a new run (the stores were reset)."""

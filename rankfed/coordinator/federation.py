@@ -4,7 +4,8 @@ It composes the parts, each in its own module and readable in one sitting:
     registry.py     devices, sessions and liveness (Join, Leave, Heartbeat, ListClients)
     dispatch.py     tasks and downloads (GetTask, DownloadAdapter)
     evaluations.py  the evaluator role: what needs a score, its bytes, the scores (EvaluatorService)
-    ingest.py       uploads: store, verify, fsync, receipt, fold (UploadUpdate)
+    ingest.py       uploads: store, verify, fsync, receipt, fold (UploadUpdate, UploadStatus)
+    staging.py      bytes of broken uploads kept for a resume
     rounds.py       the round loop, crash resume, aggregation at close
     rank_planner.py ranks for a round (tiers, scores, method traits, byte budget)
     status_view.py  what operators see (GetRoundStatus, WatchRounds)
@@ -53,6 +54,8 @@ from rankfed.protocol import (
     Task,
     TransferManifest,
     UploadHeader,
+    UploadStatusRequest,
+    UploadStatusResult,
 )
 from rankfed.protocol.manifest import ModelManifest
 
@@ -118,10 +121,14 @@ class Federation:
         self.controls.load()
         await self.rounds.load_global()
         await self.rounds.resume_open_round()
+        open_round = self.ctx.state.open
+        self.ctx.staging.recover(open_round.round if open_round is not None else None)
         self._tasks = [
             asyncio.create_task(self.rounds.run(), name="rankfed-rounds"),
             asyncio.create_task(self.registry.watch_liveness(), name="rankfed-liveness"),
         ]
+        if self.ctx.staging.enabled:
+            self._tasks.append(asyncio.create_task(self.ingest.expire_staged(), name="rankfed-staging-expiry"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -134,6 +141,7 @@ class Federation:
             except Exception:  # noqa: BLE001 - already logged, and reported through `fatal`
                 pass
         self._tasks = []
+        await self.ingest.drain()  # broken streams' bytes are kept before the writers stop
         self.ingest.close()
         self.ctx.changes.notify()
 
@@ -188,6 +196,9 @@ class Federation:
 
     async def upload(self, client_id: str, header: UploadHeader, chunks: AsyncIterable[Chunk]) -> Receipt:
         return await self.ingest.upload(client_id, header, chunks)
+
+    async def upload_status(self, client_id: str, request: UploadStatusRequest) -> UploadStatusResult:
+        return await self.ingest.upload_status(client_id, request)
 
     def heartbeat(self, client_id: str, request: HeartbeatRequest) -> HeartbeatResult:
         return self.registry.heartbeat(client_id, request)
@@ -255,6 +266,7 @@ class Federation:
                                            "archive": str(archive)})
         await self.stop()
         async with self.ctx.state.lock:  # an update being committed finishes first
+            self.ctx.staging.drop_rounds()  # kept bytes of broken uploads resume nothing in a new run
             kept = await asyncio.to_thread(self.ctx.store.snapshot, archive / STATE_FILE)
             await asyncio.to_thread(_archive_blobs, self.ctx.blobs.root, archive / BLOB_DIR if kept else None)
             self.ctx.store.reset_run()

@@ -18,6 +18,16 @@ is noticed dead. The outcome, for the two streams of one device and round:
   learns that its update counted).
 
 So exactly one update counts, and no interleaving produces INTERNAL.
+
+Resuming (rankfed.coordinator.staging). A stream that breaks before its end keeps what it
+wrote: the session is *parked* (its bytes fsynced, then described on disk) in a task of
+its own, since the handler may be cancelled. The device asks `upload_status` (it ends a
+stream of the device still streaming, like a retry does, and waits for its park), then
+sends the same header with `resume_offset` and the chunks from there. A new upload
+(resume_offset 0) replaces kept bytes; a resume from more than is kept of that very
+upload (same round, digest and size) is FAILED_PRECONDITION with the typed detail
+UPLOAD_NOT_RESUMABLE naming what is kept. A stream that ends cleanly but short, or whose
+content is rejected, keeps nothing. Either way exactly one receipt, and one fold, counts.
 """
 
 from __future__ import annotations
@@ -36,10 +46,13 @@ from rankfed.coordinator.context import FederationContext
 from rankfed.coordinator.dispatch import TaskDispatcher
 from rankfed.coordinator.errors import (
     DuplicateError,
+    InvalidArgumentError,
     PreconditionError,
     RetryLaterError,
+    TooLargeError,
 )
 from rankfed.coordinator.models import ClientRecord, Participant, Receipt, ScoreRecord
+from rankfed.coordinator.staging import StagedUpload, Staging, part_relpath
 from rankfed.coordinator.store.blobs import update_relpath
 from rankfed.coordinator.uploads import SessionState, UploadSession, check_header
 from rankfed.protocol import (
@@ -49,6 +62,8 @@ from rankfed.protocol import (
     LoraSettings,
     ParticipantState,
     UploadHeader,
+    UploadStatusRequest,
+    UploadStatusResult,
     limits,
 )
 
@@ -64,6 +79,17 @@ class Ingest:
         self._dispatch = dispatch
         self._decode_slots = asyncio.Semaphore(2)  # bounds transient memory of concurrent decodes
         self._pool: ThreadPoolExecutor | None = None
+        # Parks under way (a broken stream's bytes being kept), by session: a retry waits for its own.
+        self._parks: dict[UploadSession, asyncio.Task[int]] = {}
+
+    @property
+    def staging(self) -> Staging:
+        return self._ctx.staging
+
+    async def drain(self) -> None:
+        """Let every park under way finish (at shutdown, after the server stopped)."""
+        while self._parks:
+            await asyncio.gather(*self._parks.values(), return_exceptions=True)
 
     def close(self) -> None:
         """Stop the writer threads (after the server stopped: no stream is open)."""
@@ -84,10 +110,27 @@ class Ingest:
 
         A chunk's `data` may be any bytes-like object (the gRPC path passes a memoryview of
         the received message); it must not change until the call returns."""
-        session = self._begin(client_id, header)
+        session = await self._begin(client_id, header)
         try:
             async for chunk in chunks:
                 await session.add_chunk(chunk.offset, chunk.data)
+        except BaseException:
+            # The stream broke (a cut link, a cancelled call, a timeout, a newer stream of this
+            # device) or sent a bad chunk: keep what arrived for a resume, in a task of its own
+            # (this one may be cancelled).
+            self._park_later(session)
+            raise
+        if session.received < header.total_bytes:
+            # Ended short: a peer that went away can look like a clean end to the server, so
+            # this too keeps its bytes for a resume.
+            self._park_later(session)
+            if session.superseded:
+                raise PreconditionError("this upload was replaced by a newer one from the same client")
+            raise InvalidArgumentError(
+                f"upload ended after {session.received} of {header.total_bytes} declared bytes (truncated); "
+                "resume it (UploadStatus) or send it again"
+            )
+        try:
             await session.seal()
             async with self._decode_slots:
                 adapter = await asyncio.to_thread(
@@ -95,7 +138,7 @@ class Ingest:
                     homogeneous=self._ctx.homogeneous,
                 )
         except BaseException:
-            # Broken stream, cancelled call, timeout or rejected content: leave no trace.
+            # Rejected content (digest, shapes, rank...), or cancelled while verified: no trace.
             self._abort(session)
             raise
         # From here the update is complete and valid: commit, receipt and fold run as one
@@ -113,42 +156,175 @@ class Ingest:
         """The LoRA settings this participant was told to train with (what it downloaded)."""
         return self._ctx.lora_for_rank(part.rank, alpha=part.alpha)
 
-    def _begin(self, client_id: str, header: UploadHeader) -> UploadSession:
+    async def upload_status(self, client_id: str, request: UploadStatusRequest) -> UploadStatusResult:
+        """How many bytes of this upload are kept for a resume (0: none). Ends a stream of this
+        device still open here first, as a retry does: a device asks only once its stream broke."""
+        if not _is_sha256(request.sha256):
+            raise InvalidArgumentError("sha256 must be 64 lowercase hex digits of the whole file")
+        max_bytes = self._ctx.config.server.max_upload_bytes
+        if request.total_bytes == 0:
+            raise InvalidArgumentError("total_bytes 0: send the size of the safetensors file")
+        if request.total_bytes > max_bytes:
+            raise TooLargeError(f"total_bytes {request.total_bytes} exceeds the coordinator's cap of {max_bytes} bytes "
+                                "(server.max_upload_bytes)")
+        await self._settle(client_id, request.round)
+        staged = self.staging.get(request.round, client_id) if self.staging.enabled else None
+        if staged is None or not staged.matches(request.sha256, request.total_bytes):
+            return UploadStatusResult(resume_offset=0)
+        return UploadStatusResult(resume_offset=staged.staged_bytes, expires_at=self.staging.expires_at(staged))
+
+    async def _begin(self, client_id: str, header: UploadHeader) -> UploadSession:
         ctx = self._ctx
         # Checked first, even for a closed round: a client whose receipt was lost retries, and
         # ALREADY_EXISTS (with the digest we hold) tells it the update counted.
         self._reject_duplicate(client_id, header.round)
         part = self._dispatch.training_participant(client_id, header.round, action="upload")
-        if part.bytes_down == 0 or part.state not in _DOWNLOADED_STATES:
-            raise PreconditionError(
-                f"upload before download: download the round {header.round} global adapter first "
-                f"(state {part.state.value})"
-            )
+        _check_downloaded(part, header.round)
         check_header(header, part, max_upload_bytes=ctx.config.server.max_upload_bytes, homogeneous=ctx.homogeneous)
         # Metrics are stored and shown to operators: bounded before anything is written.
         limits.check_metrics(header.metrics.eval)
-        uploading = ctx.state.uploading
-        previous = uploading.get(client_id)
-        if previous is not None:
-            if previous.state is not SessionState.STREAMING:
+        if header.resume_offset > header.total_bytes:
+            raise InvalidArgumentError(
+                f"resume_offset {header.resume_offset} is past the {header.total_bytes} bytes the header declares"
+            )
+        part = await self._settle(client_id, header.round)
+        _check_downloaded(part, header.round)
+        # From here to the registration below nothing awaits: no other stream of this device
+        # can start in between.
+        start = self._resume_point(client_id, header)
+        staged = part_relpath(header.round, client_id) if self.staging.enabled else None
+        writer = ctx.blobs.open_writer(update_relpath(header.round, client_id), staged=staged, resume_at=start)
+        session = UploadSession(
+            header, part, writer, max_chunk_bytes=ctx.config.server.max_chunk_bytes, pool=self._writers(), start=start,
+        )
+        ctx.state.uploading[client_id] = session
+        if start:
+            log.info("upload resumed", extra={"client_id": client_id, "round": header.round, "offset": start})
+        if part.state is not ParticipantState.UPLOADING:
+            ctx.store.put_participant(replace(part, state=ParticipantState.UPLOADING))
+            ctx.changes.notify()
+        return session
+
+    async def _settle(self, client_id: str, round_no: int) -> Participant:
+        """The checks UploadUpdate and UploadStatus share, once no stream of this device is
+        open: a streaming one is replaced (a device only retries or asks when its stream
+        broke, perhaps before we noticed) and parked, a parking one waited for. Returns the
+        device's participant record."""
+        uploading = self._ctx.state.uploading
+        while True:
+            self._reject_duplicate(client_id, round_no)
+            part = self._dispatch.training_participant(client_id, round_no, action="upload")
+            previous = uploading.get(client_id)
+            if previous is None:
+                return part
+            if previous.state is SessionState.STREAMING:
+                # Its handler stops at its next chunk; its bytes are kept for us.
+                previous.supersede()
+                log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
+            elif previous not in self._parks:
                 raise RetryLaterError(
                     f"this client's previous upload for round {previous.round} arrived completely and is being "
                     "verified and stored; retry in a moment (a retry of the same update will then be answered "
                     "ALREADY_EXISTS)"
                 )
-            # A client only retries when its stream broke, perhaps before we noticed: the new
-            # stream replaces the old one, whose handler stops at its next chunk.
-            previous.supersede()
-            log.info("upload replaced by a retry", extra={"client_id": client_id, "round": previous.round})
-        writer = ctx.blobs.open_writer(update_relpath(header.round, client_id))
-        session = UploadSession(
-            header, part, writer, max_chunk_bytes=ctx.config.server.max_chunk_bytes, pool=self._writers(),
+            await asyncio.shield(self._park_later(previous))
+
+    def _resume_point(self, client_id: str, header: UploadHeader) -> int:
+        """The byte this stream starts at: 0 for a new upload (kept bytes of this device and
+        round go), else `resume_offset` if that much of this very upload is kept."""
+        offset = header.resume_offset
+        if not offset:
+            self.staging.drop(header.round, client_id)
+            return 0
+        staged = self.staging.get(header.round, client_id) if self.staging.enabled else None
+        same = staged is not None and staged.matches(header.sha256, header.total_bytes)
+        held = staged.staged_bytes if staged is not None and same else 0
+        if offset <= held:
+            return offset
+        if not self.staging.enabled:
+            why = "this coordinator keeps no bytes of broken uploads (server.upload_resume_ttl_seconds = 0)"
+        elif staged is None:
+            why = "no bytes of an upload of this client are kept for this round (none arrived, or they expired)"
+        elif not same:
+            why = "the bytes kept for this round are of another upload (another sha256 or total_bytes)"
+        else:
+            why = f"only {held} bytes of this upload are kept"
+        raise PreconditionError(
+            f"cannot resume at byte {offset}: {why}; resume from resume_offset {held} (UploadStatus)"
+            + (" or send the update from the start" if held else ", i.e. send the update from the start"),
+            detail=ErrorDetail(ErrorReason.UPLOAD_NOT_RESUMABLE, {
+                "round": str(header.round), "resume_offset": str(held),
+            }),
         )
-        uploading[client_id] = session
-        if part.state is not ParticipantState.UPLOADING:
-            ctx.store.put_participant(replace(part, state=ParticipantState.UPLOADING))
-            ctx.changes.notify()
-        return session
+
+    def _park_later(self, session: UploadSession) -> asyncio.Future[int]:
+        """Park a broken stream's session in a task of its own, once; see `_park`. (Its
+        handler may call this after a retry's park of it finished: that is a no-op, the file
+        may be the retry's by then.)"""
+        task = self._parks.get(session)
+        if task is not None:
+            return task
+        if session.state is not SessionState.STREAMING:  # parked (or dropped) already
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            done.set_result(0)
+            return done
+        task = asyncio.ensure_future(self._park(session))
+        self._parks[session] = task
+        task.add_done_callback(lambda _: self._parks.pop(session, None))
+        self._revert_uploading(session)  # at once: the device is back to owing its update
+        return task
+
+    async def _park(self, session: UploadSession) -> int:
+        """Keep a broken stream's bytes for a resume (fsynced, then described on disk) if
+        resuming is on and its round is still open; else drop them. Then forget the stream."""
+        ctx, round_no, client_id = self._ctx, session.round, session.client_id
+        kept = 0
+        try:
+            if self.staging.enabled:
+                kept = await session.park()
+            else:
+                session.abort()
+            if kept and self._round_open(round_no):
+                header = session.header
+                staged = StagedUpload(round=round_no, client_id=client_id, sha256=header.sha256,
+                                      total_bytes=header.total_bytes, staged_bytes=kept, parked_at=ctx.clock())
+                try:
+                    await asyncio.to_thread(self.staging.record, staged)
+                except OSError as exc:  # e.g. the round closed meanwhile and took the directory
+                    log.info("could not keep a broken upload", extra={
+                        "client_id": client_id, "round": round_no, "error": repr(exc)})
+                    kept = 0
+            else:
+                kept = 0
+            if not kept:
+                self.staging.drop(round_no, client_id)
+            else:
+                log.info("broken upload kept for a resume", extra={
+                    "client_id": client_id, "round": round_no, "bytes": kept})
+        finally:
+            if ctx.state.uploading.get(client_id) is session:
+                del ctx.state.uploading[client_id]
+        return kept
+
+    def _round_open(self, round_no: int) -> bool:
+        record = self._ctx.state.open
+        return record is not None and record.round == round_no
+
+    async def expire_staged(self) -> None:
+        """Drop kept uploads past server.upload_resume_ttl_seconds, now and then (they go when
+        their round closes anyway); runs until cancelled."""
+        ctx = self._ctx
+        period = min(max(self.staging.ttl_s / 4, 1.0), 300.0)
+        while True:
+            await asyncio.sleep(period)
+            record = ctx.state.open
+            if record is None:
+                continue
+            for client_id in await asyncio.to_thread(self.staging.expired, record.round):
+                # A stream of that device may be resuming it right now: its own park renews it.
+                if client_id not in ctx.state.uploading and self._round_open(record.round):
+                    self.staging.drop(record.round, client_id)
+                    log.info("kept upload expired", extra={"client_id": client_id, "round": record.round})
 
     def _reject_duplicate(self, client_id: str, round_no: int) -> None:
         if round_no >= 2**63:
@@ -164,7 +340,12 @@ class Ingest:
             )
 
     def _abort(self, session: UploadSession) -> None:
+        """A sealed session failed (short, rejected, cancelled while verified): its file and
+        any description of it go. A parked one is its park's business."""
+        if session.state is SessionState.PARKED or session in self._parks:
+            return
         session.abort()
+        self.staging.forget(session.round, session.client_id)
         if self._ctx.state.uploading.get(session.client_id) is session:
             del self._ctx.state.uploading[session.client_id]
             self._revert_uploading(session)
@@ -190,7 +371,7 @@ class Ingest:
             async with state.lock:
                 self._reject_duplicate(session.client_id, session.round)
                 part = self._dispatch.training_participant(session.client_id, session.round, action="upload")
-                relpath = await asyncio.to_thread(session.commit)
+                relpath = await asyncio.to_thread(self._commit, session)
                 receipt = Receipt(
                     round=session.round, client_id=session.client_id, receipt_id="r-" + secrets.token_hex(8),
                     rank=header.rank, num_examples=header.num_examples, nbytes=session.received,
@@ -212,7 +393,9 @@ class Ingest:
                         "round": session.round, "client_id": session.client_id, "error": repr(exc)})
                     state.fold_failures[session.client_id] = f"{type(exc).__name__}: {exc}"
         except BaseException:
-            session.abort()  # a no-op once committed
+            if session.state is not SessionState.DONE:
+                session.abort()
+                self.staging.forget(session.round, session.client_id)
             self._revert_uploading(session)
             raise
         finally:
@@ -222,6 +405,13 @@ class Ingest:
         })
         ctx.changes.notify()
         return receipt
+
+    def _commit(self, session: UploadSession) -> str:
+        """fsync and publish the update (its staged file becomes the update's): no bytes are
+        kept for a resume any more. Blocking: a worker thread."""
+        relpath = session.commit()
+        self.staging.forget(session.round, session.client_id)
+        return relpath
 
     def _record_receipt(self, receipt: Receipt, part: Participant, client: ClientRecord, session: UploadSession) -> None:
         ctx, header = self._ctx, session.header
@@ -241,6 +431,18 @@ class Ingest:
                     metrics=dict(header.metrics.eval), recorded_at=receipt.accepted_at,
                     adapter_sha256=receipt.sha256, reporter=client.device_name,
                 ))
+
+
+def _check_downloaded(part: Participant, round_no: int) -> None:
+    if part.bytes_down == 0 or part.state not in _DOWNLOADED_STATES:
+        raise PreconditionError(
+            f"upload before download: download the round {round_no} global adapter first "
+            f"(state {part.state.value})"
+        )
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def fold_update(accumulator: Accumulator, adapter: Adapter, num_examples: int, norms: dict[str, float],

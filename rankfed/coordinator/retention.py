@@ -38,13 +38,14 @@ def _tree_bytes(path: Path) -> int:
 
 
 def disk_usage(data_dir: Path, blobs: BlobStore) -> dict[str, int]:
-    """Bytes on disk by kind: accepted updates, global adapters, and the state database
-    (with its WAL). Walks the directories: cheap next to a scrape interval at the sizes a
+    """Bytes on disk by kind: accepted updates, global adapters, bytes of broken uploads
+    kept for a resume, and the state database (with its WAL). Walks the directories: cheap next to a scrape interval at the sizes a
     coordinator holds (thousands of files)."""
     state = sum(p.stat().st_size for p in data_dir.glob("state.sqlite3*") if p.is_file())
     return {
         "updates": _tree_bytes(blobs.root / "updates"),
         "global_adapters": _tree_bytes(blobs.root / "global"),
+        "staged_uploads": _tree_bytes(blobs.root / "staging"),
         "state_db": state,
     }
 

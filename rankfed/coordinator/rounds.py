@@ -251,6 +251,8 @@ class RoundLoop:
             state.open, state.accumulator = None, None
             state.fold_failures, state.norms = {}, {}
             state.uploading.clear()
+            # Kept bytes of broken uploads can serve no resume once their round is closed.
+            await asyncio.to_thread(ctx.staging.drop_rounds)
             state.close_now = False
             state.done = record.round >= ctx.config.federation.rounds or self._controls.stopped
             ctx.changes.notify()

@@ -89,7 +89,7 @@ class TimedStream:
             self._timer = None
             self._expired = self._late() if now >= self._until else StreamTimeoutError(
                 f"upload stream sent nothing for {self._idle:g} s (server.upload_idle_timeout_seconds); "
-                "it was aborted, resend the whole update", reason="idle_timeout",
+                "it was aborted: resume it (UploadStatus) or send it again", reason="idle_timeout",
             )
             assert self._task is not None
             self._task.cancel()
@@ -100,7 +100,8 @@ class TimedStream:
     def _late(self) -> StreamTimeoutError:
         return StreamTimeoutError(
             f"upload took longer than {self._total:g} s (server.upload_total_timeout_seconds); "
-            "it was aborted, resend it over a faster link or ask for a lower rank", reason="total_timeout",
+            "it was aborted: resume it (UploadStatus) over a faster link, or ask for a lower rank",
+            reason="total_timeout",
         )
 
 
@@ -256,6 +257,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             round=receipt.round, bytes_received=receipt.nbytes, sha256=receipt.sha256,
             accepted_at=receipt.accepted_at, receipt_id=receipt.receipt_id,
         ))
+
+    @unary
+    async def UploadStatus(self, request: ProtoEdge.UploadStatusRequest, context) -> ProtoEdge.UploadStatusResponse:
+        client_id = self._client_id(context)
+        result = await self._fed.upload_status(client_id, serde.upload_status_request_from_proto(request))
+        return serde.upload_status_result_to_proto(result)
 
     async def _chunks(self, stream: TimedStream) -> AsyncIterator[Chunk]:
         """The chunk messages after the header, as the core's input (data: a view, no copy)."""

@@ -14,9 +14,12 @@ the writer thread) only when more than `WINDOW` chunks wait to be written. That 
 stream's memory to `WINDOW` chunks plus the one gRPC is receiving.
 
 A session moves STREAMING -> SEALED (every byte arrived; being verified, fsynced, folded)
--> DONE, or to ABORTED from anywhere before DONE. A retry from the same device may replace
-(`supersede`) a STREAMING session only: once sealed, the first stream's bytes are complete
-and it finishes, so exactly one of the two ever counts (see `rankfed.coordinator.ingest`).
+-> DONE, or to ABORTED from anywhere before DONE, or from STREAMING to PARKED: its stream
+broke (or a retry of the same device replaced it, `supersede`), and `park()` keeps the
+bytes written so far on disk for a resume (rankfed.coordinator.staging). A retry may
+replace a STREAMING session only: once sealed, the first stream's bytes are complete and
+it finishes, so exactly one of the two ever counts (see `rankfed.coordinator.ingest`).
+A resumed session starts at `start` bytes: its first chunk's offset.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import logging
 import math
 import mmap
 import os
@@ -43,6 +47,8 @@ from rankfed.coordinator.models import Participant
 from rankfed.coordinator.store import BlobWriter
 from rankfed.protocol import LoraSettings, UploadHeader
 from rankfed.protocol.limits import MAX_NUM_EXAMPLES
+
+log = logging.getLogger("rankfed.coordinator")
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 WINDOW = 2  # chunks queued for the writer per stream before the stream waits
@@ -126,13 +132,14 @@ class SessionState(enum.Enum):
     STREAMING = "streaming"  # chunks are arriving
     SEALED = "sealed"  # the stream ended: verify, commit, receipt and fold are under way
     DONE = "done"  # committed: the file is the update's, a receipt exists or is being written
-    ABORTED = "aborted"  # rejected, broken, cancelled or replaced: the temporary file is gone
+    PARKED = "parked"  # the stream broke or was replaced: the bytes written so far are kept
+    ABORTED = "aborted"  # rejected (or broken with nothing to keep): the temporary file is gone
 
 
 class UploadSession:
     def __init__(
         self, header: UploadHeader, participant: Participant, writer: BlobWriter, *,
-        max_chunk_bytes: int, pool: Executor,
+        max_chunk_bytes: int, pool: Executor, start: int = 0,
     ) -> None:
         self.header = header
         self.participant = participant
@@ -140,7 +147,8 @@ class UploadSession:
         self._max_chunk = max_chunk_bytes
         self._pool = pool
         self._loop = asyncio.get_running_loop()
-        self.received = 0
+        self.start = start  # bytes kept from an earlier stream of this upload (a resume)
+        self.received = start
         self._committed: Path | None = None  # the published file, after commit()
         self.state = SessionState.STREAMING
         self.superseded = False  # a retry from the same client replaced this stream
@@ -153,6 +161,7 @@ class UploadSession:
         self._error: BaseException | None = None
         self._room: asyncio.Future[None] | None = None
         self._room_at = 0  # _room resolves once at most this many chunks are queued
+        self._parking: asyncio.Future[int] | None = None  # park()'s outcome, shared by its callers
 
     @property
     def client_id(self) -> str:
@@ -211,12 +220,18 @@ class UploadSession:
             raise PreconditionError("this upload was aborted while its last chunks were written")
 
     async def _wait_backlog(self, most: int) -> None:
+        """Until at most `most` chunks wait for the writer (0: and it is idle). Two may wait
+        at once (the stream's handler, and park() from a retry): they share one future at
+        the lower mark and each looks again when it resolves."""
         while True:
             with self._lock:
                 if self._error is not None or (len(self._queue) <= most and (most or not self._running)):
                     return
-                room = self._room = self._loop.create_future()
-                self._room_at = most
+                if self._room is None or self._room.done():
+                    self._room, self._room_at = self._loop.create_future(), most
+                else:
+                    self._room_at = min(self._room_at, most)
+                room = self._room
             await room
 
     def _raise_write_error(self) -> None:
@@ -322,16 +337,50 @@ class UploadSession:
 
     def supersede(self) -> None:
         """Give way to a newer stream of the same client (STREAMING only): its next chunk or
-        its end fails with FAILED_PRECONDITION, and its file goes."""
+        its end fails with FAILED_PRECONDITION. The caller parks it (its bytes are kept)."""
         assert self.state is SessionState.STREAMING, self.state
         self.superseded = True
-        self.abort()
+
+    async def park(self) -> int:
+        """Stop taking chunks and keep what arrived: wait until the queued chunks are
+        written, fsync and close the file (kept in place). Returns the bytes kept, every
+        one on disk; 0 when nothing can be kept (none arrived, a write failed, aborted):
+        then the file is gone. Idempotent; callers share one outcome. Only a STREAMING
+        session parks; any other answers 0 (and keeps its course)."""
+        if self._parking is None:
+            if self.state is not SessionState.STREAMING:
+                return 0
+            self.state = SessionState.PARKED
+            self._parking = asyncio.ensure_future(self._park())
+        return await asyncio.shield(self._parking)
+
+    async def _park(self) -> int:
+        await self._wait_backlog(0)
+        if self._error is not None or self._closed or self.received == self.start == 0:
+            self._drop_file()
+            return 0
+        try:
+            return await asyncio.to_thread(self._writer.suspend)
+        except Exception:  # noqa: BLE001 - a failed fsync (the writer removed the file) or a closed writer
+            log.warning("could not keep a broken upload's bytes", exc_info=True,
+                        extra={"client_id": self.client_id, "round": self.round})
+            self._drop_file()
+            return 0
+
+    def _drop_file(self) -> None:
+        self.state = SessionState.ABORTED
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            busy = self._running
+        if not busy:
+            self._writer.abort()
 
     def abort(self) -> None:
         """Drop the chunks not yet written and the temporary file. Idempotent; a no-op once
-        committed. Never blocks: a write in progress finishes on its thread, which then
-        removes the file."""
-        if self.state is SessionState.DONE:
+        committed or parked. Never blocks: a write in progress finishes on its thread,
+        which then removes the file."""
+        if self.state in (SessionState.DONE, SessionState.PARKED):
             return
         self.state = SessionState.ABORTED
         with self._lock:

@@ -6,9 +6,17 @@ only edge modules that import grpc. It takes and returns the dataclasses of
 codes in one table (`STATUS_TO_ERROR`).
 
 Retries: calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are retried with capped
-exponential backoff and full jitter until `RetryPolicy.max_elapsed_s` is spent. Uploads are
-re-sent whole (the coordinator is idempotent on the digest: ALREADY_EXISTS for our own
-digest counts as accepted); downloads resume from the last byte received.
+exponential backoff and full jitter until `RetryPolicy.max_elapsed_s` is spent. A retried
+upload resumes: it asks UploadStatus how many of its bytes the coordinator kept from the
+broken stream and sends the rest (UploadHeader.resume_offset); a coordinator without
+UploadStatus (UNIMPLEMENTED), or `resume_uploads=False`, gets the whole file again. The
+coordinator is idempotent on the digest: ALREADY_EXISTS for our own digest counts as
+accepted. Downloads resume from the last byte received (DownloadRequest.offset); the
+sha256 checks at the end cover the whole file either way. `last_upload` and
+`last_download` say what a transfer cost (attempts, bytes, where it resumed).
+
+A dead link is noticed by HTTP/2 keepalive pings (`keepalive_s`, then 10 s for the
+answer), a cut one at once; the channel reconnects with a backoff capped at 10 s.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Self, TypeVar
 
 import grpc
@@ -36,6 +44,8 @@ from rankfed.protocol import (
     TransferManifest,
     UploadHeader,
     UploadReceipt,
+    UploadStatusRequest,
+    UploadStatusResult,
     serde,
 )
 from rankfed.tls import TlsError, TlsOptions, channel_for
@@ -65,7 +75,14 @@ DEFAULT_CHUNK_BYTES = 1 * MiB
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 8 * MiB),
     ("grpc.max_send_message_length", 8 * MiB),
+    # After a cut link, try to reconnect within 10 s (grpc's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 10_000),
+    # Answer to a keepalive ping: without one in this long the connection is dead.
+    ("grpc.keepalive_timeout_ms", 10_000),
 )
+# Ping an idle-looking connection this often (the coordinator accepts one per 10 s or more).
+DEFAULT_KEEPALIVE_S = 30.0
 # Refuse downloads larger than this before buffering them.
 MAX_DOWNLOAD_BYTES = 1 << 30
 
@@ -127,6 +144,29 @@ def sha256_hex(data: bytes) -> str:
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
+@dataclass
+class TransferStats:
+    """What one upload or download cost: calls made, payload bytes handed to (or taken
+    from) gRPC over all of them (a cut stream loses some of what it was handed), and the
+    offsets later calls resumed from."""
+
+    total_bytes: int = 0
+    attempts: int = 0
+    payload_bytes: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def _kept_bytes(err: StaleRoundError) -> int | None:
+    """What the coordinator holds of our upload when it refused a resume (None: another refusal)."""
+    detail = err.detail
+    if detail is None or detail.reason != ErrorReason.UPLOAD_NOT_RESUMABLE:
+        return None
+    try:
+        return max(0, int(detail.metadata.get("resume_offset", "0")))
+    except ValueError:
+        return 0
+
+
 class Connection:
     """A channel to one coordinator with the call machinery every client of it shares:
     retries with backoff (`with_retries`) and resumable, verified downloads (`receive`).
@@ -145,18 +185,21 @@ class Connection:
         call_timeout_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
     ) -> None:
         self.address = address
         self.retry = retry
         self.call_timeout_s = call_timeout_s
         self._sleep = sleep
         self._rng = random.Random(seed)
+        options = (*CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", int(keepalive_s * 1000)))
         try:
-            self._channel = channel_for(address, tls, CHANNEL_OPTIONS)
+            self._channel = channel_for(address, tls, options)
         except (TlsError, OSError) as err:
             raise ConfigError(f"TLS settings: {err}") from err
         # Measured on the real link by the last download, bytes per second (0: none yet).
         self.download_bytes_per_second = 0.0
+        self.last_download = TransferStats()
 
     def close(self) -> None:
         self._channel.close()
@@ -202,8 +245,13 @@ class Connection:
         buf = bytearray()
         state: dict[str, TransferManifest] = {}
         started = time.monotonic()
+        stats = self.last_download = TransferStats()
 
         def call(attempt: int) -> TransferManifest:
+            stats.attempts += 1
+            if buf:
+                stats.resumed_from.append(len(buf))
+                log.info("%s: resuming at byte %d", what, len(buf))
             manifest: TransferManifest | None = None
             for message in open_stream(len(buf)):
                 kind = message.WhichOneof("kind")
@@ -219,6 +267,7 @@ class Connection:
                             f"{MAX_DOWNLOAD_BYTES}-byte cap"
                         )
                     state["manifest"] = manifest
+                    stats.total_bytes = manifest.total_bytes
                 elif kind == "chunk":
                     if manifest is None:
                         raise IntegrityError(f"{what}: a chunk arrived before the manifest")
@@ -228,6 +277,7 @@ class Connection:
                     if len(buf) + len(chunk.data) > manifest.total_bytes:
                         raise IntegrityError(f"{what}: more bytes than the manifest announced")
                     buf.extend(chunk.data)
+                    stats.payload_bytes += len(chunk.data)
                     if progress is not None:
                         progress(len(buf), manifest.total_bytes)
             if manifest is None:
@@ -268,8 +318,13 @@ class EdgeTransport(Connection):
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
         keys: DeviceKeys | None = None,
+        resume_uploads: bool = True,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
     ) -> None:
-        super().__init__(address, tls=tls, retry=retry, call_timeout_s=call_timeout_s, sleep=sleep, seed=seed)
+        super().__init__(address, tls=tls, retry=retry, call_timeout_s=call_timeout_s, sleep=sleep, seed=seed,
+                         keepalive_s=keepalive_s)
+        # False: a broken upload is sent again whole (what clients did before UploadStatus).
+        self.resume_uploads = resume_uploads
         # The device key proves this device's name at later joins (in memory by default;
         # `rankfed edge run` keeps it in a file so a restarted device can rejoin).
         self.keys = keys if keys is not None else DeviceKeys()
@@ -278,6 +333,7 @@ class EdgeTransport(Connection):
         self.max_chunk_bytes = DEFAULT_CHUNK_BYTES
         # Measured on the real link by the last upload, bytes per second (0: none yet).
         self.upload_bytes_per_second = 0.0
+        self.last_upload = TransferStats()
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -359,6 +415,17 @@ class EdgeTransport(Connection):
 
         return self.receive("DownloadAdapter", open_stream, expected_sha256=expected_sha256, progress=progress)
 
+    def upload_status(self, request: UploadStatusRequest) -> UploadStatusResult:
+        """How many bytes of this upload the coordinator kept from a broken stream (one
+        attempt, no retries: `upload` calls it inside its own)."""
+        try:
+            response = self._stub.UploadStatus(
+                serde.upload_status_request_to_proto(request), timeout=self.call_timeout_s, metadata=self._metadata()
+            )
+        except grpc.RpcError as err:
+            raise map_rpc_error(err, "UploadStatus") from None
+        return serde.upload_status_result_from_proto(response)
+
     def upload(
         self,
         header: UploadHeader,
@@ -366,45 +433,86 @@ class EdgeTransport(Connection):
         *,
         progress: ProgressFn | None = None,
     ) -> UploadReceipt:
-        """Stream ``blob`` (header first, then chunks with offsets). A broken stream is re-sent
-        whole; ALREADY_EXISTS for our own digest on a retry counts as accepted."""
+        """Stream ``blob`` (header first, then chunks with offsets). A broken stream is
+        resumed from the bytes the coordinator kept (or re-sent whole, see the module doc);
+        ALREADY_EXISTS for our own digest on a retry counts as accepted."""
         if header.total_bytes != len(blob) or header.sha256 != sha256_hex(blob):
             raise ValueError("upload header does not describe the blob (size or sha256)")
-        chunk_bytes = self.max_chunk_bytes
+        stats = self.last_upload = TransferStats(total_bytes=len(blob))
+
+        def call(attempt: int) -> UploadReceipt:
+            stats.attempts += 1
+            try:
+                start = self._kept(header) if attempt > 1 and self.resume_uploads else 0
+                while True:
+                    try:
+                        return self._send(replace(header, resume_offset=start), blob, stats, progress)
+                    except StaleRoundError as err:
+                        # The kept bytes went between UploadStatus and now (expired, or the
+                        # round's staging was dropped): go on from what is there, at most once more.
+                        kept = _kept_bytes(err)
+                        if kept is None or kept >= start:
+                            raise
+                        log.warning("UploadUpdate: resume at byte %d refused, %d kept: %s", start, kept, err)
+                        start = kept
+            except DuplicateError as exc:
+                if not held_is_ours(exc, header):
+                    raise
+                log.info("update for round %d was already accepted", header.round)
+                return UploadReceipt(
+                    round=header.round,
+                    bytes_received=len(blob),
+                    sha256=header.sha256,
+                    receipt_id=exc.detail.metadata.get("receipt_id", "") if exc.detail else "",
+                    duplicate=True,
+                )
+
+        return self.with_retries("UploadUpdate", call)
+
+    def _kept(self, header: UploadHeader) -> int:
+        """The byte to resume a broken upload from: what the coordinator kept of it."""
+        request = UploadStatusRequest(round=header.round, total_bytes=header.total_bytes, sha256=header.sha256)
+        try:
+            kept = self.upload_status(request).resume_offset
+        except TransportError as exc:
+            if exc.code != "UNIMPLEMENTED":
+                raise
+            log.info("the coordinator cannot resume uploads (no UploadStatus): sending the whole update")
+            self.resume_uploads = False
+            return 0
+        if not 0 <= kept <= header.total_bytes:
+            raise IntegrityError(f"UploadStatus: resume_offset {kept} is past the {header.total_bytes}-byte update")
+        if kept:
+            log.info("UploadUpdate: resuming at byte %d of %d", kept, header.total_bytes)
+        return kept
+
+    def _send(self, header: UploadHeader, blob: bytes, stats: TransferStats,
+              progress: ProgressFn | None) -> UploadReceipt:
+        """One UploadUpdate call: the header, then the chunks from `header.resume_offset`."""
+        chunk_bytes, start = self.max_chunk_bytes, header.resume_offset
+        if start:
+            stats.resumed_from.append(start)
 
         def messages() -> Iterator[ProtoEdge.UploadMessage]:
             yield ProtoEdge.UploadMessage(header=serde.upload_header_to_proto(header))
-            for offset in range(0, len(blob), chunk_bytes):
-                yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=blob[offset : offset + chunk_bytes]))
+            for offset in range(start, len(blob), chunk_bytes):
+                data = blob[offset : offset + chunk_bytes]
+                stats.payload_bytes += len(data)
+                yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=offset, data=data))
                 if progress is not None:
-                    progress(min(offset + chunk_bytes, len(blob)), len(blob))
+                    progress(offset + len(data), len(blob))
 
-        def call(attempt: int) -> UploadReceipt:
-            started = time.monotonic()
-            try:
-                response = self._stub.UploadUpdate(
-                    messages(), timeout=self.call_timeout_s * 10, metadata=self._metadata()
-                )
-            except grpc.RpcError as err:
-                exc = map_rpc_error(err, "UploadUpdate")
-                if isinstance(exc, DuplicateError) and held_is_ours(exc, header):
-                    log.info("update for round %d was already accepted", header.round)
-                    return UploadReceipt(
-                        round=header.round,
-                        bytes_received=len(blob),
-                        sha256=header.sha256,
-                        receipt_id=exc.detail.metadata.get("receipt_id", "") if exc.detail else "",
-                        duplicate=True,
-                    )
-                raise exc from None
-            elapsed = time.monotonic() - started
-            if elapsed > 0:
-                self.upload_bytes_per_second = len(blob) / elapsed
-            receipt = serde.upload_receipt_from_proto(response)
-            if receipt.sha256 and receipt.sha256 != header.sha256:
-                raise IntegrityError(
-                    f"UploadUpdate: the receipt names digest {receipt.sha256}, we sent {header.sha256}"
-                )
-            return receipt
-
-        return self.with_retries("UploadUpdate", call)
+        started = time.monotonic()
+        try:
+            response = self._stub.UploadUpdate(messages(), timeout=self.call_timeout_s * 10, metadata=self._metadata())
+        except grpc.RpcError as err:
+            raise map_rpc_error(err, "UploadUpdate") from None
+        elapsed = time.monotonic() - started
+        if elapsed > 0 and len(blob) > start:
+            self.upload_bytes_per_second = (len(blob) - start) / elapsed
+        receipt = serde.upload_receipt_from_proto(response)
+        if receipt.sha256 and receipt.sha256 != header.sha256:
+            raise IntegrityError(
+                f"UploadUpdate: the receipt names digest {receipt.sha256}, we sent {header.sha256}"
+            )
+        return receipt

@@ -46,6 +46,8 @@ from .types import (
     TransferManifest,
     UploadHeader,
     UploadReceipt,
+    UploadStatusRequest,
+    UploadStatusResult,
     WaitTask,
 )
 
@@ -55,5 +57,5 @@ __all__ = [
     "EvaluationKind", "EvaluationTask", "EvaluationTaskRequest", "EvaluationWait", "EvaluatorTask", "FederationMode", "FederationStatus", "HeartbeatRequest", "HeartbeatResult",
     "JoinRequest", "JoinResult", "LeaveRequest", "LoraSettings", "ManifestError", "ParticipantState",
     "ParticipantStatus", "ProtocolError", "RoundPhase", "RoundStatus", "ScoreReceipt", "ScoreReport", "Task", "TrainMetrics", "TrainTask",
-    "TransferManifest", "UploadHeader", "UploadReceipt", "WaitTask",
+    "TransferManifest", "UploadHeader", "UploadReceipt", "UploadStatusRequest", "UploadStatusResult", "WaitTask",
 ]

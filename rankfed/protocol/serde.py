@@ -64,6 +64,8 @@ from .types import (
     TransferManifest,
     UploadHeader,
     UploadReceipt,
+    UploadStatusRequest,
+    UploadStatusResult,
     WaitTask,
 )
 
@@ -360,15 +362,31 @@ def chunk_from_proto(p: ProtoCommon.Chunk) -> Chunk:
 def upload_header_to_proto(h: UploadHeader) -> ProtoEdge.UploadHeader:
     return ProtoEdge.UploadHeader(
         round=h.round, rank=h.rank, num_examples=h.num_examples, total_bytes=h.total_bytes, sha256=h.sha256,
-        metrics=metrics_to_proto(h.metrics),
+        metrics=metrics_to_proto(h.metrics), resume_offset=h.resume_offset,
     )
 
 
 def upload_header_from_proto(p: ProtoEdge.UploadHeader) -> UploadHeader:
     return UploadHeader(
         round=p.round, rank=p.rank, num_examples=p.num_examples, total_bytes=p.total_bytes, sha256=p.sha256,
-        metrics=metrics_from_proto(p.metrics),
+        metrics=metrics_from_proto(p.metrics), resume_offset=p.resume_offset,
     )
+
+
+def upload_status_request_to_proto(r: UploadStatusRequest) -> ProtoEdge.UploadStatusRequest:
+    return ProtoEdge.UploadStatusRequest(round=r.round, total_bytes=r.total_bytes, sha256=r.sha256)
+
+
+def upload_status_request_from_proto(p: ProtoEdge.UploadStatusRequest) -> UploadStatusRequest:
+    return UploadStatusRequest(round=p.round, total_bytes=p.total_bytes, sha256=p.sha256)
+
+
+def upload_status_result_to_proto(r: UploadStatusResult) -> ProtoEdge.UploadStatusResponse:
+    return ProtoEdge.UploadStatusResponse(resume_offset=r.resume_offset, expires_at=timestamp_to_proto(r.expires_at))
+
+
+def upload_status_result_from_proto(p: ProtoEdge.UploadStatusResponse) -> UploadStatusResult:
+    return UploadStatusResult(resume_offset=p.resume_offset, expires_at=timestamp_from_proto(p.expires_at))
 
 
 def upload_receipt_to_proto(r: UploadReceipt) -> ProtoEdge.UploadReceipt:

@@ -201,6 +201,27 @@ class UploadHeader:
     total_bytes: int
     sha256: str
     metrics: TrainMetrics = field(default_factory=TrainMetrics)
+    # 0: a new upload. Else the byte a broken upload of the same round, size and digest
+    # resumes from (at most what UploadStatus reported): its first chunk's offset.
+    resume_offset: int = 0
+
+
+@dataclass(frozen=True)
+class UploadStatusRequest:
+    """Which upload a device asks about: what its header declares."""
+
+    round: int
+    total_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class UploadStatusResult:
+    """Bytes of that upload the coordinator kept from a broken stream (0: none), and when
+    it drops them unless the upload resumes (0 when none are kept)."""
+
+    resume_offset: int
+    expires_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -243,6 +264,10 @@ class ErrorReason(enum.StrEnum):
     # ALREADY_EXISTS: the coordinator holds an update of this device for the round;
     # metadata: round, sha256 (of the update it holds), receipt_id.
     UPDATE_ALREADY_ACCEPTED = "UPDATE_ALREADY_ACCEPTED"
+    # FAILED_PRECONDITION: an upload asked to resume from bytes the coordinator does not
+    # hold (none kept, another digest or size, expired, or fewer than asked);
+    # metadata: resume_offset (what it holds of this upload; "0": send from the start).
+    UPLOAD_NOT_RESUMABLE = "UPLOAD_NOT_RESUMABLE"
 
 
 @dataclass(frozen=True)

@@ -404,11 +404,20 @@ class UploadHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     rank: _builtins.int
     num_examples: _builtins.int
     total_bytes: _builtins.int
     sha256: _builtins.str
+    resume_offset: _builtins.int
+    """0: a new upload, chunks from byte 0 (it replaces any bytes kept for this round).
+    Else resume a broken upload of the same round, total_bytes and sha256 from this byte,
+    at most UploadStatusResponse.resume_offset: the first chunk's offset must equal it.
+    The coordinator refuses a resume it holds no such bytes for with FAILED_PRECONDITION
+    and the typed detail UPLOAD_NOT_RESUMABLE (metadata "resume_offset": what it holds).
+    The sha256 check at the end covers the whole file, kept bytes included.
+    """
     @_builtins.property
     def metrics(self) -> _common_pb2.TrainMetrics: ...
     def __init__(
@@ -420,10 +429,11 @@ class UploadHeader(_message.Message):
         total_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
         metrics: _common_pb2.TrainMetrics | None = ...,
+        resume_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "num_examples", b"num_examples", "rank", b"rank", "round", b"round", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "num_examples", b"num_examples", "rank", b"rank", "resume_offset", b"resume_offset", "round", b"round", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,6 +496,64 @@ class UploadReceipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadReceipt: _TypeAlias = UploadReceipt  # noqa: Y015
+
+@_typing.final
+class UploadStatusRequest(_message.Message):
+    """Identifies an upload by what its header declares: round, total_bytes and sha256."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    total_bytes: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadStatusRequest: _TypeAlias = UploadStatusRequest  # noqa: Y015
+
+@_typing.final
+class UploadStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_OFFSET_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    resume_offset: _builtins.int
+    """Bytes of this very upload the coordinator holds on disk from a broken stream: send
+    UploadUpdate with UploadHeader.resume_offset = resume_offset and chunks from there.
+    0: none kept (never sent, another digest, expired, or dropped), start from byte 0.
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the kept bytes are dropped unless the upload resumes (unset when none are kept).
+        They go earlier when the round closes.
+        """
+
+    def __init__(
+        self,
+        *,
+        resume_offset: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "resume_offset", b"resume_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadStatusResponse: _TypeAlias = UploadStatusResponse  # noqa: Y015
 
 @_typing.final
 class HeartbeatRequest(_message.Message):

@@ -54,6 +54,11 @@ class EdgeServiceStub:
                 request_serializer=rankfed_dot_v1_dot_edge__pb2.UploadMessage.SerializeToString,
                 response_deserializer=rankfed_dot_v1_dot_edge__pb2.UploadReceipt.FromString,
                 _registered_method=True)
+        self.UploadStatus = channel.unary_unary(
+                '/rankfed.v1.EdgeService/UploadStatus',
+                request_serializer=rankfed_dot_v1_dot_edge__pb2.UploadStatusRequest.SerializeToString,
+                response_deserializer=rankfed_dot_v1_dot_edge__pb2.UploadStatusResponse.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/rankfed.v1.EdgeService/Heartbeat',
                 request_serializer=rankfed_dot_v1_dot_edge__pb2.HeartbeatRequest.SerializeToString,
@@ -97,6 +102,16 @@ class EdgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadStatus(self, request, context):
+        """How many bytes of a broken upload the coordinator kept: resume UploadUpdate from there
+        (UploadHeader.resume_offset) instead of sending the whole file again. A device asks
+        only after its stream broke: a stream of the same device still open on the
+        coordinator is ended first and its bytes kept (docs/protocol.md, "Resuming").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -131,6 +146,11 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.UploadUpdate,
                     request_deserializer=rankfed_dot_v1_dot_edge__pb2.UploadMessage.FromString,
                     response_serializer=rankfed_dot_v1_dot_edge__pb2.UploadReceipt.SerializeToString,
+            ),
+            'UploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadStatus,
+                    request_deserializer=rankfed_dot_v1_dot_edge__pb2.UploadStatusRequest.FromString,
+                    response_serializer=rankfed_dot_v1_dot_edge__pb2.UploadStatusResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -251,6 +271,33 @@ class EdgeService:
             '/rankfed.v1.EdgeService/UploadUpdate',
             rankfed_dot_v1_dot_edge__pb2.UploadMessage.SerializeToString,
             rankfed_dot_v1_dot_edge__pb2.UploadReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankfed.v1.EdgeService/UploadStatus',
+            rankfed_dot_v1_dot_edge__pb2.UploadStatusRequest.SerializeToString,
+            rankfed_dot_v1_dot_edge__pb2.UploadStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,12 @@ class EdgeServiceStub:
     """Server stream: a TransferManifest, then chunks of a safetensors file."""
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_edge_pb2.UploadMessage, _edge_pb2.UploadReceipt]
     """Client stream: an UploadHeader, then chunks of a safetensors file."""
+    UploadStatus: _grpc.UnaryUnaryMultiCallable[_edge_pb2.UploadStatusRequest, _edge_pb2.UploadStatusResponse]
+    """How many bytes of a broken upload the coordinator kept: resume UploadUpdate from there
+    (UploadHeader.resume_offset) instead of sending the whole file again. A device asks
+    only after its stream broke: a stream of the same device still open on the
+    coordinator is ended first and its bytes kept (docs/protocol.md, "Resuming").
+    """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_edge_pb2.HeartbeatRequest, _edge_pb2.HeartbeatResponse]
     Leave: _grpc.UnaryUnaryMultiCallable[_edge_pb2.LeaveRequest, _edge_pb2.LeaveResponse]
 
@@ -56,6 +62,12 @@ class EdgeServiceAsyncStub(EdgeServiceStub):
     """Server stream: a TransferManifest, then chunks of a safetensors file."""
     UploadUpdate: _aio.StreamUnaryMultiCallable[_edge_pb2.UploadMessage, _edge_pb2.UploadReceipt]  # type: ignore[assignment]
     """Client stream: an UploadHeader, then chunks of a safetensors file."""
+    UploadStatus: _aio.UnaryUnaryMultiCallable[_edge_pb2.UploadStatusRequest, _edge_pb2.UploadStatusResponse]  # type: ignore[assignment]
+    """How many bytes of a broken upload the coordinator kept: resume UploadUpdate from there
+    (UploadHeader.resume_offset) instead of sending the whole file again. A device asks
+    only after its stream broke: a stream of the same device still open on the
+    coordinator is ended first and its bytes kept (docs/protocol.md, "Resuming").
+    """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_edge_pb2.HeartbeatRequest, _edge_pb2.HeartbeatResponse]  # type: ignore[assignment]
     Leave: _aio.UnaryUnaryMultiCallable[_edge_pb2.LeaveRequest, _edge_pb2.LeaveResponse]  # type: ignore[assignment]
 
@@ -91,6 +103,18 @@ class EdgeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_edge_pb2.UploadReceipt, _abc.Awaitable[_edge_pb2.UploadReceipt]]:
         """Client stream: an UploadHeader, then chunks of a safetensors file."""
+
+    @_abc_1.abstractmethod
+    def UploadStatus(
+        self,
+        request: _edge_pb2.UploadStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edge_pb2.UploadStatusResponse, _abc.Awaitable[_edge_pb2.UploadStatusResponse]]:
+        """How many bytes of a broken upload the coordinator kept: resume UploadUpdate from there
+        (UploadHeader.resume_offset) instead of sending the whole file again. A device asks
+        only after its stream broke: a stream of the same device still open on the
+        coordinator is ended first and its bytes kept (docs/protocol.md, "Resuming").
+        """
 
     @_abc_1.abstractmethod
     def Heartbeat(

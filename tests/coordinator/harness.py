@@ -220,24 +220,37 @@ class EdgeTestClient:
     def upload_bytes(self, round_no: int, rank: int, data: bytes, *, sha256: str | None = None,
                      total_bytes: int | None = None, num_examples: int = 10, chunk: int = CHUNK,
                      chunks=None, loss: float = 1.0, accuracy: float = 0.5,
-                     eval: dict[str, float] | None = None) -> ProtoEdge.UploadReceipt:
+                     eval: dict[str, float] | None = None, resume_offset: int = 0,
+                     stop_at: int | None = None) -> ProtoEdge.UploadReceipt:
+        """`resume_offset`: send the header with it and the chunks from there; `stop_at`:
+        end the stream cleanly once that many bytes are sent (a short upload)."""
         header = ProtoEdge.UploadHeader(
             round=round_no, rank=rank, num_examples=num_examples,
             total_bytes=len(data) if total_bytes is None else total_bytes,
             sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
             metrics=ProtoCommon.TrainMetrics(loss_first=loss + 0.5, loss_last=loss, steps=3,
                                           eval={"accuracy": accuracy} if eval is None else eval),
+            resume_offset=resume_offset,
         )
+        end = len(data) if stop_at is None else stop_at
 
         def messages():
             yield ProtoEdge.UploadMessage(header=header)
             pieces = chunks if chunks is not None else [
-                (off, data[off:off + chunk]) for off in range(0, len(data), chunk)
+                (off, data[off:min(off + chunk, end)]) for off in range(resume_offset, end, chunk)
             ]
             for off, piece in pieces:
                 yield ProtoEdge.UploadMessage(chunk=ProtoCommon.Chunk(offset=off, data=piece))
 
         return self.stub.UploadUpdate(messages(), metadata=self.metadata, timeout=30)
+
+    def upload_status(self, round_no: int, data: bytes, *, sha256: str | None = None,
+                      total_bytes: int | None = None) -> ProtoEdge.UploadStatusResponse:
+        request = ProtoEdge.UploadStatusRequest(
+            round=round_no, total_bytes=len(data) if total_bytes is None else total_bytes,
+            sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
+        )
+        return self.stub.UploadStatus(request, metadata=self.metadata, timeout=30)
 
     def upload(self, round_no: int, adapter: Adapter, **kwargs) -> ProtoEdge.UploadReceipt:
         return self.upload_bytes(round_no, adapter.max_rank, encode_adapter(adapter), **kwargs)
@@ -278,6 +291,12 @@ def manifest() -> ModelManifest:
 def update_files(data_dir: Path) -> list[str]:
     """Every file under the updates directory, temporaries included."""
     root = data_dir / "blobs" / "updates"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def staged_files(data_dir: Path) -> list[str]:
+    """Every file of the staging area (bytes of broken uploads kept for a resume)."""
+    root = data_dir / "blobs" / "staging"
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 

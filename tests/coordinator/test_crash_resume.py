@@ -23,6 +23,7 @@ from tests.coordinator.harness import (
     EdgeTestClient,
     decode,
     random_adapter,
+    staged_files,
     status,
     update_files,
     wait_for,
@@ -85,11 +86,12 @@ def test_kill9_mid_round_then_resume(tmp_path, tiny_manifest):
         uploader = threading.Thread(target=slow_upload, daemon=True)
         uploader.start()
         half_sent.wait(10)
-        wait_for(lambda: any(p.endswith(".rankfed-partial") for p in update_files(data_dir)), what="partial file")
+        wait_for(lambda: any(p.endswith(".part") for p in staged_files(data_dir)), what="partial file")
         proc.kill9()
 
         address = proc.start(address=address)  # same port: devices need not be told anything
         assert sorted(update_files(data_dir)) == sorted(f"round-000001/{c.client_id}.safetensors" for c in fleet[:2])
+        assert staged_files(data_dir) == []  # a stream that never parked left bytes nobody can name
         st = status(address)
         assert st.current.round == 1 and st.current.phase == RoundPhase.TRAINING
         states = {p.device_name: p.state for p in st.current.participants}

@@ -19,7 +19,7 @@ from rankfed.aggregation import encode_adapter
 from rankfed.protocol import ParticipantState, RoundPhase
 from rankfed.v1 import common_pb2 as ProtoCommon
 from rankfed.v1 import edge_pb2 as ProtoEdge
-from tests.coordinator.harness import MANIFEST, random_adapter, status, update_files, wait_for
+from tests.coordinator.harness import MANIFEST, random_adapter, staged_files, status, update_files, wait_for
 
 UPLOAD_THEN_HANG = textwrap.dedent("""
     import hashlib, sys, time, grpc
@@ -69,12 +69,16 @@ def test_client_killed_mid_upload_round_completes_on_quorum(start, clients, tiny
     try:
         assert proc.stdout.readline().strip() == "HALF", proc.stderr.read()
         data_dir = server.config.server.data_dir
-        wait_for(lambda: any(f.endswith(".rankfed-partial") for f in update_files(data_dir)), what="partial file")
+        part = f"round-000001/{victim.client_id}.part"
+        wait_for(lambda: part in staged_files(data_dir), what="partial file")
         assert _participant_state(server, victim) == ParticipantState.UPLOADING
     finally:
         proc.kill()  # SIGKILL: no goodbye on the wire, the kernel resets the connection
         proc.communicate(timeout=10)
-    wait_for(lambda: update_files(data_dir) == [], what="partial upload removed", timeout=15)
+    # The broken stream's bytes are kept for a resume (described by a .json), never as an update.
+    wait_for(lambda: f"round-000001/{victim.client_id}.json" in staged_files(data_dir), what="partial kept",
+             timeout=15)
+    assert update_files(data_dir) == []
     wait_for(lambda: _participant_state(server, victim) == ParticipantState.TRAINING,
              what="victim back to training")
     for i, (c, t) in enumerate(zip((a, b), tasks)):
@@ -85,6 +89,7 @@ def test_client_killed_mid_upload_round_completes_on_quorum(start, clients, tiny
     assert done.phase == RoundPhase.DONE and done.metrics["updates"] == 2
     assert {p.device_name: p.state for p in done.participants}["victim"] == ParticipantState.LATE
     assert sorted(update_files(data_dir)) == sorted(f"round-000001/{c.client_id}.safetensors" for c in (a, b))
+    assert staged_files(data_dir) == []  # the closed round took the victim's kept bytes with it
 
 
 def test_client_stalling_mid_upload_past_the_deadline(start, clients, tiny_manifest):

@@ -164,6 +164,13 @@ def test_upload_streams(target, messages, auth):
 
 
 @SWEEP
+@given(_message(ProtoEdge.UploadStatusRequest.DESCRIPTOR), AUTH)
+def test_upload_status(target, values, auth):
+    _, client, edge, _ = target
+    _call(edge.UploadStatus, _build(ProtoEdge.UploadStatusRequest, values), metadata=_auth(client, auth))
+
+
+@SWEEP
 @given(_message(ProtoAdmin.GetRoundStatusRequest.DESCRIPTOR), _message(ProtoAdmin.ListClientsRequest.DESCRIPTOR),
        _message(ProtoAdmin.WatchRoundsRequest.DESCRIPTOR))
 def test_admin(target, status, clients, watch):

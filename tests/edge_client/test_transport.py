@@ -220,6 +220,9 @@ def test_broken_upload_is_resent_and_already_exists_counts_as_accepted(server, t
     receipt = transport.upload(header, BLOB)
     assert receipt.duplicate and receipt.sha256 == SHA and receipt.receipt_id == "r-held"
     assert len(fake.uploads) == 2 and fake.uploads[1][0].header.sha256 == SHA
+    # This fake has no UploadStatus (UNIMPLEMENTED, an older coordinator): the retry sent it all.
+    assert fake.uploads[1][0].header.resume_offset == 0 and not transport.resume_uploads
+    assert transport.last_upload.attempts == 2 and transport.last_upload.resumed_from == []
 
 
 def test_a_retry_that_meets_another_held_update_is_an_error(server, transport):

@@ -51,6 +51,8 @@ from rankfed.protocol import (
     TransferManifest,
     UploadHeader,
     UploadReceipt,
+    UploadStatusRequest,
+    UploadStatusResult,
     WaitTask,
     serde,
 )
@@ -132,8 +134,17 @@ PAIRS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], Any], Callable[[A
     ),
     "chunk": (st.builds(Chunk, offset=U64, data=st.binary(max_size=64)), serde.chunk_to_proto, serde.chunk_from_proto),
     "upload_header": (
-        st.builds(UploadHeader, round=U64, rank=U32, num_examples=U64, total_bytes=U64, sha256=TEXT, metrics=metrics),
+        st.builds(UploadHeader, round=U64, rank=U32, num_examples=U64, total_bytes=U64, sha256=TEXT, metrics=metrics,
+                  resume_offset=U64),
         serde.upload_header_to_proto, serde.upload_header_from_proto,
+    ),
+    "upload_status_request": (
+        st.builds(UploadStatusRequest, round=U64, total_bytes=U64, sha256=TEXT),
+        serde.upload_status_request_to_proto, serde.upload_status_request_from_proto,
+    ),
+    "upload_status_result": (
+        st.builds(UploadStatusResult, resume_offset=U64, expires_at=SECONDS),
+        serde.upload_status_result_to_proto, serde.upload_status_result_from_proto,
     ),
     "upload_receipt": (
         st.builds(UploadReceipt, round=U64, bytes_received=U64, sha256=TEXT, receipt_id=TEXT, accepted_at=SECONDS),

@@ -34,7 +34,9 @@ def test_services_have_the_agreed_methods():
     from rankfed.v1 import admin_pb2, edge_pb2
 
     edge = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"]
-    assert [m.name for m in edge.methods] == ["Join", "GetTask", "DownloadAdapter", "UploadUpdate", "Heartbeat", "Leave"]
+    assert [m.name for m in edge.methods] == [
+        "Join", "GetTask", "DownloadAdapter", "UploadUpdate", "UploadStatus", "Heartbeat", "Leave",
+    ]
     assert edge.methods_by_name["DownloadAdapter"].server_streaming
     assert edge.methods_by_name["UploadUpdate"].client_streaming
     admin = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]

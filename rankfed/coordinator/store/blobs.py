@@ -20,6 +20,14 @@ the `with` block without committing) deletes the temporary file. A crash mid-upl
 only a `*.rankfed-partial` file, which `sweep_temporaries()` removes at start-up: a partial
 or rejected upload leaves no trace.
 
+An upload may instead stream into a *staging* file it names (`open_writer(staged=...)`,
+see rankfed.coordinator.staging): the same writer, but the file keeps its name while
+bytes arrive, `suspend()` fsyncs and closes it without publishing it (the stream broke;
+the device may resume), and a later writer reopens it at a length it trusts
+(`resume_at`), hashes that prefix again and appends. `commit()` renames it to the final
+name like any other. Staging files do not carry the temporary suffix: start-up leaves
+them to the staging area's own recovery.
+
 The disk refusing (ENOSPC, EIO, ...) raises `StorageError` saying which blob, how many
 bytes, and where to free space; the temporary file is removed first.
 """
@@ -43,6 +51,7 @@ TEMP_SUFFIX = ".rankfed-partial"
 # fsync has little left to flush: the receipt waited ~36 ms for a 16 MiB update's fsync
 # on the benchmark VM, ~6 ms with early writeback.
 WRITEBACK_BYTES = 4 * 1024 * 1024
+REHASH_BLOCK = 1024 * 1024  # read size when a resumed writer hashes its staged prefix
 
 
 def _writeback_starter():
@@ -111,21 +120,37 @@ class BlobWriter:
     rejected upload) aborts and removes the temporary file.
     """
 
-    def __init__(self, store: BlobStore, relpath: str, final: Path) -> None:
+    def __init__(self, store: BlobStore, relpath: str, final: Path, *, staged: Path | None = None,
+                 resume_at: int = 0) -> None:
+        """`staged`: write into this file (created, or reopened at `resume_at` bytes, the
+        rest cut off) instead of a fresh temporary one."""
         self._store = store
         self._relpath = relpath
         self._final = final
-        self._temp = final.parent / f".{final.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        self._temp = staged if staged is not None else final.parent / f".{final.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         self._hash = hashlib.sha256()
         self._nbytes = 0
-        self._written_back = 0  # bytes handed to early writeback (see WRITEBACK_BYTES)
+        self._unhashed = 0  # a resumed file's prefix, hashed before the first use of the digest
         self._fd: int | None = None
         self._done = False
         try:
             store._makedirs(final.parent)
-            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if staged is None:
+                self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            else:
+                store._makedirs(staged.parent)
+                self._fd = fd = os.open(self._temp, os.O_RDWR | os.O_CREAT, 0o644)
+                if os.fstat(fd).st_size < resume_at:
+                    self.abort()
+                    raise StorageError(f"staged file of blob {relpath!r} holds fewer than the {resume_at} bytes to resume "
+                                       "from; send the upload again from the start")
+                os.ftruncate(fd, resume_at)
+                os.lseek(fd, resume_at, os.SEEK_SET)
+                self._nbytes = self._unhashed = resume_at
         except OSError as e:
+            self.abort()
             raise _io_error(e, store.root, relpath, "creating", 0) from e
+        self._written_back = self._nbytes  # bytes handed to early writeback (see WRITEBACK_BYTES)
 
     @property
     def relpath(self) -> str:
@@ -141,10 +166,32 @@ class BlobWriter:
         return self._nbytes
 
     def sha256_hex(self) -> str:
-        """Digest of the bytes written so far."""
+        """Digest of the bytes written so far (a resumed file's prefix included)."""
+        self._hash_prefix()
         return self._hash.hexdigest()
 
+    def _hash_prefix(self) -> None:
+        """Hash the bytes a resumed writer found in its staged file (once, before anything
+        else enters the digest): hashlib's state cannot be saved, so it is recomputed."""
+        if not self._unhashed:
+            return
+        fd = self._open_fd()
+        at = 0
+        try:
+            while at < self._unhashed:
+                block = os.pread(fd, min(REHASH_BLOCK, self._unhashed - at), at)
+                if not block:
+                    raise OSError(errno.EIO, f"staged file ended at {at} of {self._unhashed} bytes")
+                self._hash.update(block)
+                at += len(block)
+        except OSError as e:
+            err = _io_error(e, self._store.root, self._relpath, "reading back", at)
+            self.abort()
+            raise err from e
+        self._unhashed = 0
+
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._hash_prefix()
         fd = self._open_fd()
         view = memoryview(chunk).cast("B")
         try:
@@ -178,6 +225,21 @@ class BlobWriter:
             raise err from e
         return self._final
 
+    def suspend(self) -> int:
+        """Keep the file for a later resume: fsync and close it without publishing it;
+        returns its length (every byte of it is then on disk). A staging writer only."""
+        fd = self._open_fd()
+        self._fd, self._done = None, True
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            err = _io_error(e, self._store.root, self._relpath, "keeping", self._nbytes)
+            os.close(fd)
+            self._unlink_temp()
+            raise err from e
+        os.close(fd)
+        return self._nbytes
+
     def abort(self) -> None:
         """Drop the temporary file. Idempotent; a no-op after commit."""
         if self._done:
@@ -189,12 +251,15 @@ class BlobWriter:
                 os.close(fd)
             except OSError:
                 pass
+        self._unlink_temp()
+
+    def _unlink_temp(self) -> None:
         try:
             os.unlink(self._temp)
         except FileNotFoundError:
             pass
         except OSError:
-            log.warning("could not remove %s; sweep_temporaries() will", self._temp)
+            log.warning("could not remove %s; the start-up sweep will", self._temp)
 
     def _open_fd(self) -> int:
         if self._done or self._fd is None:
@@ -249,9 +314,13 @@ class BlobStore:
             raise ValueError(f"blob path {relpath!r} resolves outside {self._root}")
         return full
 
-    def open_writer(self, relpath: str) -> BlobWriter:
-        """Start streaming a blob; an existing blob at `relpath` is replaced on commit."""
-        return BlobWriter(self, relpath, self.path(relpath))
+    def open_writer(self, relpath: str, *, staged: str | None = None, resume_at: int = 0) -> BlobWriter:
+        """Start streaming a blob; an existing blob at `relpath` is replaced on commit.
+
+        `staged`: the relpath of a staging file to stream into (kept by `suspend()`),
+        reopened at `resume_at` bytes when resuming (see BlobWriter)."""
+        return BlobWriter(self, relpath, self.path(relpath), staged=None if staged is None else self.path(staged),
+                          resume_at=resume_at)
 
     def write_bytes(self, relpath: str, data: bytes) -> tuple[str, int]:
         """Write a whole (small) blob atomically and durably; returns (sha256 hex, size)."""
