@@ -318,6 +318,9 @@ class Simulation:
             "ranks": sorted(e["rank"] for e in per_device),
             "bytes_up": int(metrics.get("bytes_up", 0)), "bytes_down": int(metrics.get("bytes_down", 0)),
             "loss_first": metrics.get("loss_first"), "loss_last": metrics.get("loss_last"),
+            # robust aggregation at work: updates scaled down or left out at the close
+            "clipped_updates": int(metrics.get("clipped_updates", 0)),
+            "rejected_updates": int(metrics.get("rejected_updates", 0)),
             "failure_reason": rec.failure_reason or None, "global_round": rec.round if rec.phase is RoundPhase.DONE else None,
             "devices": per_device,
         }
