@@ -108,6 +108,84 @@ def _ci(values: list[float]) -> tuple[float, float]:
     return mean, _t95(n) * sd / math.sqrt(n)
 
 
+def curves(out: Path) -> dict[str, dict[str, list[float]]]:
+    """Per config: mean test accuracy over seeds at each scored round, and mean cumulative
+    uplink bytes at those rounds."""
+    per: dict[str, list[list[tuple[int, float, float]]]] = {}
+    for rounds in sorted(out.glob("*/rounds.jsonl")):
+        name = rounds.parent.name
+        if name.startswith("tune-"):
+            continue
+        config = name.rsplit("-s", 1)[0]
+        up, points = 0.0, []
+        for line in rounds.read_text().splitlines():
+            x = json.loads(line)
+            up += x["bytes_up"]
+            if "test" in x:
+                points.append((x["round"], up / 1e6, x["test"]["accuracy"]))
+        per.setdefault(config, []).append(points)
+    result = {}
+    for config, runs in per.items():
+        n = min(len(r) for r in runs)
+        result[config] = {
+            "round": [runs[0][i][0] for i in range(n)],
+            "uplink_mb": [sum(r[i][1] for r in runs) / len(runs) for i in range(n)],
+            "test_acc": [sum(r[i][2] for r in runs) / len(runs) for i in range(n)],
+            "seeds": [len(runs)],
+        }
+    return result
+
+
+def plot(out: Path, data: dict[str, dict[str, list[float]]]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'rankfed[bench]'): no plot")
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for config in sorted(data):
+        d = data[config]
+        style = "--" if config.startswith("homog") else (":" if config.endswith("reported") else "-")
+        ax1.plot(d["round"], [100 * a for a in d["test_acc"]], style, marker="o", ms=3, label=config)
+        ax2.plot(d["uplink_mb"], [100 * a for a in d["test_acc"]], style, marker="o", ms=3, label=config)
+    ax1.set_xlabel("round")
+    ax2.set_xlabel("cumulative uplink (MB)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("test accuracy (%), mean over seeds")
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2)
+    fig.suptitle("Study v2: WordNet supersenses, 50 devices, 10 % per round (bench/quality/study.py)")
+    fig.tight_layout()
+    path = out / "accuracy.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def worst_rank(out: Path) -> dict[str, dict[str, Any]]:
+    """Per config: the final accuracy of each rank's truncation (what a device of that rank
+    trains), mean over the seeds that scored it, and the worst rank's."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for summary in sorted(out.glob("*/summary.json")):
+        name = summary.parent.name
+        s = json.loads(summary.read_text())
+        ranks = (s.get("final") or {}).get("test_per_rank")
+        if name.startswith("tune-") or not ranks:
+            continue
+        config = name.rsplit("-s", 1)[0]
+        for r, m in ranks.items():
+            per.setdefault(config, {}).setdefault(r, []).append(m["accuracy"])
+    out_: dict[str, dict[str, Any]] = {}
+    for config, ranks in per.items():
+        means = {r: sum(v) / len(v) for r, v in ranks.items()}
+        worst = min(means, key=lambda r: means[r])
+        out_[config] = {"per_rank": means, "worst_rank": worst, "worst_acc": means[worst],
+                        "seeds": max(len(v) for v in ranks.values())}
+    return out_
+
+
 def report(out: Path) -> dict[str, Any]:
     acc: dict[str, dict[int, float]] = {}
     up: dict[str, dict[int, int]] = {}
@@ -163,11 +241,20 @@ def report(out: Path) -> dict[str, Any]:
         if path.is_file():
             tuning[name] = json.loads(path.read_text())["final"]["validation"]["accuracy"]
     result["learning_rate"] = {"chosen": lr, "validation_accuracy": tuning}
+    result["curves"] = curves(out)
+    result["per_rank"] = worst_rank(out)
+    png = plot(out, result["curves"])
+    result["plot"] = str(png) if png else None
     (out / "report.json").write_text(json.dumps(result, indent=2))
     print(f"learning rate chosen on validation: {lr}  ({', '.join(f'{k}: {v:.3f}' for k, v in tuning.items())})")
     print(f"{'config':28s} {'seeds':>8s} {'test acc (mean ± 95% CI)':>26s} {'uplink MB':>10s}")
     for r in rows:
         print(f"{r['config']:28s} {len(r['seeds']):8d} {100 * r['mean']:17.1f} ± {100 * r['ci95']:5.1f} {r['uplink_mb']:10.2f}")
+    print()
+    print()
+    for config, w in sorted(result["per_rank"].items()):
+        ranks = ", ".join(f"{r} {100 * a:.1f}" for r, a in sorted(w["per_rank"].items(), key=lambda x: int(x[0][1:])))
+        print(f"{config:28s} per-rank test acc: {ranks}; worst {w['worst_rank']} ({w['seeds']} seeds)")
     print()
     for title, p in {**hyp, **extra}.items():
         if p:
