@@ -43,7 +43,7 @@ from .backends import Backend, make_backend
 from .fleet import Fleet, FleetError
 from .host import FederationHost
 from .population import Population, build_population
-from .profiles import PROFILES
+from .profiles import PROFILE_RANK, PROFILES
 from .transport import InProcessTransport
 from .workers import EvalJob, TrainJob, TrainOutcome, WorkerSettings
 
@@ -373,7 +373,10 @@ class Simulation:
         if r % fleet.eval.every and r != fleet.rounds:
             return
         blob = (global_adapter_dir(data_dir, r) / ADAPTER_FILE).read_bytes()
-        ranks = tuple(sorted({int(x) for x in line["ranks"]})) if fleet.eval.per_rank else ()
+        # Every rank a device of this fleet trains at: this round's, and each profile's tier
+        # rank (so a rank nobody drew this round still has its accuracy, the worst device too).
+        fleet_ranks = {min(PROFILE_RANK[p], fleet.training.max_rank) for p in fleet.devices.profiles}
+        ranks = tuple(sorted(fleet_ranks | {int(x) for x in line["ranks"]})) if fleet.eval.per_rank else ()
         jobs = [EvalJob("validation", population.validation, blob, lora, fleet.method)]
         if fleet.eval.test:
             jobs.append(EvalJob("test", population.test, blob, lora, fleet.method, ranks=ranks))
