@@ -146,11 +146,13 @@ def plot(out: Path, data: dict[str, dict[str, list[float]]]) -> Path | None:
         print("matplotlib not installed (pip install 'rankfed[bench]'): no plot")
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for config in sorted(data):
+    colours = plt.get_cmap("tab20").colors
+    for i, config in enumerate(sorted(data)):
         d = data[config]
         style = "--" if config.startswith("homog") else (":" if config.endswith("reported") else "-")
-        ax1.plot(d["round"], [100 * a for a in d["test_acc"]], style, marker="o", ms=3, label=config)
-        ax2.plot(d["uplink_mb"], [100 * a for a in d["test_acc"]], style, marker="o", ms=3, label=config)
+        c = colours[i % len(colours)]
+        ax1.plot(d["round"], [100 * a for a in d["test_acc"]], style, color=c, marker="o", ms=3, label=config)
+        ax2.plot(d["uplink_mb"], [100 * a for a in d["test_acc"]], style, color=c, marker="o", ms=3, label=config)
     ax1.set_xlabel("round")
     ax2.set_xlabel("cumulative uplink (MB)")
     for ax in (ax1, ax2):
