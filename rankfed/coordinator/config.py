@@ -212,7 +212,7 @@ class FederationConfig:
         choices=FEDERATION_MODES,
     )
     rounds: int = _f(5, "Number of rounds before the federation is done.", ge=1)
-    method: str = _f("rbla", "Aggregation rule.", choices=AGGREGATION_METHODS)
+    method: str = _f("zero_pad", "Aggregation rule (the default is what study v2 supports for hardware ranks: docs/results.md §3).", choices=AGGREGATION_METHODS)
     min_clients: int = _f(
         2,
         "Clients online before a round starts, and updates needed by the deadline (quorum).",

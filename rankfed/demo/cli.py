@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--clients", type=int, default=4, help="edge clients (default 4: cuda, cpu, cpu, mobile profiles)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     p.add_argument("--local-steps", type=int, default=15, help="local training steps per round (default 15)")
-    p.add_argument("--method", choices=METHODS, default="rbla", help="aggregation rule (default rbla)")
+    p.add_argument("--method", choices=METHODS, default="zero_pad", help="aggregation rule (default zero_pad: docs/results.md §3)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha; smaller is more skewed (default 0.5)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per article (default 64)")
     p.add_argument("--batch-size", type=int, default=16)

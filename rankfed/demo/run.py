@@ -52,7 +52,7 @@ class DemoOptions:
     clients: int = 4
     rounds: int = 5
     local_steps: int = 15
-    method: str = "rbla"
+    method: str = "zero_pad"
     alpha: float = 0.5
     max_length: int = 64
     batch_size: int = 16

@@ -34,7 +34,7 @@ class SimClient:
 
 @dataclass(frozen=True)
 class SimConfig:
-    method: str = "rbla"
+    method: str = "zero_pad"
     rounds: int = 5
     local_steps: int = 20
     learning_rate: float = 2e-3

@@ -3,7 +3,7 @@ before anything starts (`FleetError` names the key and what is allowed).
 
     seed = 0
     rounds = 20
-    method = "rbla"
+    method = "zero_pad"
 
     [devices]          # virtual devices: data, not processes
     count = 100
@@ -115,7 +115,7 @@ class Evaluation:
 class Fleet:
     seed: int = 0
     rounds: int = 5
-    method: str = "rbla"
+    method: str = "zero_pad"
     devices: Devices = field(default_factory=Devices)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)

@@ -49,7 +49,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert cfg.model.manifest == ""  # the bundled demo manifest
     assert cfg.lora.alpha_rule is AlphaRule.CONSTANT_SCALING
     assert cfg.lora.max_rank == 16
-    assert cfg.federation.method == "rbla"
+    assert cfg.federation.method == "zero_pad"
     assert cfg.federation.rounds == 5
     assert cfg.rank_policy.tiers == DEFAULT_TIERS
     assert [t.name for t in cfg.rank_policy.tiers] == ["cuda-large", "cuda", "cpu-fast", "cpu", "mobile"]
@@ -137,7 +137,7 @@ def test_overrides_by_dotted_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cfg.federation.rounds == 3
     assert cfg.federation.learning_rate == 0.01
     assert cfg.lora.alpha_rule is AlphaRule.FIXED
-    assert cfg.federation.method == "rbla"
+    assert cfg.federation.method == "zero_pad"
 
 
 def test_override_without_a_file() -> None:
@@ -239,7 +239,7 @@ def test_tiers_not_a_list(tmp_path: Path) -> None:
         ("[federation]\nclients_per_round = 1\nmin_clients = 2\n", "federation.clients_per_round = 1: must be 0"),
         ("[federation]\nheartbeat_timeout_seconds = 5\n", "federation.heartbeat_timeout_seconds = 5.0: must exceed"),
         ("[federation]\nmode = 'personal'\n", "federation.mode = 'personal': expected one of rank_heterogeneous, personalized"),
-        ("[federation]\nmode = 'personalized'\n", "federation.method = 'rbla': federation.mode = 'personalized' averages"),
+        ("[federation]\nmode = 'personalized'\n", "federation.method = 'zero_pad': federation.mode = 'personalized' averages"),
         ("[lora]\nmax_rank = 0\n", "lora.max_rank = 0: must be ≥ 1"),
         ("[lora]\nalpha_rule = 'const'\n", "lora.alpha_rule = 'const' (str): expected one of constant_scaling, fixed, rslora"),
         ("[lora]\ndropout = 1.0\n", "lora.dropout = 1.0: must be ≥ 0 and < 1"),
