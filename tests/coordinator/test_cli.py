@@ -20,7 +20,7 @@ from tests.coordinator.harness import MANIFEST, EdgeTestClient, random_adapter, 
 def test_print_config_shows_embedded_defaults(capsys):
     assert main(["coordinator", "serve", "--print-config"]) == 0
     config = json.loads(capsys.readouterr().out)
-    assert config["federation"]["method"] == "rbla"
+    assert config["federation"]["method"] == "zero_pad"
     assert config["server"]["address"] == "127.0.0.1:50051"
     assert [t["name"] for t in config["rank_policy"]["tiers"]][:2] == ["cuda-large", "cuda"]
 

@@ -78,7 +78,7 @@ def test_rounds_and_devices_are_tracked_in_tensorboard_and_mlflow(tmp_path, tiny
     experiment = client.get_experiment_by_name("rankfed")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == federation_id and run.info.status == "FINISHED"
-    assert run.data.params["method"] == "rbla" and run.data.params["rounds"] == "2"
+    assert run.data.params["method"] == "zero_pad" and run.data.params["rounds"] == "2"
     history = client.get_metric_history(run.info.run_id, "round/loss_last")
     assert [m.step for m in history] == [1, 2]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "device/a/uploaded")] == [1, 1]
