@@ -26,8 +26,7 @@ per-layer position arguments) raises `ConfigError`.
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
+import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from rankfed.protocol.files import write_atomic
 
 from .data import TextDataset
 from .errors import ConfigError
@@ -142,11 +143,10 @@ class PrefixCache:
 
         lengths = np.array([s.shape[0] for s in self.states], dtype=np.int64)
         rows = torch.cat(self.states).numpy() if self.states else np.zeros((0, 0), np.float32)
+        buf = io.BytesIO()
+        np.savez(buf, k=np.int64(self.k), lengths=lengths, rows=rows)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, k=np.int64(self.k), lengths=lengths, rows=rows)
-        os.replace(tmp, path)
+        write_atomic(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> PrefixCache:

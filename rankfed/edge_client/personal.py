@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from rankfed.aggregation import Adapter, decode_adapter, encode_adapter
 from rankfed.protocol import LoraSettings
+from rankfed.protocol.files import write_atomic
 
 from .errors import AdapterError, ConfigError, ModelError
 from .model import (
@@ -242,19 +241,6 @@ class PersonalModel:
 # --------------------------------------------------------------------------- on disk
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class PersonalStore:
     """``DIR/private_adapter.safetensors`` (private LoRA + head) and ``DIR/personal.json``
     (format, base model, digest of the weights file, rounds trained, eval history). The
@@ -290,6 +276,6 @@ class PersonalStore:
     def save(self, private: Adapter, info: Mapping[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         data = encode_adapter(private, metadata={"kind": "private", "base_model_sha256": str(info["base_model_sha256"])})
-        _atomic_write(self.dir / self.WEIGHTS, data)
+        write_atomic(self.dir / self.WEIGHTS, data)
         full = {"format": STATE_FORMAT, **info, "weights_sha256": hashlib.sha256(data).hexdigest()}
-        _atomic_write(self.dir / self.INFO, (json.dumps(full, indent=2) + "\n").encode())
+        write_atomic(self.dir / self.INFO, (json.dumps(full, indent=2) + "\n").encode())
