@@ -11,7 +11,6 @@ gRPC path up to float summation order (tested in tests/simulation/).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,15 +204,3 @@ def run_simulation(
                         population=population).run()
     final = next((r.global_path for r in reversed(reports) if r.phase == "done"), "")
     return SimResult(rounds=reports, final_global_path=final, seconds=result.summary["seconds"], data_dir=str(data_dir))
-
-
-def result_to_json(result: SimResult) -> dict[str, Any]:
-    return {
-        "seconds": round(result.seconds, 2),
-        "final_global_path": result.final_global_path,
-        "rounds": [{**r.__dict__, "ranks": r.ranks} for r in result.rounds],
-    }
-
-
-def dump(result: SimResult, path: Path) -> None:
-    path.write_text(json.dumps(result_to_json(result), indent=2))
