@@ -4,9 +4,7 @@ same global adapters as a served coordinator with gRPC clients."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ from rankfed.cli import main
 from rankfed.simulation.fleet import FleetError, load_fleet
 from rankfed.simulation.population import build_population
 from tests.edge_client.conftest import make_bert_dir, write_cls_data
+
+from .grpc_path import run_over_grpc
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,7 @@ def test_a_fleet_runs_rounds_with_dropout_lateness_and_metrics(tiny, tmp_path):
 def _grpc_global(model: Path, fleet, work: Path) -> Path:
     """The same fleet on the deployed path: a grpc.aio coordinator and EdgeRunners over gRPC."""
     from rankfed.coordinator.config import load_config
-    from rankfed.coordinator.server import start_coordinator
-    from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
-    from rankfed.edge_client.transport import EdgeTransport
+    from rankfed.edge_client.runner import RunnerConfig
     from rankfed.simulation.driver import coordinator_settings
     from rankfed.simulation.engine import write_manifest
     from rankfed.simulation.profiles import PROFILES
@@ -91,37 +89,15 @@ def _grpc_global(model: Path, fleet, work: Path) -> Path:
     settings = coordinator_settings(fleet, data_dir=work / "coordinator", manifest=manifest)
     # Real devices join one by one: round 1 waits for all of them, as the simulation's pause does.
     settings["federation.wait_for_clients_seconds"] = 120.0
-    config = load_config(None, overrides=settings)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    coordinator = asyncio.run_coroutine_threadsafe(start_coordinator(config), loop).result(30)
-    errors: list[BaseException] = []
-
-    def device(d) -> None:
+    devices = []
+    for d in population.devices:
         path = work / f"{d.name}.jsonl"
         path.write_bytes(d.data)
-        try:
-            with EdgeTransport(f"127.0.0.1:{coordinator.port}") as transport:
-                EdgeRunner(transport, RunnerConfig(
-                    model_dir=model, data_path=path, device_name=d.name, label_names=population.label_names,
-                    max_length=fleet.data.max_length, max_wait_s=2.0, rejoin_on_bandwidth_change=False,
-                ), capability=PROFILES[d.profile]).run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
-    try:
-        threads = [threading.Thread(target=device, args=(d,)) for d in population.devices]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=180)
-        assert not errors, errors
-    finally:
-        asyncio.run_coroutine_threadsafe(coordinator.stop(0.5), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        devices.append((RunnerConfig(
+            model_dir=model, data_path=path, device_name=d.name, label_names=population.label_names,
+            max_length=fleet.data.max_length, max_wait_s=2.0, rejoin_on_bandwidth_change=False,
+        ), PROFILES[d.profile]))
+    run_over_grpc(load_config(None, overrides=settings), devices)
     return work / "coordinator" / "blobs" / "global" / f"round-{fleet.rounds:06d}" / "adapter_model.safetensors"
 
 

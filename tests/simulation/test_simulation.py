@@ -3,8 +3,6 @@ gives the same global adapters as real gRPC (a served coordinator, EdgeTransport
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 from rankfed.aggregation import decode_adapter
 from rankfed.coordinator.config import load_config
 from rankfed.edge_client.errors import AuthError
-from rankfed.edge_client.runner import EdgeRunner, RunnerConfig
+from rankfed.edge_client.runner import RunnerConfig
 from rankfed.simulation.engine import (
     PROFILE_RANK,
     PROFILES,
@@ -26,6 +24,8 @@ from rankfed.simulation.engine import (
 from rankfed.simulation.host import FederationHost
 from rankfed.simulation.transport import InProcessTransport
 from tests.edge_client.conftest import make_bert_dir, write_cls_data
+
+from .grpc_path import run_over_grpc
 
 LABELS = ("negative", "positive", "sport")
 PROFILE_NAMES = ("cuda-large", "cpu", "mobile")
@@ -53,38 +53,11 @@ def _runner_config(model: Path, data: Path, name: str, cfg: SimConfig) -> Runner
 
 def _grpc_run(model: Path, data: list[Path], cfg: SimConfig, work: Path) -> Path:
     """The real path: a grpc.aio coordinator on 127.0.0.1:0 and EdgeRunners over EdgeTransport."""
-    from rankfed.coordinator.server import start_coordinator
-    from rankfed.edge_client.transport import EdgeTransport
-
     manifest = write_manifest(model, work / "manifest.json", num_labels=3, target_modules=cfg.target_modules)
     config = load_config(None, overrides=coordinator_overrides(cfg, data_dir=work / "coordinator",
                                                                manifest=manifest, num_clients=len(data)))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    coordinator = asyncio.run_coroutine_threadsafe(start_coordinator(config), loop).result(30)
-    errors: list[BaseException] = []
-
-    def device(i: int) -> None:
-        try:
-            with EdgeTransport(f"127.0.0.1:{coordinator.port}") as transport:
-                EdgeRunner(transport, _runner_config(model, data[i], f"client-{i}", cfg),
-                           capability=PROFILES[PROFILE_NAMES[i]]).run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
-    try:
-        threads = [threading.Thread(target=device, args=(i,)) for i in range(len(data))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors, errors
-    finally:
-        asyncio.run_coroutine_threadsafe(coordinator.stop(0.5), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    run_over_grpc(config, [(_runner_config(model, data[i], f"client-{i}", cfg), PROFILES[PROFILE_NAMES[i]])
+                           for i in range(len(data))])
     return work / "coordinator" / "blobs" / "global" / f"round-{cfg.rounds:06d}" / "adapter_model.safetensors"
 
 
