@@ -40,26 +40,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rankfed.coordinator.admin_client import AdminClient, AdminError, resolve_admin_token
-    from rankfed.tls import TlsError, TlsOptions
+    from rankfed.coordinator.admin_client import AdminError, client_from_args
 
     needs_device = args.action in ("remove-device", "allow-device")
     if needs_device != bool(args.device):
         print(f"rankfed admin {args.action}: " + ("name the device" if needs_device else "takes no device name"),
               file=sys.stderr)
         return 2
-    try:
-        token = resolve_admin_token(args.admin_token, args.data_dir)
-    except OSError as exc:
-        print(f"rankfed admin: cannot read the operator token: {exc} (run as the coordinator's user, or pass --admin-token)",
-              file=sys.stderr)
-        return 2
-    try:
-        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
-            args.tls_ca or args.tls_cert) else None
-        admin = AdminClient(args.address, admin_token=token, tls=tls, timeout_s=args.timeout)
-    except TlsError as exc:
-        print(f"rankfed admin: {exc}", file=sys.stderr)
+    admin = client_from_args(args, "rankfed admin")
+    if admin is None:
         return 2
     with admin:
         try:

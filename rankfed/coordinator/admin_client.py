@@ -152,3 +152,25 @@ def resolve_admin_token(explicit: str = "", data_dir: str | os.PathLike[str] | N
         # Any other OSError (e.g. permission denied: the file is the coordinator user's only)
         # propagates: the tools report it instead of calling without a token.
     return ""
+
+
+def client_from_args(args: Any, prog: str) -> AdminClient | None:
+    """The AdminClient a CLI's operator flags describe (--address, --admin-token, --data-dir,
+    --tls-*, --timeout); None after printing why on stderr (the caller exits 2)."""
+    import sys
+
+    from rankfed.tls import TlsError
+
+    try:
+        token = resolve_admin_token(args.admin_token, args.data_dir)
+    except OSError as exc:
+        print(f"{prog}: cannot read the operator token: {exc} (run as the coordinator's user, or pass --admin-token)",
+              file=sys.stderr)
+        return None
+    try:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
+            args.tls_ca or args.tls_cert) else None
+        return AdminClient(args.address, admin_token=token, tls=tls, timeout_s=args.timeout)
+    except TlsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None

@@ -74,21 +74,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from rankfed.coordinator.admin_client import AdminClient, AdminError, resolve_admin_token
-    from rankfed.tls import TlsError, TlsOptions
+    from rankfed.coordinator.admin_client import AdminError, client_from_args
 
-    try:
-        token = resolve_admin_token(args.admin_token, args.data_dir)
-    except OSError as exc:
-        print(f"rankfed status: cannot read the operator token: {exc} (run as the coordinator's user, or pass --admin-token)",
-              file=sys.stderr)
-        return 2
-    try:
-        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if (
-            args.tls_ca or args.tls_cert) else None
-        admin = AdminClient(args.address, admin_token=token, tls=tls, timeout_s=args.timeout)
-    except TlsError as exc:
-        print(f"rankfed status: {exc}", file=sys.stderr)
+    admin = client_from_args(args, "rankfed status")
+    if admin is None:
         return 2
     with admin:
         try:
