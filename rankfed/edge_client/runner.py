@@ -351,8 +351,8 @@ class EdgeRunner:
         summary = RunSummary()
         joined = self._join()
         summary.client_id = joined.client_id
-        self._prepare(joined)
-        try:
+        try:  # from Join on, an interrupt (SIGTERM while the model loads too) leaves the federation
+            self._prepare(joined)
             return self._loop(summary)
         except KeyboardInterrupt:
             self._leave("interrupted")
