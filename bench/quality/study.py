@@ -78,13 +78,13 @@ def chosen_lr(out: Path) -> float | None:
     return max(scores, key=lambda lr: (sum(scores[lr]) / len(scores[lr]), -lr))
 
 
-def run_one(name: str, sets: list[str], out: Path, cache: Path) -> str:
+def run_one(name: str, sets: list[str], out: Path, cache: Path, fleet: Path = FLEET) -> str:
     target = out / name
     if (target / "summary.json").is_file():
         return f"{name}: kept"
     if target.exists():
         shutil.rmtree(target)
-    cmd = [sys.executable, "-m", "rankfed", "simulate", str(FLEET), "--out", str(target), "--cache-dir", str(cache),
+    cmd = [sys.executable, "-m", "rankfed", "simulate", str(fleet), "--out", str(target), "--cache-dir", str(cache),
            "--quiet"]
     for s in sets:
         cmd += ["--set", s]
@@ -136,7 +136,8 @@ def curves(out: Path) -> dict[str, dict[str, list[float]]]:
     return result
 
 
-def plot(out: Path, data: dict[str, dict[str, list[float]]]) -> Path | None:
+def plot(out: Path, data: dict[str, dict[str, list[float]]],
+         title: str = "Study v2: WordNet supersenses, 50 devices, 10 % per round (bench/quality/study.py)") -> Path | None:
     try:
         import matplotlib
 
@@ -159,7 +160,7 @@ def plot(out: Path, data: dict[str, dict[str, list[float]]]) -> Path | None:
         ax.set_ylabel("test accuracy (%), mean over seeds")
         ax.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)
-    fig.suptitle("Study v2: WordNet supersenses, 50 devices, 10 % per round (bench/quality/study.py)")
+    fig.suptitle(title)
     fig.tight_layout()
     path = out / "accuracy.png"
     fig.savefig(path, dpi=100)

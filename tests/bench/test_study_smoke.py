@@ -42,3 +42,40 @@ def test_study_pipeline_runs_and_reports_paired_differences(tiny, tmp_path):  # 
     assert abs(h0["mean"] - 100 * (sum(acc["homog-r16"]) - sum(acc["homog-r2"])) / 2) < 1e-9
     assert result["hypotheses"]["H1 aligned: rbla - zero_pad >= 2"]["seeds"] == [0, 1]
     assert json.loads((out / "report.json").read_text())["rows"]
+
+
+def _study_v3():
+    spec = importlib.util.spec_from_file_location("study_v3", STUDY.with_name("study_v3.py"))
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_v3_every_arm_runs_and_the_report_pairs_seeds_per_task(tiny, tmp_path):  # noqa: F811
+    """Each arm's exact --set strings (fixed alpha, aligned ranks, validation allocation) run on the tiny model, and the per-task report pairs them."""
+    model, data = tiny
+    v3 = _study_v3()
+    lrs = {"r2": 1e-2, "r16": 1e-2, "shared": 1e-2}
+    runs = v3.h0_grid("wordnet", lrs) + v3.rules_grid("wordnet", lrs)
+    assert len(runs) == len(v3.SEEDS) * 10
+    out = tmp_path / "v3"
+    for name, sets in runs:
+        if not (name.endswith("-s0") or name.endswith(("validation-s1", "homog-r4-s1"))):
+            continue  # every arm once, and one pair on a second seed for the paired report
+        rounds = 2 if "validation" in name else 1  # allocation starts after the warm-up round
+        base = _settings(model, data, **{"rounds": rounds, "data.quality_fraction": 0.25})
+        arm_keys = {s.split("=", 1)[0] for s in sets}  # overrides win over sets: keep only the tiny-fleet ones
+        fleet = load_fleet(None, {k: v for k, v in base.items() if k not in arm_keys}, sets)
+        assert fleet.eval.every == 10
+        assert fleet.federation.coordinator["lora.alpha_rule"] == "fixed"
+        simulate(fleet, out / name, progress=None)
+    validation = [json.loads(x) for x in (out / "wordnet" / "zero_pad-validation-s0" / "rounds.jsonl").read_text().splitlines()]
+    assert set(validation[0]["ranks"]) == {16}  # warm-up: the capability rank
+    assert 2 in validation[1]["ranks"] and set(validation[1]["ranks"]) <= {2, 16}  # scored: top 20 % high, the rest low
+    result = v3.report(out)["wordnet"]
+    h4 = result["hypotheses"]["H4 validation allocation - homog r4 > 0"]
+    assert h4["seeds"] == [0, 1]
+    acc = {r["config"]: r["test_acc"] for r in result["rows"]}
+    assert abs(h4["mean"] - 100 * (sum(acc["zero_pad-validation"]) - sum(acc["homog-r4"])) / 2) < 1e-9
+    assert (out / "report.json").is_file()
