@@ -108,6 +108,30 @@ def _ci(values: list[float]) -> tuple[float, float]:
     return mean, _t95(n) * sd / math.sqrt(n)
 
 
+Accuracies = dict[str, dict[int, float]]  # config -> seed -> final test accuracy
+
+
+def summary_rows(acc: Accuracies, up: dict[str, dict[int, int]]) -> list[dict[str, Any]]:
+    """Per config: final test accuracy per seed, mean ± 95 % t-interval, mean uplink MB."""
+    rows = []
+    for config in sorted(acc):
+        vals = [acc[config][k] for k in sorted(acc[config])]
+        mean, half = _ci(vals)
+        rows.append({"config": config, "seeds": sorted(acc[config]), "test_acc": vals, "mean": mean, "ci95": half,
+                     "uplink_mb": sum(up[config].values()) / len(up[config]) / 1e6})
+    return rows
+
+
+def paired_difference(acc: Accuracies, a: str, b: str) -> dict[str, Any] | None:
+    """a − b in points over the seeds both ran: per seed, mean and 95 % t-interval."""
+    seeds = sorted(set(acc.get(a, {})) & set(acc.get(b, {})))
+    if not seeds:
+        return None
+    diffs = [100 * (acc[a][s] - acc[b][s]) for s in seeds]
+    mean, half = _ci(diffs)
+    return {"a": a, "b": b, "seeds": seeds, "diff_points": diffs, "mean": mean, "ci95": half}
+
+
 def curves(out: Path) -> dict[str, dict[str, list[float]]]:
     """Per config: mean test accuracy over seeds at each scored round, and mean cumulative
     uplink bytes at those rounds."""
@@ -203,20 +227,10 @@ def report(out: Path) -> dict[str, Any]:
             acc.setdefault(config, {})[int(seed)] = s["final"]["test"]["accuracy"]
             up.setdefault(config, {})[int(seed)] = s["uplink_bytes"]
             best_val.setdefault(config, {})[int(seed)] = (s["best_by_validation"]["test"] or {}).get("accuracy", float("nan"))
-    rows = []
-    for config in sorted(acc):
-        vals = [acc[config][k] for k in sorted(acc[config])]
-        mean, half = _ci(vals)
-        rows.append({"config": config, "seeds": sorted(acc[config]), "test_acc": vals, "mean": mean, "ci95": half,
-                     "uplink_mb": sum(up[config].values()) / len(up[config]) / 1e6})
+    rows = summary_rows(acc, up)
 
     def paired(a: str, b: str) -> dict[str, Any] | None:
-        seeds = sorted(set(acc.get(a, {})) & set(acc.get(b, {})))
-        if not seeds:
-            return None
-        diffs = [100 * (acc[a][s] - acc[b][s]) for s in seeds]
-        mean, half = _ci(diffs)
-        return {"a": a, "b": b, "seeds": seeds, "diff_points": diffs, "mean": mean, "ci95": half}
+        return paired_difference(acc, a, b)
 
     het = [f"{r}-random" for r in RULES]
     best = max((c for c in het if c in acc), key=lambda c: sum(acc[c].values()) / len(acc[c]), default=None)

@@ -143,21 +143,13 @@ def report(out: Path) -> dict[str, Any]:
             config, seed = name.rsplit("-s", 1)
             acc.setdefault(config, {})[int(seed)] = s["final"]["test"]["accuracy"]
             up.setdefault(config, {})[int(seed)] = s["uplink_bytes"]
-        rows = []
-        for config in sorted(acc):
-            vals = [acc[config][k] for k in sorted(acc[config])]
-            mean, half = study._ci(vals)
-            rows.append({"config": config, "seeds": sorted(acc[config]), "test_acc": vals, "mean": mean, "ci95": half,
-                         "uplink_mb": sum(up[config].values()) / len(up[config]) / 1e6})
-            print(f"{config:28s} {len(vals):3d} seeds {100 * mean:6.1f} ± {100 * half:4.1f}  {rows[-1]['uplink_mb']:7.2f} MB")
+        rows = study.summary_rows(acc, up)
+        for row in rows:
+            print(f"{row['config']:28s} {len(row['seeds']):3d} seeds {100 * row['mean']:6.1f} ± {100 * row['ci95']:4.1f}"
+                  f"  {row['uplink_mb']:7.2f} MB")
 
         def paired(a: str, b: str) -> dict[str, Any] | None:
-            seeds = sorted(set(acc.get(a, {})) & set(acc.get(b, {})))
-            if not seeds:
-                return None
-            diffs = [100 * (acc[a][s] - acc[b][s]) for s in seeds]
-            mean, half = study._ci(diffs)
-            return {"a": a, "b": b, "seeds": seeds, "diff_points": diffs, "mean": mean, "ci95": half}
+            return study.paired_difference(acc, a, b)
 
         het = [f"{r}-random" for r in RANDOM_RULES]
         best = max((c for c in het if c in acc), key=lambda c: sum(acc[c].values()) / len(acc[c]), default=None)

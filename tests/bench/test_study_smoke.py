@@ -14,8 +14,8 @@ from tests.simulation.test_simulate import _settings, tiny  # noqa: F401 - the m
 STUDY = Path(__file__).resolve().parents[2] / "bench" / "quality" / "study.py"
 
 
-def _study():
-    spec = importlib.util.spec_from_file_location("study", STUDY)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, STUDY.with_name(f"{name}.py"))
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -24,7 +24,7 @@ def _study():
 
 def test_study_pipeline_runs_and_reports_paired_differences(tiny, tmp_path):  # noqa: F811
     model, data = tiny
-    study = _study()
+    study = _load("study")
     assert len(study.grid(5e-3)) == len(study.SEEDS) * 14  # the preregistered grid
     out = tmp_path / "study"
     for seed in (0, 1):
@@ -44,18 +44,10 @@ def test_study_pipeline_runs_and_reports_paired_differences(tiny, tmp_path):  # 
     assert json.loads((out / "report.json").read_text())["rows"]
 
 
-def _study_v3():
-    spec = importlib.util.spec_from_file_location("study_v3", STUDY.with_name("study_v3.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_study_v3_every_arm_runs_and_the_report_pairs_seeds_per_task(tiny, tmp_path):  # noqa: F811
     """Each arm's exact --set strings (fixed alpha, aligned ranks, validation allocation) run on the tiny model, and the per-task report pairs them."""
     model, data = tiny
-    v3 = _study_v3()
+    v3 = _load("study_v3")
     lrs = {"r2": 1e-2, "r16": 1e-2, "shared": 1e-2}
     runs = v3.h0_grid("wordnet", lrs) + v3.rules_grid("wordnet", lrs)
     assert len(runs) == len(v3.SEEDS) * 10
