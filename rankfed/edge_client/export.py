@@ -198,13 +198,13 @@ def _parity_inputs(vocab_size: int, seed: int) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def ort_session(path: str, threads: int) -> Any:
+def ort_session(path: str, threads: int, *, spin: bool = False) -> Any:
+    """A plain onnxruntime session with the device's options (`infer.session_options`)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    from .infer import session_options
+
+    return ort.InferenceSession(path, session_options(threads, spin=spin), providers=["CPUExecutionProvider"])
 
 
 def compare(
