@@ -15,8 +15,9 @@ on which that optimizer fused no attention.
 
 Every file is written to a temporary name and renamed only after onnxruntime matched torch
 on several random batches (max abs difference <= tolerance, default 1e-4). Lossy exports
-(`quantize`: int8) are gated on held-out accuracy instead (`evaluate.py`): refused when they
-fall more than ``max_accuracy_drop`` points below fp32 on the validation file, unless forced.
+(`quantize`: int8; `fp16`: fp16 weights) are gated on held-out accuracy instead
+(`evaluate.py`): refused when they fall more than ``max_accuracy_drop`` points below fp32 on
+the validation file, unless forced.
 """
 
 from __future__ import annotations
