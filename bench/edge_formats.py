@@ -8,12 +8,14 @@ Variants of one merged model (all-MiniLM-L6-v2 + a trained LoRA adapter and head
     int8 per-tensor      dynamic int8 of the dynamo graph, per-tensor scales (before)
     int8 per-channel     dynamic int8 of the optimized graph, per-channel scales (now)
     int8 ORT format      the per-channel int8 model as .ort (what mobile builds load)
+    fp16 weights         the optimized graph with fp16 weights, fp32 inputs/outputs (`--fp16`)
 
 Accuracy: every variant scores the same tokenized held-out batches; agreement is the share
 of held-out examples where its argmax equals torch eager's. Latency: batch 1, random token
 ids, `runs` rounds in which every variant runs once (interleaved, so load drift hits all
 alike); p50/p95 of wall time, plus the main thread's CPU time (robust to descheduling with
-one thread). Ratios are torch eager p50 / variant p50 from the same rounds.
+one thread) and the process's CPU time (all threads: the measure for the 2-thread rows).
+Ratios are torch eager p50 / variant p50 from the same rounds, of wall and of CPU time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 import numpy as np
 
 TASK = "sequence-classification"
-VARIANTS = ("torch eager", "fp32 dynamo", "fp32 optimized", "int8 per-tensor", "int8 per-channel", "int8 ORT format")
+VARIANTS = ("torch eager", "fp32 dynamo", "fp32 optimized", "int8 per-tensor", "int8 per-channel", "int8 ORT format",
+            "fp16 weights")
 
 
 def export_variants(model_dir: Path, adapter: Path, work: Path, *, labels: tuple[str, ...], heldout: Path,
@@ -45,7 +48,7 @@ def export_variants(model_dir: Path, adapter: Path, work: Path, *, labels: tuple
     t = time.perf_counter()
     # force: the bench reports the gate's verdict instead of stopping at it.
     now = export_onnx(model_dir, adapter, work / "optimized.onnx", labels=list(labels), quantize=True,
-                      validation=heldout, eval_max_length=eval_max_length, mobile=True, force=True)
+                      validation=heldout, eval_max_length=eval_max_length, mobile=True, fp16=True, force=True)
     optimized_s = time.perf_counter() - t
     quantize_int8(Path(before.path), work / "dynamo.int8-per-tensor.onnx", QuantizeSettings(per_channel=False))
     files = {
@@ -54,13 +57,15 @@ def export_variants(model_dir: Path, adapter: Path, work: Path, *, labels: tuple
         "int8 per-tensor": work / "dynamo.int8-per-tensor.onnx",
         "int8 per-channel": Path(now.quantized_path),
         "int8 ORT format": Path(now.mobile_path),
+        "fp16 weights": Path(now.fp16_path),
     }
     return {
         "files": files,
         "export": {
             "dynamo_seconds": round(dynamo_s, 1), "optimized_total_seconds": round(optimized_s, 1),
             "fused_ops": now.fused_ops, "parity_dynamo": before.max_abs_diff, "parity_optimized": now.max_abs_diff,
-            "gate_forced": now.forced, "exporter": now.exporter,
+            "gate_forced": now.forced, "exporter": now.exporter, "parity_fp16": now.fp16_max_abs_diff,
+            "fp16_gate_forced": now.fp16_forced,
         },
     }
 
@@ -116,6 +121,7 @@ def latency_table(model_dir: Path, adapter: Path, files: dict[str, Path], *, seq
                 calls[name] = lambda s=s, feed=feed: s.run(["logits"], feed)
             wall: dict[str, list[float]] = {k: [] for k in calls}
             cpu: dict[str, list[float]] = {k: [] for k in calls}
+            pcpu: dict[str, list[float]] = {k: [] for k in calls}
             load0 = os.getloadavg()[0]
             with torch.inference_mode():
                 for _ in range(3):  # warm-up: allocator, pre-packed weights
@@ -123,18 +129,23 @@ def latency_table(model_dir: Path, adapter: Path, files: dict[str, Path], *, seq
                         f()
                 for _ in range(runs):
                     for name, f in calls.items():
-                        t, c = time.perf_counter(), time.thread_time()
+                        t, c, pc = time.perf_counter(), time.thread_time(), time.process_time()
                         f()
                         cpu[name].append(time.thread_time() - c)
+                        pcpu[name].append(time.process_time() - pc)
                         wall[name].append(time.perf_counter() - t)
             eager = statistics.median(wall["torch eager"])
+            eager_cpu = statistics.median(pcpu["torch eager"])
             for name in calls:
                 p50 = statistics.median(wall[name])
+                pcpu50 = statistics.median(pcpu[name])
                 rows.append({
                     "variant": name, "threads": th, "seq": seq,
                     "p50_ms": round(1e3 * p50, 3), "p95_ms": round(1e3 * _quantile(wall[name], 0.95), 3),
                     "cpu_p50_ms": round(1e3 * statistics.median(cpu[name]), 3),
+                    "process_cpu_p50_ms": round(1e3 * pcpu50, 3),
                     "x_eager": round(eager / p50, 2),
+                    "x_eager_cpu": round(eager_cpu / pcpu50, 2),
                     "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
                 })
     return rows

@@ -311,6 +311,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         eval_max_length=args.eval_max_length,
         force=args.force,
         mobile=args.mobile,
+        fp16=args.fp16,
         exporter=args.exporter,
         optimize=not args.no_optimize,
         threads=args.threads or 1,
@@ -332,6 +333,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                else "held-out accuracy not checked (--force without --validation)")
         print(f"int8: {report.quantized_path} ({report.quantized_bytes} bytes), {acc}"
               f"{'; FORCED past the accuracy gate' if report.forced else ''}")
+    if report.fp16_path:
+        acc = (f"held-out accuracy {report.fp16_accuracy:.1%} (agrees with fp32 on "
+               f"{report.fp16_heldout_agreement:.1%})" if report.fp16_accuracy is not None
+               else "held-out accuracy not checked (--force without --validation)")
+        print(f"fp16 weights: {report.fp16_path} ({report.fp16_bytes} bytes, max |torch - fp16| "
+              f"{report.fp16_max_abs_diff:.2g}), {acc}{'; FORCED past the accuracy gate' if report.fp16_forced else ''}")
     if report.mobile_path:
         acc = f", held-out accuracy {report.mobile_accuracy:.1%}" if report.mobile_accuracy is not None else ""
         print(f"ORT format (mobile): {report.mobile_path} ({report.mobile_bytes} bytes){acc}")
@@ -341,7 +348,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from .infer import OnnxModel
 
-    model = OnnxModel(args.onnx, tokenizer_dir=args.tokenizer, threads=args.threads or 1)
+    model = OnnxModel(args.onnx, tokenizer_dir=args.tokenizer, threads=args.threads or 1, spin=args.spin)
     texts = list(args.text or [])
     if not texts:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -520,17 +527,20 @@ def add_parser(sub: Any) -> None:
                    help="auto (default): TorchScript for BERT-family classifiers (fusable), dynamo otherwise")
     p.add_argument("--no-optimize", action="store_true",
                    help="skip onnxruntime's transformer fusions (the file then holds standard ONNX ops only)")
-    q = p.add_argument_group("int8 and mobile formats (lossy: gated on held-out accuracy)")
+    q = p.add_argument_group("int8, fp16 and mobile formats (lossy: gated on held-out accuracy)")
     q.add_argument("--quantize", action="store_true", help="also write FILE.int8.onnx (dynamic int8, per-channel)")
     q.add_argument("--validation", metavar="FILE", help="held-out examples (JSONL/CSV, as the training data) "
-                   "scored by fp32 and int8")
+                   "scored by fp32 and int8/fp16")
     q.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
-                   help="refuse int8 when it is more than this many points below fp32 (default 1)")
+                   help="refuse int8/fp16 when it is more than this many points below fp32 (default 1)")
     q.add_argument("--eval-max-length", type=int, default=128, help="tokens per validation example (default 128)")
-    q.add_argument("--force", action="store_true", help="write int8 even when the accuracy gate refuses it "
+    q.add_argument("--force", action="store_true", help="write int8/fp16 even when the accuracy gate refuses it "
                    "(or without --validation)")
     q.add_argument("--mobile", action="store_true", help="also write the ORT format (.ort) of the final model "
                    "(int8 with --quantize) for onnxruntime mobile builds")
+    q.add_argument("--fp16", action="store_true", help="also write FILE.fp16.onnx: fp16 weights, fp32 inputs and "
+                   "outputs; half the size, for targets with fp16 kernels (GPU, NNAPI, CoreML); "
+                   "x86 onnxruntime runs it at fp32 speed")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_guarded(cmd_export))
@@ -541,6 +551,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (default: the one in the file)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: tokens to generate")
     p.add_argument("--threads", type=int)
+    p.add_argument("--spin", action="store_true", help="with --threads > 1: idle threads spin-wait instead of "
+                   "sleeping (onnxruntime's default; faster only on cores nothing else uses)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_guarded(cmd_infer))
 

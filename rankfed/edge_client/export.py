@@ -15,8 +15,9 @@ on which that optimizer fused no attention.
 
 Every file is written to a temporary name and renamed only after onnxruntime matched torch
 on several random batches (max abs difference <= tolerance, default 1e-4). Lossy exports
-(`quantize`: int8) are gated on held-out accuracy instead (`evaluate.py`): refused when they
-fall more than ``max_accuracy_drop`` points below fp32 on the validation file, unless forced.
+(`quantize`: int8; `fp16`: fp16 weights) are gated on held-out accuracy instead
+(`evaluate.py`): refused when they fall more than ``max_accuracy_drop`` points below fp32 on
+the validation file, unless forced.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ from .model import (
     weights_sha256,
 )
 from .optimize import FUSABLE_MODEL_TYPES, fuse_transformer, to_ort_format
-from .quantize import quantize_int8
+from .quantize import fp16_weights, quantize_int8
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from .evaluate import HeldoutSet, Score
@@ -104,6 +107,13 @@ class ExportReport:
     mobile_path: str = ""
     mobile_bytes: int = 0
     mobile_accuracy: float | None = None
+    fp16_path: str = ""
+    fp16_bytes: int = 0
+    fp16_max_abs_diff: float = 0.0
+    fp16_argmax_agreement: float = 0.0  # on the random parity batches
+    fp16_accuracy: float | None = None
+    fp16_heldout_agreement: float | None = None  # argmax agreement with fp32, held-out set
+    fp16_forced: bool = False  # written although the accuracy gate refused it
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -189,13 +199,13 @@ def _parity_inputs(vocab_size: int, seed: int) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def ort_session(path: str, threads: int) -> Any:
+def ort_session(path: str, threads: int, *, spin: bool = False) -> Any:
+    """A plain onnxruntime session with the device's options (`infer.session_options`)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    from .infer import session_options
+
+    return ort.InferenceSession(path, session_options(threads, spin=spin), providers=["CPUExecutionProvider"])
 
 
 def compare(
@@ -318,23 +328,26 @@ def export_onnx(
     eval_max_length: int = DEFAULT_EVAL_MAX_LENGTH,
     force: bool = False,
     mobile: bool = False,
+    fp16: bool = False,
     exporter: str = "auto",
     optimize: bool = True,
     threads: int = 1,
     seed: int = 0,
 ) -> ExportReport:
-    """Merge, export, optimize, check parity; optionally quantize (accuracy-gated) and write
-    the ORT format. Raises ParityError above ``tolerance``, AccuracyGateError when int8 loses
-    more than ``max_accuracy_drop`` points of held-out accuracy (unless ``force``)."""
+    """Merge, export, optimize, check parity; optionally quantize to int8 and/or write fp16
+    weights (each accuracy-gated) and write the ORT format. Raises ParityError above
+    ``tolerance``, AccuracyGateError when int8 or fp16 loses more than ``max_accuracy_drop``
+    points of held-out accuracy (unless ``force``)."""
     # A global adapter describes itself (task, labels): what the user does not pass comes
     # from its card, and only an adapter without one falls back to guessing.
     adapter, card = read_adapter_and_card(adapter_path)
     task = task or (card.task if card is not None else infer_task(adapter))
     if labels is None and card is not None and card.labels:
         labels = list(card.labels)
-    if quantize and validation is None and not force:
-        raise ConfigError("--quantize needs --validation FILE (held-out examples) to check int8 accuracy; "
-                          "pass --force to write int8 unchecked")
+    for flag, asked in (("--quantize", quantize), ("--fp16", fp16)):
+        if asked and validation is None and not force:
+            raise ConfigError(f"{flag} needs --validation FILE (held-out examples) to check its accuracy; "
+                              "pass --force to write it unchecked")
     if validation is not None and task != "sequence-classification":
         raise ConfigError(f"--validation scores classification accuracy; a {task} model has no such metric here")
     model = merged_model(model_dir, adapter, task)
@@ -401,44 +414,66 @@ def export_onnx(
                          accuracy=fp32_score.accuracy)
     final = out
     if quantize:
-        report = _quantize(model, task, out, report, heldout, fp32_score,
-                           force=force, threads=threads, seed=seed)
+        q = _lossy(model, task, out, "int8", quantize_int8, heldout, fp32_score, report.max_accuracy_drop,
+                   force=force, threads=threads, seed=seed)
+        report = replace(report, quantized_path=q.path, quantized_bytes=q.bytes, quantized_max_abs_diff=q.max_abs_diff,
+                         quantized_argmax_agreement=q.argmax_agreement, quantized_accuracy=q.accuracy,
+                         quantized_heldout_agreement=q.heldout_agreement, forced=q.forced)
         final = Path(report.quantized_path)
+    if fp16:
+        h = _lossy(model, task, out, "fp16", fp16_weights, heldout, fp32_score, report.max_accuracy_drop,
+                   force=force, threads=threads, seed=seed)
+        report = replace(report, fp16_path=h.path, fp16_bytes=h.bytes, fp16_max_abs_diff=h.max_abs_diff,
+                         fp16_argmax_agreement=h.argmax_agreement, fp16_accuracy=h.accuracy,
+                         fp16_heldout_agreement=h.heldout_agreement, fp16_forced=h.forced)
     if mobile:
         report = _mobile(final, report, heldout, threads=threads)
     return report
 
 
-def _quantize(
-    model: torch.nn.Module, task: str, out: Path, report: ExportReport, heldout: HeldoutSet | None,
-    fp32_score: Score | None, *, force: bool, threads: int, seed: int,
-) -> ExportReport:
-    """int8 (``*.int8.onnx``, `quantize.py`) next to ``out``; gated on held-out accuracy."""
-    qpath = out.with_name(out.stem + ".int8.onnx")
-    tmp = out.with_name(f".{qpath.name}.partial")
+@dataclass(frozen=True)
+class _Lossy:
+    path: str
+    bytes: int
+    max_abs_diff: float
+    argmax_agreement: float
+    accuracy: float | None
+    heldout_agreement: float | None
+    forced: bool
+
+
+def _lossy(
+    model: torch.nn.Module, task: str, out: Path, kind: str, convert: Callable[[Path, Path], None],
+    heldout: HeldoutSet | None, fp32_score: Score | None, max_drop: float, *, force: bool, threads: int, seed: int,
+) -> _Lossy:
+    """``convert(out)`` into ``*.{kind}.onnx`` next to ``out`` (int8: `quantize.py`; fp16);
+    compared with torch on the parity batches and gated on held-out accuracy."""
+    path = out.with_name(f"{out.stem}.{kind}.onnx")
+    tmp = out.with_name(f".{path.name}.partial")
+    accuracy = heldout_agreement = None
+    forced = False
     try:
-        quantize_int8(out, tmp)
+        convert(out, tmp)
         diff, agreement = compare(model, task, str(tmp), vocab_size=_config(model).vocab_size, seed=seed,
                                   threads=threads)
-        report = replace(report, quantized_max_abs_diff=diff, quantized_argmax_agreement=agreement)
         if heldout is not None and fp32_score is not None:
             from .evaluate import score
             from .infer import OnnxModel
 
-            int8_score = score(OnnxModel(tmp, threads=threads), heldout)
-            report = replace(report, quantized_accuracy=int8_score.accuracy,
-                             quantized_heldout_agreement=int8_score.agreement(fp32_score))
+            lossy_score = score(OnnxModel(tmp, threads=threads), heldout)
+            accuracy, heldout_agreement = lossy_score.accuracy, lossy_score.agreement(fp32_score)
             try:
-                accuracy_gate(fp32_score.accuracy, int8_score.accuracy, max_drop=report.max_accuracy_drop,
-                              what=f"int8 ({qpath.name})", where=f"{heldout.path} ({len(heldout.labels)} examples)")
+                accuracy_gate(fp32_score.accuracy, lossy_score.accuracy, max_drop=max_drop,
+                              what=f"{kind} ({path.name})", where=f"{heldout.path} ({len(heldout.labels)} examples)")
             except AccuracyGateError:
                 if not force:
                     raise
-                report = replace(report, forced=True)
-        os.replace(tmp, qpath)
+                forced = True
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return replace(report, quantized_path=str(qpath), quantized_bytes=qpath.stat().st_size)
+    return _Lossy(path=str(path), bytes=path.stat().st_size, max_abs_diff=diff, argmax_agreement=agreement,
+                  accuracy=accuracy, heldout_agreement=heldout_agreement, forced=forced)
 
 
 def _mobile(src: Path, report: ExportReport, heldout: HeldoutSet | None, *, threads: int) -> ExportReport:

@@ -41,15 +41,32 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def session_options(threads: int, *, spin: bool = False) -> Any:
+    """onnxruntime session options for a device: ``threads`` intra-op threads, one inter-op.
+
+    ``spin``: whether idle pool threads spin-wait for the next parallel section
+    (onnxruntime's default) instead of sleeping. Off by default: on a device whose cores
+    other work shares, a spinning thread burns the time slice its partner needs
+    (bench/edge_threads.py, 2 threads at load 22-24 on 2 vCPUs: spinning off gave 1.2-2.9x
+    lower wall p50 in all 8 pairs measured, docs/edge-client.md). Irrelevant at one thread
+    (no pool threads).
+    """
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
 class OnnxModel:
     """An exported rankfed model: an onnxruntime session plus its tokenizer and labels."""
 
-    def __init__(self, path: str | Path, *, tokenizer_dir: str | Path | None = None, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, *, tokenizer_dir: str | Path | None = None, threads: int = 1,
+                 spin: bool = False) -> None:
         ort = _require("onnxruntime")
         tokenizers = _require("tokenizers")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options = session_options(threads, spin=spin)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types

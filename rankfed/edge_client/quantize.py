@@ -1,4 +1,5 @@
-"""int8 weights for the exported model: onnxruntime dynamic quantization, per-channel.
+"""Smaller weights for the exported model: int8 (onnxruntime dynamic quantization,
+per-channel) and fp16 weight storage.
 
 Chosen by held-out accuracy (issue 16; bench/edge_bench.py, docs/edge-client.md), on the
 demo's BBC News adapter and a WordNet-supersense adapter (24 classes, the harder case):
@@ -60,6 +61,24 @@ def quantize_int8(src: Path, dst: Path, settings: QuantizeSettings = QuantizeSet
             quantized.metadata_props.add(key=key, value=value)
     onnx.save(quantized, str(dst))
 
+
+def fp16_weights(src: Path, dst: Path) -> None:
+    """``src`` with fp16 weights and activations into ``dst``; inputs and outputs stay as they
+    are (int64 ids, fp32 logits), so `infer.py` and its callers do not change. Metadata kept.
+
+    A storage format for targets that compute in fp16 (GPU, NNAPI, CoreML, ARM CPUs with
+    fp16 kernels). onnxruntime's x86 CPU provider has no fp16 kernels for these ops: it inserts
+    casts and computes in fp32 (measured: fp32 latency, half the file; bench/edge_bench.py).
+    """
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    try:
+        model = OnnxModel(onnx.load(str(src)))
+        model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(dst), use_external_data_format=False)
+    except Exception as err:  # the converter raises assorted types; name the step
+        raise ExportError(f"fp16 conversion failed: {type(err).__name__}: {err}") from err
 
 
 class _DropPreprocessAdvice(logging.Filter):

@@ -170,3 +170,31 @@ def test_a_global_adapter_directory_exports_with_only_the_base_model(bert_dir, t
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     assert report.task == "sequence-classification"
     assert json.loads(props["rankfed.labels"]) == ["cats", "dogs", "eels"]
+
+
+def test_two_thread_sessions_sleep_by_default_and_match_one_thread(bert_export):
+    from rankfed.edge_client.infer import OnnxModel, session_options
+
+    report, _ = bert_export
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(2, spin=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 40, size=(2, 33), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 20:] = 0
+    one = OnnxModel(report.path, threads=1).logits(ids, mask)
+    for spin in (False, True):
+        np.testing.assert_allclose(OnnxModel(report.path, threads=2, spin=spin).logits(ids, mask), one, atol=1e-5)
+    session = export_mod.ort_session(report.path, 2)
+    got = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    np.testing.assert_allclose(got, one, atol=1e-5)
+
+
+def test_infer_cli_spin_flag(bert_export, capsys):
+    from rankfed.cli import main
+
+    report, _ = bert_export
+    assert main(["edge", "infer", "--onnx", report.path, "--text", "good movie", "--threads", "2", "--spin",
+                 "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pred["label"] in ("neg", "pos", "sport")

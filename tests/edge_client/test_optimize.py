@@ -102,3 +102,39 @@ def test_ort_format_of_fp32_without_quantize(bert_dir, exported, tmp_path):
     ids, mask = _padded_batch(11)
     got = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
     np.testing.assert_allclose(got, OnnxModel(report.path).logits(ids, mask), atol=1e-5)
+
+
+def test_fp16_weights_run_on_cpu_onnxruntime_close_to_torch(bert_dir, exported, tmp_path):
+    _, adapter = exported
+    val = write_cls_data(tmp_path / "val.jsonl", n=30, seed=4)
+    report = export_onnx(bert_dir, adapter, tmp_path / "m.onnx", labels=["neg", "pos", "sport"], max_length=64,
+                         fp16=True, validation=val, max_accuracy_drop=100.0)
+    assert report.fp16_path.endswith("m.fp16.onnx") and not report.quantized_path and not report.fp16_forced
+    model = onnx.load(report.fp16_path)
+    weights = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    fp16 = [t for t in weights if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(fp16) == len(weights) > 0  # every float weight is stored as fp16
+    # Inputs and outputs keep their types: int64 ids and mask in, fp32 logits out.
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.INT64] * 2
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ids, mask = _padded_batch(17)
+    torch_model = logits_only(merged_model(bert_dir, read_adapter(adapter), "sequence-classification"),
+                              "sequence-classification")
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    got = OnnxModel(report.fp16_path).logits(ids, mask)  # metadata (tokenizer) survives the conversion
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-2)  # fp16 rounding: ~3 significant digits
+    assert 0 < report.fp16_max_abs_diff <= 2e-2 and report.fp16_argmax_agreement >= 0.9
+    assert report.fp16_accuracy is not None and report.fp16_heldout_agreement is not None
+    assert report.bytes / report.fp16_bytes > 1.5
+
+
+def test_fp16_needs_validation_or_force(bert_dir, exported, tmp_path):
+    from rankfed.edge_client.errors import ConfigError
+
+    _, adapter = exported
+    with pytest.raises(ConfigError, match="--fp16 needs --validation"):
+        export_onnx(bert_dir, adapter, tmp_path / "m.onnx", max_length=64, fp16=True)
+    report = export_onnx(bert_dir, adapter, tmp_path / "m.onnx", max_length=64, fp16=True, force=True)
+    assert report.fp16_accuracy is None and (tmp_path / "m.fp16.onnx").is_file()
