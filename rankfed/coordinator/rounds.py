@@ -65,8 +65,9 @@ class RoundLoop:
             initial = ctx.spec.init_adapter(
                 rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora, seed=ctx.config.federation.seed
             )
-            state.global_adapter = initial
             state.global_sha = (0, await asyncio.to_thread(ctx.globals.save, 0, initial))
+            del initial  # kept as a mapping of its file from here (GlobalAdapters.load)
+            state.global_adapter = await asyncio.to_thread(ctx.globals.load, 0)
         state.global_round = 0
 
     async def resume_open_round(self) -> None:
@@ -301,8 +302,10 @@ class RoundLoop:
                             f"(rejected: {'; '.join(f'{k}: {v}' for k, v in sorted(rejected.items()))})"
                         )
             result = await asyncio.to_thread(accumulator.result)
-            del accumulator  # its sums are as large as the global adapter: free them before encoding
+            del accumulator  # its sums are as large as the global adapter: free them before writing
             sha = await asyncio.to_thread(ctx.globals.save, record.round, result)
+            del result  # kept as a mapping of the file just written, not in the heap
+            new_global = await asyncio.to_thread(ctx.globals.load, record.round)
         except Exception as exc:  # noqa: BLE001 - any aggregation error fails this round, never the daemon
             # e.g. an aggregate that overflows float32, or a full disk: the round fails,
             # the previous global adapter stays, and the federation goes on.
@@ -312,11 +315,11 @@ class RoundLoop:
             log.error("round failed", extra={"round": record.round, "reason": reason})
             return replace(record, phase=RoundPhase.FAILED, finished_at=now, metrics=metrics, failure_reason=reason)
         metrics["aggregation_seconds"] = time.perf_counter() - started
-        state.global_adapter, state.global_round = result, record.round
+        state.global_adapter, state.global_round = new_global, record.round
         log.info("round done", extra={"round": record.round, "updates": len(receipts), "metrics": metrics})
         return replace(
             record, phase=RoundPhase.DONE, finished_at=ctx.clock(), metrics=metrics,
-            global_sha256=sha, global_rank=result.max_rank,
+            global_sha256=sha, global_rank=new_global.max_rank,
         )
 
     def _refold(self, receipts: list[Receipt], clip: dict[str, float], rejected: dict[str, str]) -> Accumulator:
