@@ -18,6 +18,7 @@ import numpy as np
 
 from rankfed.aggregation import Accumulator, AdapterError, AggregationError
 from rankfed.aggregation.robust import clip_factors, scale_update
+from rankfed.coordinator import heap
 from rankfed.coordinator.context import OPEN_STATES, FederationContext
 from rankfed.coordinator.controls import Controls
 from rankfed.coordinator.dispatch import TaskDispatcher
@@ -171,6 +172,7 @@ class RoundLoop:
         participants, reasons = plan_round(ctx, round_no, chosen)
         # Before the round is published: GetTask must never wait for an SVD or an fsync.
         await self._dispatch.prepare_rank_files(participants)
+        await asyncio.to_thread(heap.trim)  # the redistributed copies are written and gone
         now = ctx.clock()
         record = replace(waiting, phase=RoundPhase.TRAINING, started_at=now, deadline=now + fed.round_deadline_seconds)
         # The store and the open round change together (no await between): a status that
@@ -248,6 +250,7 @@ class RoundLoop:
             if ctx.personalized:
                 metrics.update(personal_metrics(receipts))
             record = await self._aggregate(record, receipts, metrics)
+            await asyncio.to_thread(heap.trim)  # the accumulator and the result are gone
             ctx.store.put_round(record)
             state.open, state.accumulator = None, None
             state.fold_failures, state.norms = {}, {}
