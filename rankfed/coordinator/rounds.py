@@ -138,7 +138,9 @@ class RoundLoop:
 
     def _new_accumulator(self) -> Accumulator:
         ctx = self._ctx
-        return ctx.method.accumulator(ctx.spec, global_rank=ctx.config.lora.max_rank, previous=ctx.state.global_adapter)
+        with heap.mapped_blocks():  # its sums are returned to the kernel with it
+            return ctx.method.accumulator(ctx.spec, global_rank=ctx.config.lora.max_rank,
+                                          previous=ctx.state.global_adapter)
 
     def _next_round_number(self) -> int:
         latest = self._ctx.store.latest_round()
@@ -171,8 +173,8 @@ class RoundLoop:
             chosen = sorted(rng.sample(by_name, fed.clients_per_round))
         participants, reasons = plan_round(ctx, round_no, chosen)
         # Before the round is published: GetTask must never wait for an SVD or an fsync.
-        await self._dispatch.prepare_rank_files(participants)
-        await asyncio.to_thread(heap.trim)  # the redistributed copies are written and gone
+        with heap.mapped_blocks():  # the redistributed copies leave no heap behind
+            await self._dispatch.prepare_rank_files(participants)
         now = ctx.clock()
         record = replace(waiting, phase=RoundPhase.TRAINING, started_at=now, deadline=now + fed.round_deadline_seconds)
         # The store and the open round change together (no await between): a status that
@@ -249,8 +251,9 @@ class RoundLoop:
             metrics = round_metrics(receipts, ctx.store.list_participants(record.round))
             if ctx.personalized:
                 metrics.update(personal_metrics(receipts))
-            record = await self._aggregate(record, receipts, metrics)
-            await asyncio.to_thread(heap.trim)  # the accumulator and the result are gone
+            with heap.mapped_blocks():  # the result and a refold's accumulator leave no heap behind
+                record = await self._aggregate(record, receipts, metrics)
+            await asyncio.to_thread(heap.trim)
             ctx.store.put_round(record)
             state.open, state.accumulator = None, None
             state.fold_failures, state.norms = {}, {}
