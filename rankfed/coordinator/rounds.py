@@ -102,6 +102,7 @@ class RoundLoop:
         record = replace(latest, phase=RoundPhase.TRAINING, deadline=max(latest.deadline, now + grace))
         ctx.store.put_round(record)
         await self._dispatch.prepare_rank_files(ctx.store.list_participants(record.round))
+        state.participants = frozenset(p.client_id for p in ctx.store.list_participants(record.round))
         state.open, state.accumulator = record, accumulator
         log.info(
             "resumed round",
@@ -185,6 +186,7 @@ class RoundLoop:
             ctx.store.put_round(record)
         ctx.state.reasons = reasons
         ctx.state.norms, ctx.state.fold_failures = {}, {}
+        ctx.state.participants = frozenset(p.client_id for p in participants)
         ctx.state.open, ctx.state.accumulator = record, self._new_accumulator()
         log.info("round started", extra={
             "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
@@ -219,9 +221,12 @@ class RoundLoop:
         while True:
             record = ctx.state.open
             assert record is not None
-            parts = ctx.store.list_participants(record.round)
-            uploaded = sum(p.state is ParticipantState.UPLOADED for p in parts)
-            pending = [p for p in parts if p.state in OPEN_STATES or p.client_id in ctx.state.uploading]
+            # Counts, not records: decoding 1,000 participants every 50 ms took a fifth of the
+            # event loop during a 1,000-upload round (py-spy, bench/load_bench.py).
+            counts = ctx.store.count_participants(record.round)
+            uploaded = counts.get(ParticipantState.UPLOADED, 0)
+            pending = any(counts.get(state) for state in OPEN_STATES) or any(
+                session.round == record.round for session in ctx.state.uploading.values())
             now = ctx.clock()
             if not pending or now >= record.deadline or ctx.state.close_now:
                 return
@@ -255,7 +260,7 @@ class RoundLoop:
                 record = await self._aggregate(record, receipts, metrics)
             await asyncio.to_thread(heap.trim)
             ctx.store.put_round(record)
-            state.open, state.accumulator = None, None
+            state.open, state.accumulator, state.participants = None, None, frozenset()
             state.fold_failures, state.norms = {}, {}
             state.uploading.clear()
             # Kept bytes of broken uploads can serve no resume once their round is closed.
