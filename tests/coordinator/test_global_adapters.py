@@ -8,7 +8,15 @@ import hashlib
 import numpy as np
 import pytest
 
-from rankfed.aggregation import decode_adapter, encode_adapter, get_method, revive_inert
+from rankfed.aggregation import (
+    Adapter,
+    AdapterValidationError,
+    LoraModule,
+    decode_adapter,
+    encode_adapter,
+    get_method,
+    revive_inert,
+)
 from rankfed.coordinator.errors import NotFoundError
 from rankfed.coordinator.global_adapters import GlobalAdapters
 from rankfed.coordinator.store import BlobStore
@@ -57,3 +65,17 @@ def test_rank_file_is_the_encoded_redistribution(globals_, tiny_manifest):
     assert data == encode_adapter(local, metadata=globals_._metadata(1))
     assert (entry.size, entry.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert decode_adapter(data).ranks == dict.fromkeys(tiny_manifest.modules, 2)
+
+
+def test_a_non_finite_tensor_leaves_no_file(globals_, tiny_manifest):
+    """Streaming writes the tensors before the bad one; the blob is discarded, not published."""
+    adapter = random_adapter(tiny_manifest, 4, 8.0, seed=4)
+    last = sorted(adapter.modules)[-1]
+    bad = adapter.modules[last].b.copy()
+    bad[0, 0] = np.nan
+    modules = {**adapter.modules, last: LoraModule(a=adapter.modules[last].a, b=bad, alpha=adapter.modules[last].alpha)}
+    adapter = Adapter(modules=modules, dense=adapter.dense)
+    with pytest.raises(AdapterValidationError, match="non-finite"):
+        globals_.save(3, adapter)
+    assert not globals_.exists(3)
+    assert not [p for p in globals_._blobs.root.rglob("*") if p.is_file() and "round-000003/adapter_model" in str(p)]
