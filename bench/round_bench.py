@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
 import sys
 import tempfile
 import time
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-mib", type=int, default=16, help="adapter size in MiB (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per client count (default 3)")
     parser.add_argument("--method", default="rbla", help="aggregation method (default rbla)")
-    parser.add_argument("--workdir", help="where the coordinators' data goes (default: a new temp dir)")
+    parser.add_argument("--workdir", help="where the coordinators' data goes (default: a new temp dir, removed at the end)")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the default temp dir (logs, blobs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_raw.set()
         raw_proc.join(10)
+        if not args.workdir and not args.keep_workdir:
+            shutil.rmtree(root, ignore_errors=True)  # each N's coordinator data: GBs of updates
     report = {
         "benchmark": "rounds",
         "started_at": started_at,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
 import sys
 import tempfile
 import threading
@@ -197,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
             server.stop()
         stop_raw.set()
         raw_proc.join(10)
+        if not args.workdir and not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)  # several GB of updates at 128 MiB
 
     measured = [r for r in reps if not r["warmup"]]
     result: dict = {}
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="rbla", help="aggregation method (default rbla)")
     parser.add_argument("--chunk-kib", type=int, default=0,
                         help="server.max_chunk_bytes in KiB (default: the coordinator's own default)")
-    parser.add_argument("--workdir", help="where the coordinator's data goes (default: a new temp dir)")
+    parser.add_argument("--workdir", help="where the coordinator's data goes (default: a new temp dir, removed at the end)")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the default temp dir (logs, blobs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)
     report = run(args)

@@ -12,7 +12,7 @@ See docs/aggregation.md for the formulas, choices and memory bounds.
 """
 
 from .adapter import Adapter, AdapterSpec, LoraModule
-from .codec import FORMAT, decode_adapter, encode_adapter, read_adapter_metadata
+from .codec import FORMAT, decode_adapter, encode_adapter, read_adapter_metadata, write_adapter
 from .errors import (
     AdapterError,
     AdapterFormatError,
@@ -56,6 +56,7 @@ __all__ = [
     "Method",
     "decode_adapter",
     "encode_adapter",
+    "write_adapter",
     "factored_svd",
     "factored_svd_parts",
     "fedavg_updates",

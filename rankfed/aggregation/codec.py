@@ -20,20 +20,20 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import safetensors
 
 from .adapter import Adapter, AdapterSpec, LoraModule
-from .dtypes import HEADER_TO_WIRE, WIRE_DTYPES, F32Array, WireArray, from_wire, to_wire
+from .dtypes import HEADER_TO_WIRE, WIRE_DTYPES, F32Array, from_wire, to_wire
 from .errors import AdapterFormatError, AdapterValidationError
 
 __all__ = [
     "FORMAT",
     "PREFIX",
     "encode_adapter",
+    "write_adapter",
     "decode_adapter",
     "read_adapter_metadata",
     "lora_keys",
@@ -57,9 +57,32 @@ def encode_adapter(
 ) -> bytes:
     """Serialise ``adapter`` to safetensors bytes in ``dtype`` (float32, float16, bfloat16).
 
-    Raises :class:`AdapterValidationError` naming the key when a value is non-finite or
-    overflows ``dtype`` (float16 tops out at 65504), and ``ValueError`` when the caller's
-    metadata collides with a reserved key.
+    The bytes are what :func:`write_adapter` streams, joined. Raises
+    :class:`AdapterValidationError` naming the key when a value is non-finite or overflows
+    ``dtype`` (float16 tops out at 65504), and ``ValueError`` when the caller's metadata
+    collides with a reserved key.
+    """
+    parts: list[bytes] = []
+    write_adapter(adapter, lambda data: parts.append(bytes(data)), dtype=dtype, metadata=metadata)
+    return b"".join(parts)
+
+
+def write_adapter(
+    adapter: Adapter,
+    write: Callable[[memoryview], object],
+    *,
+    dtype: str = "float32",
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Stream ``adapter`` as safetensors to ``write``: the header, then one tensor at a time.
+
+    Memory beyond the adapter is one encoded tensor (none for float32, whose arrays are
+    written as they are), never the whole file. Returns the number of bytes written. The
+    bytes are deterministic: metadata keys sorted, tensors in safetensors' order (by name,
+    all of one dtype), the header padded with spaces to 8 bytes as safetensors pads it.
+    A tensor that is non-finite or overflows ``dtype`` raises
+    :class:`AdapterValidationError` after the tensors before it were written: a caller
+    streaming to a file discards it (``BlobStore.open_writer`` does on an exception).
     """
     if dtype not in WIRE_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
@@ -83,10 +106,20 @@ def encode_adapter(
     for name, value in adapter.dense.items():
         tensors[PREFIX + name] = value
 
-    _, st_dtype, _ = WIRE_DTYPES[dtype]
-    wire: dict[str, WireArray] = {}  # keeps the buffers alive while serialize() reads them
-    specs = {}
-    for key, value in tensors.items():
+    header_dtype, _, itemsize = WIRE_DTYPES[dtype]
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    order = sorted(tensors)  # safetensors' order for tensors of one dtype
+    offset = 0
+    for key in order:
+        shape = [int(d) for d in tensors[key].shape]
+        nbytes = math.prod(shape) * itemsize
+        header[key] = {"dtype": header_dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    write(memoryview(_HEADER_LEN.pack(len(head)) + head))
+    for key in order:
+        value = tensors[key]
         if not np.isfinite(value).all():
             raise AdapterValidationError(f"{key}: non-finite values", key=key)
         encoded = to_wire(value, dtype)
@@ -94,14 +127,9 @@ def encode_adapter(
             raise AdapterValidationError(f"{key}: values overflow float16", key=key)
         if dtype == "bfloat16" and ((encoded.view(np.uint16) & 0x7F80) == 0x7F80).any():
             raise AdapterValidationError(f"{key}: values overflow bfloat16", key=key)
-        wire[key] = encoded
-        specs[key] = safetensors.TensorSpec(
-            dtype=st_dtype,
-            shape=list(value.shape),
-            data_ptr=encoded.ctypes.data,
-            data_len=encoded.nbytes,
-        )
-    return bytes(safetensors.serialize(specs, metadata=meta))
+        if encoded.nbytes:
+            write(memoryview(encoded.data).cast("B"))  # (to_wire: C-contiguous)
+    return 8 + len(head) + offset
 
 
 def _parse_header(view: memoryview, max_header_bytes: int) -> tuple[dict[str, Any], int]:

@@ -34,7 +34,7 @@ import numpy.typing as npt
 from .adapter import Adapter, AdapterSpec
 from .dtypes import F32Array
 from .errors import AggregationError
-from .rules.common import UNOWNED, fill_unowned, make_global, previous_factors
+from .rules.common import UNOWNED, fill_unowned, global_module, previous_factors
 from .rules.padding import FILLS, HETLORA_NORMS, update_norm
 from .rules.svd_based import svd_global
 
@@ -284,8 +284,11 @@ class ComponentAccumulator(_Base):
             else:
                 a /= total
                 b /= total
-            modules[name] = fill_unowned(a, b, owned, name, unowned=self._unowned, previous=self._previous)
-        return self._finite(make_global(modules, dense))
+            # float32 now, module by module: the float64 factors of every module at once
+            # would be twice the global adapter (the peak of a round's close)
+            modules[name] = global_module(*fill_unowned(a, b, owned, name, unowned=self._unowned, previous=self._previous))
+            del a, b
+        return self._finite(Adapter(modules=modules, dense=dense, use_rslora=False))
 
 
 class _StackAccumulator(_Base):
@@ -396,10 +399,10 @@ class FlexLoraAccumulator(_StackAccumulator):
             if name in self._sum:
                 bs.insert(0, self._sum[name])  # (d_out, d_in) @ I (d_in, d_in)
                 as_.insert(0, np.eye(d_in, dtype=np.float32))
-            modules[name] = svd_global(
+            modules[name] = global_module(*svd_global(
                 bs, as_, [1.0 / self._weight] * len(bs), None if self._exact else self._global_rank
-            )
-        return self._finite(make_global(modules, dense))
+            ))
+        return self._finite(Adapter(modules=modules, dense=dense, use_rslora=False))
 
 
 class FloraAccumulator(_StackAccumulator):
@@ -419,5 +422,5 @@ class FloraAccumulator(_StackAccumulator):
         for name in self._spec.modules:
             a_g = np.concatenate(self._as[name], axis=0).astype(np.float64) / self._weight  # (Σ r_k, d_in)
             b_g = np.concatenate(self._bs[name], axis=1).astype(np.float64)  # (d_out, Σ r_k)
-            modules[name] = (a_g, b_g)
-        return self._finite(make_global(modules, dense))
+            modules[name] = global_module(a_g, b_g)
+        return self._finite(Adapter(modules=modules, dense=dense, use_rslora=False))

@@ -97,6 +97,9 @@ class RoundState:
     global_round: int = 0
     global_sha: tuple[int, str] | None = None  # (round, sha256) cache of the global adapter's digest
     reasons: dict[str, str] = field(default_factory=dict)  # why each participant got its rank
+    # The open round's participants (fixed when it starts): a long-poll of anyone else is
+    # answered without reading the store.
+    participants: frozenset[str] = frozenset()
     # Updates folded into the running aggregate, and their norms (for robust clipping).
     norms: dict[str, float] = field(default_factory=dict)
     # Updates whose fold failed (e.g. an overflow): the round closes without them.

@@ -56,7 +56,7 @@ class TaskDispatcher:
                 final_adapter_sha256=self.global_sha256(),
             )
         record = state.open
-        if record is None or record.phase is not RoundPhase.TRAINING:
+        if record is None or record.phase is not RoundPhase.TRAINING or client_id not in state.participants:
             return None
         part = ctx.store.get_participant(record.round, client_id)
         if part is None or part.state not in (*OPEN_STATES, ParticipantState.DROPPED):

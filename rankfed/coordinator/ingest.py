@@ -77,7 +77,7 @@ class Ingest:
     def __init__(self, ctx: FederationContext, dispatch: TaskDispatcher) -> None:
         self._ctx = ctx
         self._dispatch = dispatch
-        self._decode_slots = asyncio.Semaphore(2)  # bounds transient memory of concurrent decodes
+        self._decode_slots = asyncio.Semaphore(2)  # updates mapped at once (decoded, not yet folded)
         self._pool: ThreadPoolExecutor | None = None
         # Parks under way (a broken stream's bytes being kept), by session: a retry waits for its own.
         self._parks: dict[UploadSession, asyncio.Task[int]] = {}
@@ -130,22 +130,31 @@ class Ingest:
                 f"upload ended after {session.received} of {header.total_bytes} declared bytes (truncated); "
                 "resume it (UploadStatus) or send it again"
             )
+        slot = False
         try:
             await session.seal()
-            async with self._decode_slots:
-                adapter = await asyncio.to_thread(
-                    session.verify, self._ctx.spec, assigned=self._assigned(session.participant),
-                    homogeneous=self._ctx.homogeneous,
-                )
+            # A decoded update is a mapping of its whole file: a slot bounds how many are
+            # mapped at once, from the decode to the end of its fold (not only the decode:
+            # with 32 streams ending together, the verified ones waited for the fold mapped).
+            await self._decode_slots.acquire()
+            slot = True
+            adapter = await asyncio.to_thread(
+                session.verify, self._ctx.spec, assigned=self._assigned(session.participant),
+                homogeneous=self._ctx.homogeneous,
+            )
         except BaseException:
             # Rejected content (digest, shapes, rank...), or cancelled while verified: no trace.
+            if slot:
+                self._decode_slots.release()
             self._abort(session)
             raise
         # From here the update is complete and valid: commit, receipt and fold run as one
         # shielded task, so a caller that goes away now cannot leave a receipt whose update
         # was never folded (or an fsynced file without a receipt).
-        receipt = await asyncio.shield(asyncio.ensure_future(self._accept(session, adapter)))
-        del adapter  # the last views of the mapped update: it is unmapped, its pages can go
+        accept = asyncio.ensure_future(self._accept(session, adapter))
+        accept.add_done_callback(lambda _: self._decode_slots.release())
+        del adapter  # the task holds the last views of the mapped update: unmapped when it ends
+        receipt = await asyncio.shield(accept)
         try:
             self._writers().submit(session.drop_cache)
         except RuntimeError:  # the pool is shut down: the coordinator is stopping
@@ -368,6 +377,9 @@ class Ingest:
     async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
         ctx, state, header = self._ctx, self._ctx.state, session.header
         try:
+            # The data's fsync outside the round's lock: uploads ending together sync in
+            # parallel, and only the rename and the receipt are serialised.
+            await asyncio.to_thread(session.sync)
             async with state.lock:
                 self._reject_duplicate(session.client_id, session.round)
                 part = self._dispatch.training_participant(session.client_id, session.round, action="upload")

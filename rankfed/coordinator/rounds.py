@@ -18,6 +18,7 @@ import numpy as np
 
 from rankfed.aggregation import Accumulator, AdapterError, AggregationError
 from rankfed.aggregation.robust import clip_factors, scale_update
+from rankfed.coordinator import heap
 from rankfed.coordinator.context import OPEN_STATES, FederationContext
 from rankfed.coordinator.controls import Controls
 from rankfed.coordinator.dispatch import TaskDispatcher
@@ -65,8 +66,9 @@ class RoundLoop:
             initial = ctx.spec.init_adapter(
                 rank=lora.rank, alpha=lora.alpha, use_rslora=lora.use_rslora, seed=ctx.config.federation.seed
             )
-            state.global_adapter = initial
             state.global_sha = (0, await asyncio.to_thread(ctx.globals.save, 0, initial))
+            del initial  # kept as a mapping of its file from here (GlobalAdapters.load)
+            state.global_adapter = await asyncio.to_thread(ctx.globals.load, 0)
         state.global_round = 0
 
     async def resume_open_round(self) -> None:
@@ -100,6 +102,7 @@ class RoundLoop:
         record = replace(latest, phase=RoundPhase.TRAINING, deadline=max(latest.deadline, now + grace))
         ctx.store.put_round(record)
         await self._dispatch.prepare_rank_files(ctx.store.list_participants(record.round))
+        state.participants = frozenset(p.client_id for p in ctx.store.list_participants(record.round))
         state.open, state.accumulator = record, accumulator
         log.info(
             "resumed round",
@@ -136,7 +139,9 @@ class RoundLoop:
 
     def _new_accumulator(self) -> Accumulator:
         ctx = self._ctx
-        return ctx.method.accumulator(ctx.spec, global_rank=ctx.config.lora.max_rank, previous=ctx.state.global_adapter)
+        with heap.mapped_blocks():  # its sums are returned to the kernel with it
+            return ctx.method.accumulator(ctx.spec, global_rank=ctx.config.lora.max_rank,
+                                          previous=ctx.state.global_adapter)
 
     def _next_round_number(self) -> int:
         latest = self._ctx.store.latest_round()
@@ -169,7 +174,8 @@ class RoundLoop:
             chosen = sorted(rng.sample(by_name, fed.clients_per_round))
         participants, reasons = plan_round(ctx, round_no, chosen)
         # Before the round is published: GetTask must never wait for an SVD or an fsync.
-        await self._dispatch.prepare_rank_files(participants)
+        with heap.mapped_blocks():  # the redistributed copies leave no heap behind
+            await self._dispatch.prepare_rank_files(participants)
         now = ctx.clock()
         record = replace(waiting, phase=RoundPhase.TRAINING, started_at=now, deadline=now + fed.round_deadline_seconds)
         # The store and the open round change together (no await between): a status that
@@ -180,6 +186,7 @@ class RoundLoop:
             ctx.store.put_round(record)
         ctx.state.reasons = reasons
         ctx.state.norms, ctx.state.fold_failures = {}, {}
+        ctx.state.participants = frozenset(p.client_id for p in participants)
         ctx.state.open, ctx.state.accumulator = record, self._new_accumulator()
         log.info("round started", extra={
             "round": round_no, "participants": len(participants), "ranks": sorted(p.rank for p in participants),
@@ -214,9 +221,12 @@ class RoundLoop:
         while True:
             record = ctx.state.open
             assert record is not None
-            parts = ctx.store.list_participants(record.round)
-            uploaded = sum(p.state is ParticipantState.UPLOADED for p in parts)
-            pending = [p for p in parts if p.state in OPEN_STATES or p.client_id in ctx.state.uploading]
+            # Counts, not records: decoding 1,000 participants every 50 ms took a fifth of the
+            # event loop during a 1,000-upload round (py-spy, bench/load_bench.py).
+            counts = ctx.store.count_participants(record.round)
+            uploaded = counts.get(ParticipantState.UPLOADED, 0)
+            pending = any(counts.get(state) for state in OPEN_STATES) or any(
+                session.round == record.round for session in ctx.state.uploading.values())
             now = ctx.clock()
             if not pending or now >= record.deadline or ctx.state.close_now:
                 return
@@ -246,9 +256,11 @@ class RoundLoop:
             metrics = round_metrics(receipts, ctx.store.list_participants(record.round))
             if ctx.personalized:
                 metrics.update(personal_metrics(receipts))
-            record = await self._aggregate(record, receipts, metrics)
+            with heap.mapped_blocks():  # the result and a refold's accumulator leave no heap behind
+                record = await self._aggregate(record, receipts, metrics)
+            await asyncio.to_thread(heap.trim)
             ctx.store.put_round(record)
-            state.open, state.accumulator = None, None
+            state.open, state.accumulator, state.participants = None, None, frozenset()
             state.fold_failures, state.norms = {}, {}
             state.uploading.clear()
             # Kept bytes of broken uploads can serve no resume once their round is closed.
@@ -301,8 +313,10 @@ class RoundLoop:
                             f"(rejected: {'; '.join(f'{k}: {v}' for k, v in sorted(rejected.items()))})"
                         )
             result = await asyncio.to_thread(accumulator.result)
-            del accumulator  # its sums are as large as the global adapter: free them before encoding
+            del accumulator  # its sums are as large as the global adapter: free them before writing
             sha = await asyncio.to_thread(ctx.globals.save, record.round, result)
+            del result  # kept as a mapping of the file just written, not in the heap
+            new_global = await asyncio.to_thread(ctx.globals.load, record.round)
         except Exception as exc:  # noqa: BLE001 - any aggregation error fails this round, never the daemon
             # e.g. an aggregate that overflows float32, or a full disk: the round fails,
             # the previous global adapter stays, and the federation goes on.
@@ -312,11 +326,11 @@ class RoundLoop:
             log.error("round failed", extra={"round": record.round, "reason": reason})
             return replace(record, phase=RoundPhase.FAILED, finished_at=now, metrics=metrics, failure_reason=reason)
         metrics["aggregation_seconds"] = time.perf_counter() - started
-        state.global_adapter, state.global_round = result, record.round
+        state.global_adapter, state.global_round = new_global, record.round
         log.info("round done", extra={"round": record.round, "updates": len(receipts), "metrics": metrics})
         return replace(
             record, phase=RoundPhase.DONE, finished_at=ctx.clock(), metrics=metrics,
-            global_sha256=sha, global_rank=result.max_rank,
+            global_sha256=sha, global_rank=new_global.max_rank,
         )
 
     def _refold(self, receipts: list[Receipt], clip: dict[str, float], rejected: dict[str, str]) -> Accumulator:

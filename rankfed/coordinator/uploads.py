@@ -313,6 +313,11 @@ class UploadSession:
         check_lora_config(adapter, assigned)
         return adapter
 
+    def sync(self) -> None:
+        """fsync the verified bytes (after seal()) before commit() takes the round's lock;
+        commit() fsyncs again, so the receipt still follows a complete fsync."""
+        self._writer.sync()
+
     def commit(self) -> str:
         """fsync and publish the blob (after seal()); returns its path relative to the blob root."""
         self._committed = self._writer.commit()

@@ -14,6 +14,7 @@ from rankfed.aggregation import (
     decode_adapter,
     encode_adapter,
     read_adapter_metadata,
+    write_adapter,
 )
 from rankfed.aggregation.dtypes import bf16_bits_from_f32, f32_from_bf16_bits
 from tests.aggregation.helpers import SPEC, random_adapter
@@ -59,6 +60,36 @@ def test_keys_are_peft_keys_and_readable_by_safetensors():
     assert KEY_A in tensors and "base_model.model.enc.q.lora_B.weight" in tensors
     assert "base_model.model.classifier.bias" in tensors
     assert tensors[KEY_A].shape == (2, 5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_streamed_bytes_are_encode_adapters_and_safetensors_reads_them(dtype):
+    """write_adapter streams exactly encode_adapter's bytes; safetensors reads them and finds
+    the tensors and metadata its own serializer writes (whose metadata order varies)."""
+    adapter = random_adapter(SPEC, {"enc.q": 2, "enc.v": 4, "dec.o": 1}, alpha=16.0, seed=5)
+    meta = {"round": "7", "base_model_id": "tiny-ü", "z": "last", "a": "first"}
+    chunks: list[bytes] = []
+    n = write_adapter(adapter, lambda view: chunks.append(bytes(view)), dtype=dtype, metadata=meta)
+    blob = encode_adapter(adapter, dtype=dtype, metadata=meta)
+    assert b"".join(chunks) == blob and n == len(blob)
+    assert blob == encode_adapter(adapter, dtype=dtype, metadata=dict(reversed(meta.items())))  # deterministic
+    assert len(chunks) == 1 + 2 * len(adapter.modules) + len(adapter.dense)  # header, then tensor by tensor
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    assert header_len % 8 == 0
+    ours = safetensors.deserialize(blob)
+    buffers = {key: np.frombuffer(t["data"], np.uint8) for key, t in ours}
+    theirs_blob = bytes(safetensors.serialize(
+        {key: safetensors.TensorSpec(dtype=dtype, shape=list(t["shape"]), data_ptr=buffers[key].ctypes.data,
+                                     data_len=buffers[key].nbytes) for key, t in ours},
+        metadata=read_adapter_metadata(blob),
+    ))
+    assert dict(safetensors.deserialize(theirs_blob)) == dict(ours)
+    assert read_adapter_metadata(theirs_blob) == read_adapter_metadata(blob)
+    (theirs_len,) = struct.unpack("<Q", theirs_blob[:8])
+    assert theirs_blob[8 + theirs_len:] == blob[8 + header_len:]  # the same data section
+    if dtype == "float32":
+        tensors = safetensors.numpy.load(blob)
+        np.testing.assert_array_equal(tensors[KEY_A], adapter.modules["enc.q"].a)
 
 
 def test_bf16_bits_match_torch():

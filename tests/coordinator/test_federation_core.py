@@ -147,7 +147,7 @@ def test_a_dying_round_loop_is_reported(tmp_path, monkeypatch):
             raise RuntimeError("disk vanished")
 
         # The state store is the seam: it fails under the round loop, which watches the round.
-        monkeypatch.setattr(fed.store, "list_participants", broken)
+        monkeypatch.setattr(fed.store, "count_participants", broken)
         error = await asyncio.wait_for(fed.wait_fatal(), 10)
         assert isinstance(error, RuntimeError) and "disk vanished" in str(error)
         await fed.stop()  # does not raise the loop's error again

@@ -265,6 +265,8 @@ class TestStateStoreContract:
         assert [p.client_id for p in s.list_participants(1)] == ["c2", "c1"]
         assert [p.client_id for p in s.list_participants(2)] == ["c1"]
         assert s.list_participants(7) == []
+        assert s.count_participants(1) == {ParticipantState.ASSIGNED: 1, ParticipantState.UPLOADED: 1}
+        assert s.count_participants(7) == {}
 
     def test_participant_needs_round_and_client(self, seeded: StateStore) -> None:
         with pytest.raises(NotFoundError, match="round 9"):

@@ -42,6 +42,7 @@ from typing import Self
 
 from rankfed.coordinator.errors import StorageError
 from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
+from rankfed.protocol import ParticipantState
 
 SCHEMA_VERSION = 2
 """Bumped on every incompatible change of the persisted layout."""
@@ -113,6 +114,11 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def list_participants(self, round: int) -> list[Participant]:
         """Participants of `round` in the order they were first put."""
+
+    @abc.abstractmethod
+    def count_participants(self, round: int) -> dict[ParticipantState, int]:
+        """How many participants of `round` are in each state (states with none left out):
+        what the round loop polls, without building a record per participant."""
 
     # --- receipts ----------------------------------------------------------------------
 

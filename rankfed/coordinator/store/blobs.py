@@ -208,6 +208,17 @@ class BlobWriter:
             _start_writeback(fd, self._written_back, self._nbytes - self._written_back, 2)  # SYNC_FILE_RANGE_WRITE
             self._written_back = self._nbytes
 
+    def sync(self) -> None:
+        """fsync the bytes written so far without publishing them, so that a commit() made
+        under a lock has (almost) nothing left to flush."""
+        fd = self._open_fd()
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            err = _io_error(e, self._store.root, self._relpath, "syncing", self._nbytes)
+            self.abort()
+            raise err from e
+
     def commit(self) -> Path:
         """fsync, rename over the final name, fsync the directory; returns the final path."""
         fd = self._open_fd()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,6 +28,7 @@ from rankfed.coordinator.store.base import (
     check_limit,
     check_meta_key,
 )
+from rankfed.protocol import ParticipantState
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -221,6 +223,11 @@ class MemoryStore(StateStore):
         with self._lock:
             self._check_open()
             return _copy(list(self._participants.get(round, {}).values()))
+
+    def count_participants(self, round: int) -> dict[ParticipantState, int]:
+        with self._lock:
+            self._check_open()
+            return dict(Counter(p.state for p in self._participants.get(round, {}).values()))
 
     # --- receipts ----------------------------------------------------------------------
 

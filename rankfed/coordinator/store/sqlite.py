@@ -405,6 +405,10 @@ class SqliteStore(StateStore):
         )
         return [_participant(r) for r in rows]
 
+    def count_participants(self, round: int) -> dict[ParticipantState, int]:
+        rows = self._rows("SELECT state, COUNT(*) FROM participants WHERE round = ? GROUP BY state", (round,))
+        return {ParticipantState(state): int(n) for state, n in rows}
+
     # --- receipts ----------------------------------------------------------------------
 
     def add_receipt(self, r: Receipt) -> None:
