@@ -132,6 +132,18 @@ def paired_difference(acc: Accuracies, a: str, b: str) -> dict[str, Any] | None:
     return {"a": a, "b": b, "seeds": seeds, "diff_points": diffs, "mean": mean, "ci95": half}
 
 
+def core_hypotheses(acc: Accuracies, rules: tuple[str, ...]) -> tuple[str | None, dict[str, Any]]:
+    """H0-H3, the same in studies v2 and v3; and the best rule under random ranks (for H3)."""
+    het = [f"{r}-random" for r in rules]
+    best = max((c for c in het if c in acc), key=lambda c: sum(acc[c].values()) / len(acc[c]), default=None)
+    return best, {
+        "H0 homog r16 - r2 >= 5": paired_difference(acc, "homog-r16", "homog-r2"),
+        "H1 aligned: rbla - zero_pad >= 2": paired_difference(acc, "rbla-aligned", "zero_pad-aligned"),
+        "H2 random: rbla - zero_pad <= 0": paired_difference(acc, "rbla-random", "zero_pad-random"),
+        f"H3 best het ({best}) - homog r16 >= -2": paired_difference(acc, best, "homog-r16") if best else None,
+    }
+
+
 def curves(out: Path) -> dict[str, dict[str, list[float]]]:
     """Per config: mean test accuracy over seeds at each scored round, and mean cumulative
     uplink bytes at those rounds."""
@@ -232,14 +244,7 @@ def report(out: Path) -> dict[str, Any]:
     def paired(a: str, b: str) -> dict[str, Any] | None:
         return paired_difference(acc, a, b)
 
-    het = [f"{r}-random" for r in RULES]
-    best = max((c for c in het if c in acc), key=lambda c: sum(acc[c].values()) / len(acc[c]), default=None)
-    hyp = {
-        "H0 homog r16 - r2 >= 5": paired("homog-r16", "homog-r2"),
-        "H1 aligned: rbla - zero_pad >= 2": paired("rbla-aligned", "zero_pad-aligned"),
-        "H2 random: rbla - zero_pad <= 0": paired("rbla-random", "zero_pad-random"),
-        f"H3 best het ({best}) - homog r16 >= -2": paired(best, "homog-r16") if best else None,
-    }
+    best, hyp = core_hypotheses(acc, RULES)
     extra = {f"{r}: aligned - random": paired(f"{r}-aligned", f"{r}-random") for r in ALIGNED_RULES}
     extra.update({f"random: {r} - zero_pad": paired(f"{r}-random", "zero_pad-random") for r in RULES[1:]})
     extra.update({f"aligned: {r} - zero_pad": paired(f"{r}-aligned", "zero_pad-aligned") for r in ALIGNED_RULES[1:]})

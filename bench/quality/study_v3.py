@@ -151,16 +151,11 @@ def report(out: Path) -> dict[str, Any]:
         def paired(a: str, b: str) -> dict[str, Any] | None:
             return study.paired_difference(acc, a, b)
 
-        het = [f"{r}-random" for r in RANDOM_RULES]
-        best = max((c for c in het if c in acc), key=lambda c: sum(acc[c].values()) / len(acc[c]), default=None)
-        hyp = {
-            "H0 homog r16 - r2 >= 5": paired("homog-r16", "homog-r2"),
-            "H1 aligned: rbla - zero_pad >= 2": paired("rbla-aligned", "zero_pad-aligned"),
-            "H2 random: rbla - zero_pad <= 0": paired("rbla-random", "zero_pad-random"),
-            f"H3 best het ({best}) - homog r16 >= -2": paired(best, "homog-r16") if best else None,
+        best, hyp = study.core_hypotheses(acc, RANDOM_RULES)
+        hyp.update({
             "H4 validation allocation - homog r4 > 0": paired("zero_pad-validation", "homog-r4"),
             "H5 random: fedavg_updates - zero_pad > +1 (CI > 0)": paired("fedavg_updates-random", "zero_pad-random"),
-        }
+        })
         extra = {f"random: {r} - zero_pad": paired(f"{r}-random", "zero_pad-random") for r in RANDOM_RULES[1:]}
         extra.update({f"{r}: aligned - random": paired(f"{r}-aligned", f"{r}-random") for r in ALIGNED_RULES})
         for title, p in {**hyp, **extra}.items():

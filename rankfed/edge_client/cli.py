@@ -293,6 +293,18 @@ def _model_and_data(args: argparse.Namespace, device_name: str) -> tuple[Path, P
     return model, path, args.labels or labels
 
 
+
+def _lossy_line(name: str, path: str, size: str, accuracy: float | None, agreement: float | None,
+                forced: bool) -> str:
+    """One line for a lossy export (int8, fp16): where, how big, and what the accuracy gate saw."""
+    if accuracy is None:
+        acc = "held-out accuracy not checked (--force without --validation)"
+    else:
+        agrees = "" if agreement is None else f" (agrees with fp32 on {agreement:.1%})"
+        acc = f"held-out accuracy {accuracy:.1%}{agrees}"
+    return f"{name}: {path} ({size}), {acc}{'; FORCED past the accuracy gate' if forced else ''}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     _offline(args.threads)
     from .export import export_onnx
@@ -328,17 +340,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"held-out accuracy on {report.validation_path} ({report.validation_examples} examples): "
               f"fp32 {report.accuracy:.1%}")
     if report.quantized_path:
-        acc = (f"held-out accuracy {report.quantized_accuracy:.1%} (agrees with fp32 on "
-               f"{report.quantized_heldout_agreement:.1%})" if report.quantized_accuracy is not None
-               else "held-out accuracy not checked (--force without --validation)")
-        print(f"int8: {report.quantized_path} ({report.quantized_bytes} bytes), {acc}"
-              f"{'; FORCED past the accuracy gate' if report.forced else ''}")
+        print(_lossy_line("int8", report.quantized_path, f"{report.quantized_bytes} bytes", report.quantized_accuracy,
+                          report.quantized_heldout_agreement, report.forced))
     if report.fp16_path:
-        acc = (f"held-out accuracy {report.fp16_accuracy:.1%} (agrees with fp32 on "
-               f"{report.fp16_heldout_agreement:.1%})" if report.fp16_accuracy is not None
-               else "held-out accuracy not checked (--force without --validation)")
-        print(f"fp16 weights: {report.fp16_path} ({report.fp16_bytes} bytes, max |torch - fp16| "
-              f"{report.fp16_max_abs_diff:.2g}), {acc}{'; FORCED past the accuracy gate' if report.fp16_forced else ''}")
+        print(_lossy_line("fp16 weights", report.fp16_path,
+                          f"{report.fp16_bytes} bytes, max |torch - fp16| {report.fp16_max_abs_diff:.2g}",
+                          report.fp16_accuracy, report.fp16_heldout_agreement, report.fp16_forced))
     if report.mobile_path:
         acc = f", held-out accuracy {report.mobile_accuracy:.1%}" if report.mobile_accuracy is not None else ""
         print(f"ORT format (mobile): {report.mobile_path} ({report.mobile_bytes} bytes){acc}")
