@@ -24,7 +24,7 @@ from typing import Any
 
 FLEET = Path(__file__).parent / "fleets" / "wordnet.toml"
 SEEDS = (0, 1, 2, 3, 4)
-RULES = ("zero_pad", "rbla", "replication", "fedavg_updates", "hetlora", "flexlora")
+RULES = ("zero_pad", "rbla", "replication", "fedavg_updates", "hetlora", "flexlora")  # as run (fedavg_updates: removed since, H5)
 TUNE_SEED = 100
 LRS = (2e-3, 5e-3, 1e-2, 2e-2)
 ASSIGNMENTS = ("random", "aligned")

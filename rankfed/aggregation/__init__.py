@@ -29,7 +29,7 @@ from .redistribute import (
     truncate,
 )
 from .registry import METHODS, Method, get_method
-from .rules.padding import fedavg_updates, fedit, hetlora, hetlora_norms, rbla, replication, zero_pad
+from .rules.padding import fedit, hetlora, hetlora_norms, rbla, replication, zero_pad
 from .rules.svd_based import flexlora, flora
 from .streaming import (
     Accumulator,
@@ -59,7 +59,6 @@ __all__ = [
     "write_adapter",
     "factored_svd",
     "factored_svd_parts",
-    "fedavg_updates",
     "fedit",
     "flexlora",
     "flora",

@@ -118,8 +118,6 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                    summary="pad with the high-rank clients' values, FedAvg"),
             Method("rbla", True, "truncate", padding.rbla, _component("rbla"),
                    summary="each component averaged over its owners"),
-            Method("fedavg_updates", True, "truncate", padding.fedavg_updates, _component("fedavg_updates"),
-                   summary="previous + FedAvg of the updates; a component a client lacks updates by 0 (kept, not shrunk)"),
             Method("flexlora", True, "svd", svd_based.flexlora, FlexLoraAccumulator,
                    summary="Σ p_k B_k A_k, rank-r_k SVD back"),
             Method("flora", False, "svd", svd_based.flora, FloraAccumulator, merges_global=True,

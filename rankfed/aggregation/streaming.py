@@ -5,8 +5,7 @@
 No accumulator keeps a reference to a folded adapter (a decoded adapter may be a view of
 a whole upload buffer); what each one holds, in float32:
 
-* :class:`ComponentAccumulator` (fedit, zero_pad, hetlora, rbla, replication,
-  fedavg_updates): per module
+* :class:`ComponentAccumulator` (fedit, zero_pad, hetlora, rbla, replication): per module
   the weighted sums of A (R, d_in) and B~ (d_out, R) plus per-component owner weights,
   i.e. (d_in + d_out) · R · 4 bytes, independent of the number of clients
   (``fill="top"`` replication holds a second such pair).
@@ -34,7 +33,7 @@ import numpy.typing as npt
 from .adapter import Adapter, AdapterSpec
 from .dtypes import F32Array
 from .errors import AggregationError
-from .rules.common import UNOWNED, fill_unowned, global_module, previous_factors
+from .rules.common import UNOWNED, fill_unowned, global_module
 from .rules.padding import FILLS, HETLORA_NORMS, update_norm
 from .rules.svd_based import svd_global
 
@@ -46,7 +45,7 @@ __all__ = [
     "COMPONENT_RULES",
 ]
 
-COMPONENT_RULES = ("fedit", "zero_pad", "hetlora", "rbla", "replication", "fedavg_updates")
+COMPONENT_RULES = ("fedit", "zero_pad", "hetlora", "rbla", "replication")
 
 
 @runtime_checkable
@@ -126,16 +125,14 @@ class _Base:
 
 
 class ComponentAccumulator(_Base):
-    """Streaming form of fedit, zero_pad, hetlora, rbla, replication and fedavg_updates
-    (see rules.padding).
+    """Streaming form of fedit, zero_pad, hetlora, rbla and replication (see rules.padding).
 
     Per module it keeps Σ q_k pad(A_k), Σ q_k pad(B~_k) (q = the rule's LoRA weight),
     the per-component owner weight Σ_{k∈H_i} q_k and the total Σ q_k. Then
     zero_pad/hetlora/fedit divide by the total, RBLA (and replication with owner fill)
-    by the owner weight, top-fill replication adds (total − owner weight) copies of
-    the top-rank clients' mean, and fedavg_updates adds (total − owner weight) copies of
-    the previous global's component (the non-owners' zero updates) before dividing by the
-    total. ``previous`` is held by reference, never copied per fold.
+    by the owner weight, and top-fill replication adds (total − owner weight) copies of
+    the top-rank clients' mean before dividing by the total. ``previous`` is held by
+    reference, never copied per fold.
     """
 
     def __init__(
@@ -152,13 +149,8 @@ class ComponentAccumulator(_Base):
         super().__init__(spec, global_rank)
         if rule not in COMPONENT_RULES:
             raise ValueError(f"rule must be one of {COMPONENT_RULES}, got {rule!r}")
-        if rule == "fedavg_updates" and unowned is not None:
-            # as the batch rule, which has no such option: unowned components keep the previous
-            # value by construction (a zero update)
-            raise TypeError("fedavg_updates takes no 'unowned' option")
         if unowned is None:
-            unowned = {"fedit": "drop", "rbla": "previous", "replication": "previous",
-                       "fedavg_updates": "previous"}.get(rule, "zero")
+            unowned = {"fedit": "drop", "rbla": "previous", "replication": "previous"}.get(rule, "zero")
         if unowned not in UNOWNED:
             raise ValueError(f"unowned must be one of {UNOWNED}, got {unowned!r}")
         if norm not in HETLORA_NORMS:
@@ -258,7 +250,7 @@ class ComponentAccumulator(_Base):
             raise AggregationError("nothing folded")
         dense = self._dense_result()
         modules = {}
-        for name, (d_out, d_in) in self._spec.modules.items():
+        for name in self._spec.modules:
             total = self._total[name]
             if total <= 0:
                 raise AggregationError(f"{name}: no update with a positive weight (hetlora: all norms zero?)")
@@ -269,11 +261,6 @@ class ComponentAccumulator(_Base):
             if self._rule in ("rbla", "replication") and not self._top:
                 a[:owned] /= owner[:owned, None]
                 b[:, :owned] /= owner[None, :owned]
-            elif self._rule == "fedavg_updates":
-                prev_a, prev_b = previous_factors(self._previous, name, d_out, d_in, self._global_rank)
-                missing = total - owner  # (R,) weight of the clients whose update of i is zero
-                a = (a + missing[:, None] * prev_a) / total
-                b = (b + missing[None, :] * prev_b) / total
             elif self._top:
                 missing = total - owner[:owned]  # weight of the clients that replicate
                 top_w = self._top_w[name]

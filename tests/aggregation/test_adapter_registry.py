@@ -78,17 +78,12 @@ def test_init_adapter_like_peft():
 
 
 def test_registry():
-    assert list(METHODS) == [
-        "fedit", "zero_pad", "hetlora", "replication", "rbla", "fedavg_updates", "flexlora", "flora"
-    ]
+    assert list(METHODS) == ["fedit", "zero_pad", "hetlora", "replication", "rbla", "flexlora", "flora"]
     for name, method in METHODS.items():
         assert get_method(name) is method and method.name == name
         assert method.redistribution in ("truncate", "svd")
     assert not METHODS["flora"].streaming and METHODS["flora"].merges_global
     assert METHODS["flexlora"].redistribution == "svd" and METHODS["hetlora"].redistribution == "truncate"
-    updates = METHODS["fedavg_updates"]
-    assert updates.streaming and updates.redistribution == "truncate" and updates.summary
-    assert not (updates.homogeneous or updates.merges_global or updates.client_pruning)
     with pytest.raises(ValueError, match="valid: fedit, zero_pad, hetlora"):
         get_method("fedavg")
 

@@ -9,7 +9,7 @@ S1 = B1 A1 = [[2, 0], [0, 0]] (‖S1‖ = 2),  S2 = B2 A2 = [[0, 1], [2, 2]] (�
 import numpy as np
 import pytest
 
-from rankfed.aggregation import Adapter, AggregationError, get_method, rescale
+from rankfed.aggregation import Adapter, AggregationError, get_method
 from tests.aggregation.helpers import module
 
 C1 = Adapter({"m": module([[1, 0]], [[2], [0]])}, dense={"head": np.array([1.0, 0.0])})
@@ -18,12 +18,12 @@ CLIENTS, WEIGHTS = [C1, C2], [1.0, 3.0]
 HEAD = [0.25, 3.0]  # 1/4 [1, 0] + 3/4 [0, 4]
 
 
-def run(name, clients=CLIENTS, global_rank=2, **options):
+def run(name, **options):
     """Batch and streaming results (both must give the same numbers)."""
     method = get_method(name)
-    batch = method.aggregate(clients, WEIGHTS, global_rank=global_rank, **options)
-    acc = method.accumulator(C1.spec(), global_rank=global_rank, **options)
-    for client, weight in zip(clients, WEIGHTS):
+    batch = method.aggregate(CLIENTS, WEIGHTS, global_rank=2, **options)
+    acc = method.accumulator(C1.spec(), global_rank=2, **options)
+    for client, weight in zip(CLIENTS, WEIGHTS):
         acc.fold(client, weight)
     return batch, acc.result()
 
@@ -47,37 +47,6 @@ def test_rbla_and_replication():
     for name, options in [("rbla", {}), ("replication", {}), ("replication", {"fill": "top"})]:
         for g in run(name, **options):
             check(g, *expected)
-
-
-# Last round's global at rank 3, alpha 6 (s = 2): effective B~p = 2 Bp = [[1, 0, 2], [0, 6, 0]].
-# Its head is not used: every client owns the head, so FedAvg of its updates is plain FedAvg.
-PREV = Adapter({"m": module([[1, 1], [2, 0], [0, 4]], [[0.5, 0, 1], [0, 3, 0]], alpha=6.0)},
-               dense={"head": np.array([8.0, 8.0])})
-
-
-def test_fedavg_updates():
-    # global = previous + 1/4 (client 1's update) + 3/4 (client 2's update), a client's
-    # update being zero on the components it lacks:
-    # comp 0 (both own):  A [1,1] + 1/4([1,0] − [1,1]) + 3/4([0,1] − [1,1]) = [.25, .75]
-    #                     B~ [1,0] + 1/4([2,0] − [1,0]) + 3/4([1,0] − [1,0]) = [1.25, 0]
-    # comp 1 (client 2):  A [2,0] + 3/4([1,1] − [2,0]) = [1.25, .75]
-    #                     B~ [0,6] + 3/4([0,2] − [0,6]) = [0, 3]
-    #   (zero_pad: [.75, .75] and [0, 1.5], shrunk towards 0; RBLA: [1, 1] and [0, 2])
-    # comp 2 (nobody):    A [0, 4], B~ [2, 0]: the previous value
-    expected = ([[0.25, 0.75], [1.25, 0.75], [0, 4]], [[1.25, 0, 2], [0, 3, 0]])
-    for g in run("fedavg_updates", global_rank=3, previous=PREV):
-        check(g, *expected)
-    # client 1 at alpha 4 (s = 4) with the same effective factors: the same updates
-    rescaled = [rescale(C1, alpha=4.0), C2]
-    assert rescaled[0].modules["m"].b[0, 0] == pytest.approx(0.5)
-    for g in run("fedavg_updates", rescaled, global_rank=3, previous=PREV):
-        check(g, *expected)
-
-
-def test_fedavg_updates_without_previous_is_zero_pad():
-    # no previous global: the updates are counted from zero, which is zero padding
-    for g in run("fedavg_updates"):
-        check(g, [[0.25, 0.75], [0.75, 0.75]], [[1.25, 0], [0, 1.5]])
 
 
 def test_hetlora():

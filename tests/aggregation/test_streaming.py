@@ -19,7 +19,6 @@ OPTIONS = [
     ("rbla", {"unowned": "drop"}),
     ("replication", {}),
     ("replication", {"fill": "top"}),
-    ("fedavg_updates", {}),
     ("flexlora", {}),
     ("flexlora", {"exact_global": True}),
     ("flexlora", {"compress_at": 3}),
@@ -69,39 +68,6 @@ def test_streaming_with_previous_equals_batch(clients):
         streamed = stream(name, {"unowned": "previous"}, low, WEIGHTS[:3], previous=previous).result()
         for module in SPEC.modules:
             assert rel(streamed.delta(module), batch.delta(module)) < 1e-6
-
-
-@pytest.mark.parametrize(
-    "ranks,weights,prev_rank",
-    [
-        (RANKS, WEIGHTS, 8),
-        ([1, 1, 2], [1.0, 1.0, 1.0], 8),  # components 2..7 owned by nobody: previous kept
-        ([8, 8, 8], [2.0, 0.0, 5.0], 8),  # everyone owns everything
-        ([3, 6, 2, 6], [0.5, 9.0, 2.0, 1.0], 4),  # previous shorter than the global rank
-        ([2, 5], [1.0, 3.0], 11),  # previous longer: its first 8 components count
-    ],
-)
-def test_fedavg_updates_streaming_with_previous_equals_batch(ranks, weights, prev_rank):
-    clients = [random_adapter(SPEC, r, alpha=3.0 * (k + 1), use_rslora=k % 2 == 0, seed=10 + k)
-               for k, r in enumerate(ranks)]
-    previous = random_adapter(SPEC, prev_rank, alpha=5.0, use_rslora=True, seed=99)
-    batch = get_method("fedavg_updates").aggregate(clients, weights, global_rank=8, previous=previous)
-    streamed = stream("fedavg_updates", {}, clients, weights, previous=previous).result()
-    assert streamed.ranks == batch.ranks == dict.fromkeys(SPEC.modules, 8)
-    for module in SPEC.modules:
-        for x, y in [(streamed.modules[module].a, batch.modules[module].a),
-                     (streamed.modules[module].b, batch.modules[module].b)]:
-            assert rel(x, y) < 1e-6, module
-    for key in SPEC.dense:
-        assert rel(streamed.dense[key], batch.dense[key]) < 1e-6
-
-
-def test_fedavg_updates_has_no_unowned_option():
-    # unowned components keep the previous value by construction, in both forms
-    with pytest.raises(TypeError, match="unowned"):
-        get_method("fedavg_updates").accumulator(SPEC, global_rank=8, unowned="zero")
-    with pytest.raises(TypeError, match="unowned"):
-        get_method("fedavg_updates").aggregate([random_adapter(SPEC, 2)], [1.0], global_rank=8, unowned="zero")
 
 
 def test_fedit_streaming(clients):
@@ -175,9 +141,8 @@ def test_fold_rejects_mismatched_adapters():
     assert acc.count == 0
 
 
-@pytest.mark.parametrize("name", ["zero_pad", "fedavg_updates"])
-def test_result_refuses_non_finite_aggregate(name):
-    acc = get_method(name).accumulator(SPEC, global_rank=8)
+def test_result_refuses_non_finite_aggregate():
+    acc = get_method("zero_pad").accumulator(SPEC, global_rank=8)
     acc.fold(random_adapter(SPEC, 2, seed=0), 1e38)
     acc.fold(random_adapter(SPEC, 2, seed=1), 1e38)
     with pytest.raises(AggregationError, match="not finite"):

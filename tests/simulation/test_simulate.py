@@ -127,6 +127,7 @@ def test_same_seed_same_global_as_the_grpc_path(tiny, tmp_path, mode):
 
 BAD = [
     ("devices.colour", "red", "unknown key devices.colour"),
+    ("method", "fedavg_updates", "unknown method 'fedavg_updates'; choose from fedit, zero_pad"),  # removed after study v3
     ("devices.profiles", {"mobile": 0.5, "cpu": 0.4}, "must sum to 1"),
     ("devices.profiles", {"phone": 1.0}, "unknown profile 'phone'"),
     ("federation.participation", 12, "asks for 12 devices per round but the fleet has 8"),

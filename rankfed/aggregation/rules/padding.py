@@ -1,5 +1,4 @@
-"""Component-wise rules: FedIT, zero-padding, HetLoRA, replication padding, RBLA, FedAvg of
-updates.
+"""Component-wise rules: FedIT, zero-padding, HetLoRA, replication padding, RBLA.
 
 Each averages the factors component by component: component i of a module is row i of
 A with column i of B (it contributes the outer product b_i a_iᵀ to B A). Clients of rank
@@ -11,9 +10,7 @@ Clients with weight 0 are left out entirely (they own nothing). Components that 
 participant owns are handled by ``unowned``: ``"zero"`` (the literal padding rules),
 ``"previous"`` (keep last round's global values; RBLA's and replication's default, so a
 component is not forgotten because its owners sat a round out) or ``"drop"`` (cut the
-module to the participants' largest rank, as the RBLA author's code does). FedAvg of
-updates has no such option: there an unowned component keeps its previous value by
-construction (every client's update of it is zero).
+module to the participants' largest rank, as the RBLA author's code does).
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from .common import (
     effective,
     fill_unowned,
     make_global,
-    previous_factors,
 )
 
 __all__ = [
@@ -42,7 +38,6 @@ __all__ = [
     "hetlora_norms",
     "replication",
     "rbla",
-    "fedavg_updates",
     "update_norm",
     "HETLORA_NORMS",
     "FILLS",
@@ -300,61 +295,3 @@ def replication(
         modules[name] = fill_unowned(a_g, b_g, top, name, unowned=unowned, previous=previous)
     return make_global(modules, dense_average(adapters, w))
 
-
-def fedavg_updates(
-    adapters: Sequence[Adapter],
-    weights: Sequence[float],
-    *,
-    global_rank: int,
-    previous: Adapter | None = None,
-) -> Adapter:
-    """FedAvg of updates: each client contributes its update relative to the global it
-    received, and a component it does not own contributes a zero update:
-
-        A_g[i] = A_p[i] + Σ_{k∈H_i} p_k (A_k[i] − A_p[i])
-               = (1 − P_i) A_p[i] + Σ_{k∈H_i} p_k A_k[i],      same for B~ (column i),
-
-    with A_p, B~_p the previous global's effective factors, zero-padded to R. Scalings
-    are folded in (B~ = s B): truncating redistribution hands client k exactly A_p[:r_k]
-    and B~_p[:, :r_k] in effective terms (B_k = B~_p / s_k), so A_k − A_p and B~_k − B~_p
-    are its update whatever its alpha, rank or rsLoRA.
-
-    p_k is normalised over all participants, not over the owners of component i: a
-    component held by one client moves by that client's data share of its update (the
-    server step FedAvg would take), and one nobody owns keeps its previous value.
-    Compared with the other rules on component i:
-
-    * zero padding: P_i · (owners' mean); it shrinks a partly owned component towards 0,
-      whereas this rule keeps the non-owners' share (1 − P_i) at the previous value;
-    * RBLA: the owners' mean (weight 1 on a lone owner, the previous value dropped); this
-      rule is (1 − P_i) A_p[i] + P_i · RBLA[i].
-
-    So with equal ranks (every client owns every component) it is FedIT whatever
-    ``previous`` is, and without a ``previous`` (taken as zero, like the other rules'
-    ``unowned="previous"``) it is zero padding. The result has R components.
-
-    Dense tensors: every client owns them, so p-weighting the updates d_k − d_p gives
-    d_p + Σ_k p_k (d_k − d_p) = Σ_k p_k d_k, plain FedAvg, computed as such (``previous``
-    need not hold them).
-
-    A component that was inert in ``previous`` (A and B~ zero, e.g. beyond its rank) is
-    sent to clients with a fresh A row (``revive_inert``) that is not in ``previous``;
-    counted from zero, that component is aggregated like zero padding for that round.
-    """
-    w = check_weights(weights, len(adapters))
-    check_adapters(adapters)
-    _check_ranks(adapters, global_rank)
-    p = w / w.sum()
-    modules = {}
-    for name, first in adapters[0].modules.items():
-        prev_a, prev_b = previous_factors(previous, name, first.d_out, first.d_in, global_rank)
-        a_g, b_g = prev_a.copy(), prev_b.copy()
-        for pk, adapter in zip(p, adapters):
-            if pk == 0:
-                continue
-            a, b = effective(adapter, name)
-            r = a.shape[0]
-            a_g[:r] += pk * (a - prev_a[:r])  # (r, d_in): the update of the components it owns
-            b_g[:, :r] += pk * (b - prev_b[:, :r])  # (d_out, r)
-        modules[name] = (a_g, b_g)
-    return make_global(modules, dense_average(adapters, w))
