@@ -165,6 +165,17 @@ class Coordinator:
 
         return asyncio.run_coroutine_threadsafe(get(), self.loop).result(30)
 
+    def check_rounds(self) -> None:
+        """Raise unless every finished round was aggregated: a failed round (say, the disk
+        filled while the global adapter was written) keeps the previous global, so the arm
+        would silently train fewer rounds than its peers."""
+        async def get():
+            return [(r.round, r.phase.value, r.failure_reason) for r in self.coordinator.federation.status().history]
+
+        bad = [r for r in asyncio.run_coroutine_threadsafe(get(), self.loop).result(30) if r[1] != "done"]
+        if bad:
+            raise RuntimeError(f"{self.data_dir.name}: rounds not aggregated: {bad}")
+
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.coordinator.stop(1.0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -235,6 +246,7 @@ def arm_pfedlora(clients, dirs, args, work: Path) -> dict[str, Any]:
     })
     try:
         summaries = run_clients(server.address, clients, dirs, args, work, personalized=True)
+        server.check_rounds()
         rounds = server.round_metrics()
     finally:
         server.stop()
@@ -322,6 +334,7 @@ def arm_global(clients, dirs, args, work: Path) -> dict[str, Any]:
         })
         try:
             run_clients(server.address, group, dirs, args, work, personalized=False)
+            server.check_rounds()
         finally:
             server.stop()
         adapter = _global_final(work, model, args)
@@ -417,6 +430,7 @@ def arm_fedper(clients, dirs, args, work: Path) -> dict[str, Any]:
         })
         try:
             summaries = run_clients(server.address, group, dirs, args, work, personalized=True, schedule="joint")
+            server.check_rounds()
         finally:
             server.stop()
         for name, summary in summaries.items():
@@ -574,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["across_clients"] = spread(accs)
             print(f"[bench] {name}: mean {spread(accs)['mean']:.3f} in {results[name]['wall_seconds']} s "
                   f"({results[name]['cpu_seconds']} CPU s)", file=sys.stderr, flush=True)
+            # Each finished arm goes to disk at once: a run stopped later keeps what it measured.
+            partial = Path(args.out).with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"partial": True, "git_commit": git_commit(), "config": {
+                k: v for k, v in vars(args).items() if k not in ("out", "summarize")}, "arms": results}, indent=2) + "\n")
     report = {
         "command": "python bench/personalized_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": git_commit(),
@@ -588,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
     print("\nper-client accuracy on its own held-out test data (final round)")
     print(f"{'client':10s} {'model':5s} {'train':>5s} {'val':>4s} {'test':>4s} " + " ".join(f"{a:>9s}" for a in results))
     for c in clients:
