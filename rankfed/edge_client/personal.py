@@ -10,7 +10,7 @@
   a checkpoint without pooler weights would otherwise keep a random one).
 - `PersonalModel.set_phase` implements the alternating schedule: "private" trains the
   private part with the shared adapter frozen; "shared" trains the shared adapter with the
-  private part frozen.
+  private part frozen. "joint" trains both at once (FedPer: a shared body, a local head).
 - `PersonalStore` keeps the private part on disk (safetensors + a small JSON) between rounds
   and across restarts; it is never uploaded.
 """
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch
 
 STATE_FORMAT = "rankfed-personal-state/1"
-PHASES = ("private", "shared", "frozen")
+PHASES = ("private", "shared", "joint", "frozen")
 _INDEX = re.compile(r"^-?\d+$")
 
 
@@ -228,14 +228,14 @@ class PersonalModel:
 
     def set_phase(self, phase: str) -> None:
         """"private": train the private part, shared frozen; "shared": the opposite;
-        "frozen": nothing trains."""
+        "joint": both train; "frozen": nothing trains."""
         if phase not in PHASES:
             raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
         shared, private = self.parameters_by_part()
         for p in shared.values():
-            p.requires_grad_(phase == "shared")
+            p.requires_grad_(phase in ("shared", "joint"))
         for p in private.values():
-            p.requires_grad_(phase == "private")
+            p.requires_grad_(phase in ("private", "joint"))
 
 
 # --------------------------------------------------------------------------- on disk

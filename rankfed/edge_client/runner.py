@@ -78,7 +78,7 @@ from .model import weights_sha256
 from .personal import PrivateSettings
 from .probe import probe, with_bandwidth
 from .provider import DiskModelProvider, ModelProvider
-from .strategies import EventFn, RoundContext, RoundPlan, RoundStrategy, strategy_for
+from .strategies import EventFn, PersonalSchedule, RoundContext, RoundPlan, RoundStrategy, strategy_for
 from .train import StepInfo, TrainConfig, TrainResult, evaluate, train_local
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class RunnerConfig:
     private_steps: int | None = None
     shared_steps: int | None = None
     private: PrivateSettings = field(default_factory=PrivateSettings)
+    # "alternating" (pFedLoRA) or "joint" (both parts in one phase of private + shared steps).
+    personal_schedule: PersonalSchedule = "alternating"
     # LoRA on encoder layers >= k only (the manifest written with --freeze-below-layer k):
     # the states entering layer k are computed once per dataset and every step trains
     # from them (layer_cache.py). None: every layer.
@@ -284,7 +286,7 @@ class EdgeRunner:
                 joined.mode, hetlora_lambda=c.hetlora_lambda, hetlora_gamma=c.hetlora_gamma,
                 hetlora_min_rank=c.hetlora_min_rank, private=c.private, personal_dir=c.personal_dir,
                 private_steps=c.private_steps, shared_steps=c.shared_steps,
-                freeze_below_layer=c.freeze_below_layer,
+                freeze_below_layer=c.freeze_below_layer, personal_schedule=c.personal_schedule,
             )
         if self._base is not None:
             return

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from rankfed.aggregation import Adapter, hetlora_prune_rank, hetlora_tail_norm, truncate
 from rankfed.protocol import FederationMode, JoinResult, TrainTask
@@ -34,6 +34,11 @@ from .personal import PersonalModel, PersonalStore, PrivateSettings
 from .train import TrainConfig, lora_pairs
 
 EventFn = Callable[[str, dict[str, Any]], None]
+# How a personalized round trains its two parts: pFedLoRA alternates (private phase, then
+# shared phase); "joint" trains both in one phase (FedPer: the federated part is the body,
+# the private part only the head), with the two step counts added.
+PersonalSchedule = Literal["alternating", "joint"]
+PERSONAL_SCHEDULES: tuple[str, ...] = ("alternating", "joint")
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,11 @@ class PersonalizedStrategy:
         personal_dir: Path | None = None,
         private_steps: int | None = None,
         shared_steps: int | None = None,
+        schedule: PersonalSchedule = "alternating",
     ) -> None:
+        if schedule not in PERSONAL_SCHEDULES:
+            raise ConfigError(f"personal schedule {schedule!r}: expected one of {PERSONAL_SCHEDULES}")
+        self.schedule = schedule
         self.private_settings = private or PrivateSettings()
         self.personal_dir = personal_dir
         self.private_steps = private_steps
@@ -225,6 +234,11 @@ class PersonalizedStrategy:
 
     def plan(self, task: TrainTask, train: TrainConfig) -> RoundPlan:
         private, shared = self.phase_steps(task)
+        if self.schedule == "joint":
+            return RoundPlan(
+                (Phase("joint", replace(train, steps=private + shared, epochs=None)),),
+                {"private_steps": private, "shared_steps": shared, "schedule": "joint"},
+            )
         phases = tuple(
             # A different seed per phase, so the two phases do not see the same batches.
             Phase(name, replace(train, steps=steps, epochs=None, seed=train.seed + offset))
@@ -307,13 +321,15 @@ def strategy_for(
     private_steps: int | None = None,
     shared_steps: int | None = None,
     freeze_below_layer: int | None = None,
+    personal_schedule: PersonalSchedule = "alternating",
 ) -> RoundStrategy:
     """The strategy of a federation mode (from the Join answer), with the device's settings."""
     if mode == FederationMode.PERSONALIZED:
         if freeze_below_layer is not None:
             raise ConfigError("freeze_below_layer is not supported in a personalized federation")
         return PersonalizedStrategy(
-            private=private, personal_dir=personal_dir, private_steps=private_steps, shared_steps=shared_steps
+            private=private, personal_dir=personal_dir, private_steps=private_steps, shared_steps=shared_steps,
+            schedule=personal_schedule,
         )
     return GlobalStrategy(
         hetlora_lambda=hetlora_lambda, hetlora_gamma=hetlora_gamma, hetlora_min_rank=hetlora_min_rank,

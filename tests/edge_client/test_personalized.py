@@ -143,6 +143,46 @@ def test_alternating_schedule_freezes_exactly_one_part(shallow_dir, cls_data):
     assert 0.0 <= scores["accuracy"] <= 1.0 and scores["loss"] > 0
 
 
+def test_fedper_shape_shares_every_layer_and_keeps_only_the_head(shallow_dir, cls_data):
+    """FedPer on the personalized seams: every layer's LoRA is shared, the private part is the
+    head (and pooler) alone, and the "joint" phase trains both; "frozen" trains nothing."""
+    import torch
+
+    base = load_base_model(shallow_dir, "sequence-classification", num_labels=3)
+    names = tuple(f"encoder.layer.{i}.attention.self.{m}" for i in (-2, -1) for m in ("query", "value"))
+    rng = np.random.default_rng(5)
+    body = Adapter(modules={
+        n: LoraModule(a=rng.standard_normal((2, 32)).astype(np.float32) * 0.1,
+                      b=rng.standard_normal((32, 2)).astype(np.float32) * 0.1, alpha=4.0)
+        for n in names
+    })
+    pm = PersonalModel(base, "sequence-classification", _settings(), body, PrivateSettings(rank=4))
+    assert pm.private_names == []
+    _, private = pm.split()
+    pm.load(body, private)  # non-zero B everywhere, so every LoRA factor gets a gradient
+    shared, private = pm.split()
+    assert set(shared.modules) == set(names) and private.modules == {}
+    assert set(private.dense) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+                                  "bert.pooler.dense.bias"}
+    data = load_dataset(cls_data, load_tokenizer(shallow_dir), task="sequence-classification", num_labels=3)
+    batch = next(data.batches(8, seed=0))
+    pm.set_phase("joint")
+    out = pm.model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask),
+                   labels=torch.from_numpy(batch.labels))
+    out.loss.backward()
+    shared_p, private_p = pm.parameters_by_part()
+    assert len(shared_p) == 8 and len(private_p) == 4
+    zero = [n for n, p in {**shared_p, **private_p}.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert zero == [], zero
+    pm.model.zero_grad(set_to_none=True)
+    train_local(pm.model, data, TrainConfig(steps=2, learning_rate=0.05, batch_size=8))
+    after_shared, after_private = pm.split()
+    assert any(not np.array_equal(shared.modules[n].b, after_shared.modules[n].b) for n in names)
+    assert not np.array_equal(private.dense["classifier.weight"], after_private.dense["classifier.weight"])
+    pm.set_phase("frozen")
+    assert not any(p.requires_grad for p in pm.model.parameters())
+
+
 def test_private_store_round_trip_and_model_check(tmp_path, shallow_dir):
     base = load_base_model(shallow_dir, "sequence-classification", num_labels=3)
     pm = PersonalModel(base, "sequence-classification", _settings(), _shared(), PrivateSettings(rank=4))

@@ -163,3 +163,14 @@ def test_personalized_plan_alternates_phases():
         PersonalizedStrategy(private_steps=0, shared_steps=0).plan(_train(1, 2), train)
     global_plan = GlobalStrategy().plan(_train(1, 2, steps=5), train)
     assert [p.train for p in global_plan.phases] == [train] and global_plan.fields == {"steps": 5}
+
+
+def test_personalized_joint_schedule_is_one_phase_of_both_step_counts():
+    train = TrainConfig(steps=5, learning_rate=0.01, batch_size=4, seed=10)
+    plan = PersonalizedStrategy(private_steps=3, shared_steps=4, schedule="joint").plan(_train(1, 2), train)
+    assert [(p.name, p.train.steps, p.train.seed) for p in plan.phases] == [("joint", 7, 10)]
+    assert plan.fields == {"private_steps": 3, "shared_steps": 4, "schedule": "joint"}
+    joint = strategy_for(FederationMode.PERSONALIZED, personal_schedule="joint")
+    assert isinstance(joint, PersonalizedStrategy) and joint.schedule == "joint"
+    with pytest.raises(ConfigError, match="personal schedule 'both'"):
+        PersonalizedStrategy(schedule="both")  # type: ignore[arg-type]
