@@ -172,7 +172,8 @@ def report(out: Path) -> dict[str, Any]:
             print(f"{config:28s} per-rank test acc: {ranks}; worst {w['worst_rank']} ({w['seeds']} seeds)")
         png = study.plot(out / task, curves, title=f"Study v3: {task}, 50 devices, 10 % per round, fixed alpha 16, "
                                                    "LoRA q/v on the top 2 layers")
-        uplink_ratio = (sum(up[best].values()) / sum(up["homog-r16"].values())) if best and "homog-r16" in up else None
+        uplink_ratio = ((sum(up[best].values()) / len(up[best])) / (sum(up["homog-r16"].values()) / len(up["homog-r16"]))
+                        if best and "homog-r16" in up else None)  # mean bytes per run: the arms ran different seed counts
         result[task] = {"learning_rates": lrs, "rows": rows, "hypotheses": hyp, "comparisons": extra,
                         "uplink_ratio_best_het_vs_r16": uplink_ratio, "curves": curves, "per_rank": per_rank,
                         "plot": str(png) if png else None}
