@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,6 @@ from rankfed.aggregation import (
     revive_inert,
     write_adapter,
 )
-from rankfed.coordinator.errors import NotFoundError
 from rankfed.coordinator.store import BlobStore
 from rankfed.coordinator.store.blobs import global_config_relpath, round_dir
 from rankfed.protocol.artifact import AdapterCard, peft_config
@@ -75,13 +75,8 @@ class GlobalAdapters:
     def load(self, round_no: int) -> Adapter:
         """The global adapter of a round, decoded and checked against the manifest from a
         read-only mapping of its file; the pages the check read are released at once."""
-        relpath = self.relpath(round_no)
-        path = self._blobs.path(relpath)
-        try:
-            with open(path, "rb") as fh:
-                view = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if path.stat().st_size else b""
-        except FileNotFoundError:
-            raise NotFoundError(f"blob {relpath!r} does not exist under {self._blobs.root}") from None
+        with self._blobs.open_reader(self.relpath(round_no)) as fh:
+            view = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) if os.fstat(fh.fileno()).st_size else b""
         adapter = decode_adapter(memoryview(view), spec=self._manifest.adapter_spec())
         if isinstance(view, mmap.mmap):
             with self._lock:
@@ -99,11 +94,8 @@ class GlobalAdapters:
             view.madvise(mmap.MADV_DONTNEED)
 
     def sha256(self, round_no: int) -> str:
-        try:
-            with open(self._blobs.path(self.relpath(round_no)), "rb") as fh:
-                return hashlib.file_digest(fh, "sha256").hexdigest()
-        except FileNotFoundError:
-            raise NotFoundError(f"blob {self.relpath(round_no)!r} does not exist under {self._blobs.root}") from None
+        with self._blobs.open_reader(self.relpath(round_no)) as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
 
     def rank_file(self, round_no: int, adapter: Adapter, *, rank: int, alpha: float, use_rslora: bool) -> RankFile:
         """The global adapter of `round_no` redistributed to one rank, written once and reused."""

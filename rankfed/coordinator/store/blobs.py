@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -341,9 +342,17 @@ class BlobStore:
             return w.sha256_hex(), w.nbytes
 
     def read_bytes(self, relpath: str) -> bytes:
-        full = self.path(relpath)
+        with self.open_reader(relpath) as fh:
+            try:
+                return fh.read()
+            except OSError as e:
+                raise _io_error(e, self._root, relpath, "reading", 0) from e
+
+    def open_reader(self, relpath: str) -> io.BufferedReader:
+        """The blob opened for reading (a file object: map it, hash it, read it); a missing
+        blob is NotFoundError, another failure StorageError."""
         try:
-            return full.read_bytes()
+            return open(self.path(relpath), "rb")
         except FileNotFoundError:
             raise NotFoundError(f"blob {relpath!r} does not exist under {self._root}") from None
         except OSError as e:
