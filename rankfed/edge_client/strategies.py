@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from rankfed.aggregation import Adapter, hetlora_prune_rank, hetlora_tail_norm, truncate
 from rankfed.protocol import FederationMode, JoinResult, TrainTask
@@ -38,7 +38,7 @@ EventFn = Callable[[str, dict[str, Any]], None]
 # shared phase); "joint" trains both in one phase (FedPer: the federated part is the body,
 # the private part only the head), with the two step counts added.
 PersonalSchedule = Literal["alternating", "joint"]
-PERSONAL_SCHEDULES: tuple[str, ...] = ("alternating", "joint")
+PERSONAL_SCHEDULES: tuple[str, ...] = get_args(PersonalSchedule)
 
 
 @dataclass(frozen=True)
