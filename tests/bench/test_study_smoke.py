@@ -79,3 +79,36 @@ def test_study_v3_every_arm_runs_and_the_report_pairs_seeds_per_task(tiny, tmp_p
     acc = {r["config"]: r["test_acc"] for r in result["rows"]}
     assert abs(h4["mean"] - 100 * (sum(acc["zero_pad-validation"]) - sum(acc["homog-r4"])) / 2) < 1e-9
     assert (out / "report.json").is_file()
+
+
+def test_centralized_reference_trains_on_the_pooled_fleet_and_picks_lr_on_validation(tiny, tmp_path):  # noqa: F811
+    """The centralized reference pools exactly the devices' data (flipped labels included),
+    scores only validation when tuning, and the report takes the lr from validation alone."""
+    model, data = tiny
+    central = _load("centralized_v3")
+    fleet = load_fleet(None, _settings(model, data, **{"seed": 1, "data.label_noise": 0.3,
+                                                        "data.quality_fraction": 0.25,
+                                                        "training.freeze_below_layer": 1}))
+    tuned = central.train_centralized(fleet, 1e-2, test=False, cache_dir=tmp_path / "cache", rounds=2,
+                                      steps_per_round=3, eval_rounds=(1, 2))
+    assert tuned["train_examples"] == 8 * 30 and tuned["steps"] == 6
+    assert [r["round"] for r in tuned["rounds"]] == [1, 2] and "test" not in tuned["final"]
+    scored = central.train_centralized(fleet, 1e-2, test=True, cache_dir=tmp_path / "cache", rounds=1,
+                                       steps_per_round=3, eval_rounds=(1,))
+    assert 0.0 <= scored["final"]["test"]["accuracy"] <= 1.0
+    # Train and validation states kept by the first run and reused by the second, which adds test.
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+
+    # The report: lr by validation on the tuning seed only, test over the seeds run at it.
+    out = tmp_path / "out"
+    for lr, val in zip(central.LRS, (0.5, 0.7, 0.6), strict=True):
+        central._save(out, {"task": "wordnet", "seed": central.TUNE_SEED, "learning_rate": lr,
+                            "final": {"validation": {"accuracy": val}}})
+    for seed, acc in ((0, 0.60), (1, 0.64)):
+        central._save(out, {"task": "wordnet", "seed": seed, "learning_rate": central.LRS[1],
+                            "final": {"test": {"accuracy": acc}}})
+    central._save(out, {"task": "wordnet", "seed": 2, "learning_rate": central.LRS[0],  # not the chosen lr
+                        "final": {"test": {"accuracy": 0.99}}})
+    row = central.report(out)["wordnet"]
+    assert row["learning_rate"] == central.LRS[1] and sorted(row["test_by_seed"]) == [0, 1]
+    assert abs(row["mean"] - 62.0) < 1e-9
