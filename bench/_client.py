@@ -120,9 +120,11 @@ def random_update(adapter_mib: int, *, alpha: float, seed: int) -> bytes:
 class CoordinatorProcess:
     """`python -m rankfed coordinator serve` as a separate process, as in production."""
 
-    def __init__(self, workdir: Path, config: Path) -> None:
+    def __init__(self, workdir: Path, config: Path, *, metrics_port: int = 0) -> None:
+        """metrics_port: serve /metrics there (0: not at all)."""
         self.workdir = workdir
         self.config = config
+        self.metrics_port = metrics_port
         self.port_file = workdir / "port"
         self.log_path = workdir / "coordinator.log"
         self.proc: subprocess.Popen | None = None
@@ -134,7 +136,8 @@ class CoordinatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(self.config),
              "--data-dir", str(self.workdir / "data"), "--address", "127.0.0.1:0",
-             "--port-file", str(self.port_file), "--log-format", "text", "--log-level", "warning"],
+             "--port-file", str(self.port_file), "--log-format", "text", "--log-level", "warning",
+             *(["--metrics-address", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else [])],
             stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
@@ -161,6 +164,37 @@ class CoordinatorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+    def scrape(self) -> str:
+        """The coordinator's /metrics text (Prometheus exposition)."""
+        return scrape(self.metrics_port)
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        return reply.read().decode()
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    """{label value: sample} of one single-label family in a /metrics text (e.g. the
+    `_sum` or `_count` of a histogram by its label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[next(iter(sample.labels.values()), "")] = sample.value
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- memory

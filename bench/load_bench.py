@@ -306,13 +306,6 @@ def server_quantiles(metrics_text: str, q: float, name: str = "rankfed_rpc_durat
     return out
 
 
-def scrape(port: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
-        return reply.read().decode()
-
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -394,6 +387,9 @@ def main() -> int:
             load_after = os.getloadavg()
             hwm = proc_hwm_mib(coordinator.pid)
             final = admin_status(address)
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from bench._client import scrape  # here: the generator processes stay free of its imports
+
             metrics_text = scrape(args.metrics_port)
             (work / "stop").touch()
             for p in procs:

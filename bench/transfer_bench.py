@@ -73,6 +73,32 @@ class LatencyProbe:
             self._stop.wait(0.02)
 
 
+PHASE_SUM = "rankfed_upload_phase_seconds_sum"
+PHASES = ("begin", "receive", "drain", "verify", "sync", "commit", "receipt_sync", "fold")
+
+
+def scrape_cost(coordinator: B.CoordinatorProcess, n: int = 20) -> float:
+    """The coordinator's CPU seconds per /metrics scrape (subtracted from the upload's CPU)."""
+    cpu0 = B.cpu_seconds(coordinator.pid)
+    for _ in range(n):
+        coordinator.scrape()
+    return (B.cpu_seconds(coordinator.pid) - cpu0) / n
+
+
+def wait_folded(coordinator: B.CoordinatorProcess, folds: int, timeout: float = 120.0) -> tuple[str, int]:
+    """Poll /metrics until `folds` uploads have been folded; (the last text, scrapes made)."""
+    deadline = time.monotonic() + timeout
+    scrapes = 0
+    while True:
+        text = coordinator.scrape()
+        scrapes += 1
+        if B.metric_samples(text, "rankfed_upload_phase_seconds_count").get("fold", 0) >= folds:
+            return text, scrapes
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the coordinator did not fold upload {folds} in {timeout} s")
+        time.sleep(0.005)
+
+
 def run(args: argparse.Namespace) -> dict:
     started_at = B.now_iso()
     load_before = B.loadavg()
@@ -92,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     raw_proc.start()
     raw_port = port_queue.get(timeout=60)
 
-    coordinator = B.CoordinatorProcess(workdir, config)
+    coordinator = B.CoordinatorProcess(workdir, config, metrics_port=B.free_port())
     address = coordinator.start()
     print(f"coordinator pid {coordinator.pid} at {address}; raw TCP server pid {raw_proc.pid}; workdir {workdir}", flush=True)
     reps: list[dict] = []
@@ -114,6 +140,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"update: {len(update)} bytes, built in {time.perf_counter() - t0:.1f} s", flush=True)
         raw = B.RawClient(raw_port)
         buf = bytearray(len(update) + 16 * B.MiB)
+        scrape_cpu = scrape_cost(coordinator)
+        phase_sums = B.metric_samples(coordinator.scrape(), PHASE_SUM)
         with B.RssSampler(coordinator.pid) as rss, LatencyProbe(address) as probe:
             last_receipt = time.perf_counter()
             for i in range(rounds):
@@ -146,8 +174,13 @@ def run(args: argparse.Namespace) -> dict:
                 probe.mark()
                 cpu2 = B.cpu_seconds(coordinator.pid)
                 receipt, grpc_up, grpc_up_tail = client.upload(train.round, train.rank, update, update_sha)
-                cpu3 = B.cpu_seconds(coordinator.pid)
                 last_receipt = time.perf_counter()
+                # The receipt comes before the fold: the upload's CPU runs to the fold's end.
+                text, scrapes = wait_folded(coordinator, i + 1)
+                cpu3 = B.cpu_seconds(coordinator.pid) - scrapes * scrape_cpu
+                sums = B.metric_samples(text, PHASE_SUM)
+                phases = {k: v - phase_sums.get(k, 0.0) for k, v in sums.items()}
+                phase_sums = sums
                 upload_probe = probe.mark()
                 if receipt.bytes_received != len(update):
                     raise RuntimeError(f"receipt says {receipt.bytes_received} bytes, sent {len(update)}")
@@ -170,6 +203,8 @@ def run(args: argparse.Namespace) -> dict:
                     **{f"bare_{k}_cpu_ms_per_mib": 1000 * v / (len(update) / B.MiB) for k, v in bare_cpu.items()},
                     "coordinator_cpu_download_s": cpu1 - cpu0,
                     "coordinator_cpu_upload_s": cpu3 - cpu2,
+                    "upload_phase_s": phases,
+                    "metrics_scrapes_during_upload": scrapes,
                     "coordinator_rss_peak_transfer_bytes": rss.mark(),
                     "gap_before_train_s": gap,
                     "health_worst_latency_in_gap_s": gap_probe,
@@ -218,6 +253,8 @@ def run(args: argparse.Namespace) -> dict:
         result[f"upload_ratio_to_bare_{kind}"] = B.summary(
             [r["grpc_upload_mib_s"] / r[f"bare_{kind}_upload_mib_s"] for r in measured])
     result["grpc_upload_after_last_chunk_s"] = B.summary([r["grpc_upload_after_last_chunk_s"] for r in measured])
+    result["upload_phase_s"] = {phase: B.summary([r["upload_phase_s"].get(phase, 0.0) for r in measured])
+                                for phase in PHASES}
     result["grpc_upload_streaming_mib_s"] = B.summary(
         [r["upload_bytes"] / B.MiB / (r["grpc_upload_s"] - r["grpc_upload_after_last_chunk_s"]) for r in measured])
     result["coordinator_cpu_ms_per_mib_download"] = B.summary(
@@ -239,6 +276,7 @@ def run(args: argparse.Namespace) -> dict:
             "adapter_mib": args.adapter_mib, "reps": args.reps, "warmup": args.warmup, "method": args.method,
             "chunk_bytes": client.chunk, "bare_server_max_receive_message_bytes": max_receive,
             "upload_bytes": len(update), "download_bytes": measured[0]["download_bytes"] if measured else 0,
+            "coordinator_cpu_s_per_metrics_scrape": scrape_cpu,
         },
         "summary": result,
         "coordinator_peak_rss_bytes": {"vm_hwm": hwm, "sampled": rss_peak_sampled},
@@ -268,7 +306,10 @@ def print_table(report: dict) -> None:
               f"{q['median'] * 100:>8.0f}% [{q['min'] * 100:.0f}..{q['max'] * 100:.0f}%]")
     print(f"upload split: streaming {B.fmt_range(s['grpc_upload_streaming_mib_s'])} MiB/s until the last chunk is "
           f"handed to gRPC, then {B.fmt_range(s['grpc_upload_after_last_chunk_s'], 2)} s until the receipt "
-          "(coordinator: rest of the stream, verify, fsync, fold)")
+          "(coordinator: rest of the stream, verify, fsync, receipt)")
+    phases = s["upload_phase_s"]
+    print("coordinator, per upload (s): " + ", ".join(
+        f"{phase} {B.fmt_range(phases[phase], 3)}" for phase in PHASES) + " (fold: after the receipt)")
     rss = report["coordinator_peak_rss_bytes"]
     print(f"coordinator peak RSS {rss['vm_hwm'] / B.MiB:.0f} MiB (VmHWM); between rounds: "
           f"gap {B.fmt_range(s['gap_before_train_s'], 2)} s, aggregation {B.fmt_range(s['aggregation_seconds'], 2)} s, "

@@ -39,12 +39,15 @@ class Controls:
 
 
     # ------------------------------------------------------------------ actions
+    # Each action that changes state syncs the store before it answers (rare, so on the
+    # loop): an operator's answer is a promise that must survive a power cut.
 
     def pause(self, operator: str, reason: str) -> str:
         self._log("pause", operator, reason)
         if self.paused:
             return "already paused"
         self._ctx.store.set_meta(_PAUSED, "1")
+        self._ctx.store.sync()
         self._ctx.state.paused = True
         self._ctx.changes.notify()
         return "paused: no new round starts until resume (an open round runs to its close)"
@@ -54,6 +57,7 @@ class Controls:
         if not self.paused:
             return "not paused"
         self._ctx.store.set_meta(_PAUSED, "0")
+        self._ctx.store.sync()
         self._ctx.state.paused = False
         self._ctx.changes.notify()
         return "resumed"
@@ -70,6 +74,7 @@ class Controls:
     def stop(self, operator: str, reason: str) -> str:
         self._log("stop", operator, reason)
         self._ctx.store.set_meta(_STOPPED, "1")
+        self._ctx.store.sync()
         if self._ctx.state.open is not None:
             self._ctx.state.close_now = True
         self._ctx.changes.notify()
@@ -87,6 +92,7 @@ class Controls:
             self._ctx.store.upsert_client(replace(client, left=True, online=False))
         if ban:
             self._registry.set_banned([*self._registry.banned(), name])
+        self._ctx.store.sync()  # an operator told "its tokens no longer work" must find it so after a power cut
         self._ctx.changes.notify()
         return f"removed {name}" + (" and banned it" if ban else "") + "; its session tokens no longer work"
 
@@ -97,6 +103,7 @@ class Controls:
         if name not in banned:
             return f"{name} was not banned"
         self._registry.set_banned([n for n in banned if n != name])
+        self._ctx.store.sync()
         self._ctx.changes.notify()
         return f"{name} may join again"
 

@@ -36,7 +36,8 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterable
+import time
+from collections.abc import AsyncIterable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -81,6 +82,12 @@ class Ingest:
         self._pool: ThreadPoolExecutor | None = None
         # Parks under way (a broken stream's bytes being kept), by session: a retry waits for its own.
         self._parks: dict[UploadSession, asyncio.Task[int]] = {}
+        # Seconds each accepted upload spent per phase: begin (header checks, its state
+        # recorded), receive (to the stream's end), drain (the writer catching up), verify,
+        # sync (the update's fsync), commit (the round's lock, publish, the receipt row),
+        # receipt_sync (the state store's sync: the upload is answered at its end) and fold
+        # (beside that sync and after it). Metrics wire it.
+        self.on_phase: Callable[[str, float], None] | None = None
 
     @property
     def staging(self) -> Staging:
@@ -110,7 +117,10 @@ class Ingest:
 
         A chunk's `data` may be any bytes-like object (the gRPC path passes a memoryview of
         the received message); it must not change until the call returns."""
+        called = time.perf_counter()
         session = await self._begin(client_id, header)
+        phase = _Phases(self.on_phase, called)
+        phase("begin")
         try:
             async for chunk in chunks:
                 await session.add_chunk(chunk.offset, chunk.data)
@@ -130,9 +140,11 @@ class Ingest:
                 f"upload ended after {session.received} of {header.total_bytes} declared bytes (truncated); "
                 "resume it (UploadStatus) or send it again"
             )
+        phase("receive")
         slot = False
         try:
             await session.seal()
+            phase("drain")
             # A decoded update is a mapping of its whole file: a slot bounds how many are
             # mapped at once, from the decode to the end of its fold (not only the decode:
             # with 32 streams ending together, the verified ones waited for the fold mapped).
@@ -142,6 +154,7 @@ class Ingest:
                 session.verify, self._ctx.spec, assigned=self._assigned(session.participant),
                 homogeneous=self._ctx.homogeneous,
             )
+            phase("verify")
         except BaseException:
             # Rejected content (digest, shapes, rank...), or cancelled while verified: no trace.
             if slot:
@@ -150,16 +163,23 @@ class Ingest:
             raise
         # From here the update is complete and valid: commit, receipt and fold run as one
         # shielded task, so a caller that goes away now cannot leave a receipt whose update
-        # was never folded (or an fsynced file without a receipt).
-        accept = asyncio.ensure_future(self._accept(session, adapter))
-        accept.add_done_callback(lambda _: self._decode_slots.release())
+        # was never folded (or an fsynced file without a receipt). The receipt is answered
+        # once it is recorded; the fold goes on under the round's lock, which the round's
+        # close takes first, and a crash before it ends refolds the update from its receipt.
+        recorded: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        accept = asyncio.ensure_future(self._accept(session, adapter, recorded, phase))
+        accept.add_done_callback(lambda task: self._accepted(task, session))
         del adapter  # the task holds the last views of the mapped update: unmapped when it ends
-        receipt = await asyncio.shield(accept)
-        try:
-            self._writers().submit(session.drop_cache)
-        except RuntimeError:  # the pool is shut down: the coordinator is stopping
-            pass
-        return receipt
+        return await asyncio.shield(recorded)
+
+    def _accepted(self, task: asyncio.Task[None], session: UploadSession) -> None:
+        """The accept task ended (after the fold, or with the error its receipt carried)."""
+        self._decode_slots.release()
+        if not task.cancelled() and task.exception() is None:  # exception(): retrieved, never "unhandled"
+            try:
+                self._writers().submit(session.drop_cache)
+            except RuntimeError:  # the pool is shut down: the coordinator is stopping
+                pass
 
     def _assigned(self, part: Participant) -> LoraSettings:
         """The LoRA settings this participant was told to train with (what it downloaded)."""
@@ -374,12 +394,17 @@ class Ingest:
             store.put_participant(replace(part, state=ParticipantState.TRAINING))
             self._ctx.changes.notify()
 
-    async def _accept(self, session: UploadSession, adapter: Adapter) -> Receipt:
+    async def _accept(self, session: UploadSession, adapter: Adapter, recorded: asyncio.Future[Receipt],
+                      phase: _Phases) -> None:
+        """Commit, record the receipt (then `recorded` resolves: the upload is answered) and
+        fold. An error before the receipt goes to `recorded`; a failed fold is the round's."""
         ctx, state, header = self._ctx, self._ctx.state, session.header
+        counted = False
         try:
             # The data's fsync outside the round's lock: uploads ending together sync in
             # parallel, and only the rename and the receipt are serialised.
             await asyncio.to_thread(session.sync)
+            phase("sync")
             async with state.lock:
                 self._reject_duplicate(session.client_id, session.round)
                 part = self._dispatch.training_participant(session.client_id, session.round, action="upload")
@@ -395,8 +420,16 @@ class Ingest:
                 except BaseException:
                     ctx.blobs.delete(relpath)  # no receipt, so no file either
                     raise
+                counted = True
+                phase("commit")
+                ctx.changes.notify()
+                # The receipt row is committed (a crash keeps it); it is answered once the
+                # state store has synced it, off the loop and beside the fold below.
+                synced = asyncio.ensure_future(asyncio.to_thread(ctx.store.sync))
+                synced.add_done_callback(lambda done: self._answer(recorded, receipt, done, session, phase))
                 if state.accumulator is None:
                     raise RuntimeError(f"round {session.round} is open but has no accumulator")
+                folding = time.perf_counter()
                 try:
                     await asyncio.to_thread(fold_update, state.accumulator, adapter, header.num_examples,
                                             state.norms, session.client_id)
@@ -404,19 +437,41 @@ class Ingest:
                     log.warning("could not fold an accepted update", extra={
                         "round": session.round, "client_id": session.client_id, "error": repr(exc)})
                     state.fold_failures[session.client_id] = f"{type(exc).__name__}: {exc}"
-        except BaseException:
+                phase.span("fold", time.perf_counter() - folding)
+        except BaseException as exc:
+            if counted:  # the update counts (its sync answers it); only its fold was cut short
+                log.warning("an accepted update was not folded; a restart refolds it from its receipt",
+                            extra={"round": session.round, "client_id": session.client_id, "error": repr(exc)})
+                raise
             if session.state is not SessionState.DONE:
                 session.abort()
                 self.staging.forget(session.round, session.client_id)
             self._revert_uploading(session)
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                recorded.cancel()
+            else:
+                recorded.set_exception(exc)
+            raise  # retrieved by _accepted; the caller gets it through `recorded`
         finally:
             self._forget(session)
+
+    @staticmethod
+    def _answer(recorded: asyncio.Future[Receipt], receipt: Receipt, synced: asyncio.Future[None],
+                session: UploadSession, phase: _Phases) -> None:
+        """The receipt's sync ended: answer the upload (its receipt, or why it is not sure)."""
+        if recorded.done():  # the accept task failed meanwhile and answered
+            return
+        error = synced.exception() if not synced.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            # The row exists, so a retry is answered ALREADY_EXISTS once the disk recovers.
+            recorded.set_exception(error)
+            return
+        phase("receipt_sync")
+        phase.accept()
         log.info("update accepted", extra={
-            "round": session.round, "client_id": session.client_id, "rank": header.rank, "bytes": session.received,
+            "round": session.round, "client_id": session.client_id, "rank": receipt.rank, "bytes": receipt.nbytes,
         })
-        ctx.changes.notify()
-        return receipt
+        recorded.set_result(receipt)
 
     def _commit(self, session: UploadSession) -> str:
         """fsync and publish the update (its staged file becomes the update's): no bytes are
@@ -443,6 +498,32 @@ class Ingest:
                     metrics=dict(header.metrics.eval), recorded_at=receipt.accepted_at,
                     adapter_sha256=receipt.sha256, reporter=client.device_name,
                 ))
+
+
+class _Phases:
+    """Seconds one upload spent per phase, for `Ingest.on_phase`: `phase(name)` ends a phase
+    begun when the previous one ended, `span(name, s)` notes one that overlapped others.
+    Nothing is reported until `accept()` (only accepted uploads count); after it, at once."""
+
+    def __init__(self, on_phase: Callable[[str, float], None] | None, since: float) -> None:
+        self._on_phase, self._last = on_phase, since
+        self._pending: list[tuple[str, float]] | None = []
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.span(name, now - self._last)
+        self._last = now
+
+    def span(self, name: str, seconds: float) -> None:
+        if self._pending is not None:
+            self._pending.append((name, seconds))
+        elif self._on_phase is not None:
+            self._on_phase(name, seconds)
+
+    def accept(self) -> None:
+        pending, self._pending = self._pending or [], None
+        for name, seconds in pending:
+            self.span(name, seconds)
 
 
 def _check_downloaded(part: Participant, round_no: int) -> None:

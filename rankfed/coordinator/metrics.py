@@ -141,6 +141,13 @@ class CoordinatorMetrics:
             "rankfed_upload_duration_seconds", "Accepted uploads: first message to receipt.",
             buckets=LATENCY_BUCKETS, registry=reg,
         )
+        self.upload_phase_seconds = Histogram(
+            "rankfed_upload_phase_seconds",
+            "Accepted uploads, time per phase: begin, receive, drain (writer catching up), verify, sync (the "
+            "update's fsync), commit (lock, publish, receipt row), receipt_sync (answered at its end), fold "
+            "(beside receipt_sync and after the answer).",
+            ("phase",), buckets=LATENCY_BUCKETS, registry=reg,
+        )
         self.rejected = Counter(
             "rankfed_uploads_rejected", "Uploads refused, by status code and short reason.", ("code", "reason"),
             registry=reg,
@@ -184,6 +191,9 @@ class CoordinatorMetrics:
                 self.upload_seconds.observe(seconds)
             else:
                 self.rejected.labels(code=code, reason=_SAFE_LABEL.sub("_", reject_reason(exc))).inc()
+
+    def upload_phase(self, phase: str, seconds: float) -> None:
+        self.upload_phase_seconds.labels(phase=phase).observe(seconds)
 
     def round_closed(self, record: RoundRecord) -> None:
         self.rounds.labels(outcome=record.phase.value).inc()

@@ -120,6 +120,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         undo.push_async_callback(federation.stop)
         metrics = CoordinatorMetrics()
         metrics.bind(federation, disk_usage=lambda: disk_usage(data_dir, blobs))
+        federation.ingest.on_phase = metrics.upload_phase
         retention = UpdateRetention(
             config.storage.updates_keep_rounds, store, blobs, global_exists=federation.global_adapter_exists,
             on_deleted=metrics.updates_deleted.inc,

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from rankfed.aggregation import AggregationError, encode_adapter
-from rankfed.coordinator.errors import DuplicateError, PreconditionError, RetryLaterError
+from rankfed.coordinator.errors import DuplicateError, PreconditionError, RetryLaterError, StorageError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.store import MemoryStore
 from rankfed.coordinator.store.blobs import BlobStore
@@ -103,6 +103,97 @@ def test_cancelled_call_after_last_chunk_still_records_and_folds(tmp_path, monke
         assert record.phase is RoundPhase.DONE and record.metrics["updates"] == 1
         assert fed.store.get_receipt(1, client_id) is not None
         assert len(update_files(tmp_path / "data")) == 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_receipt_does_not_wait_for_the_fold_but_the_round_close_does(tmp_path):
+    """An upload is answered once its receipt is recorded (the file fsynced); the fold into
+    the running aggregate goes on after it, and the round closes only once the fold ended."""
+
+    async def scenario():
+        fed = await _federation(tmp_path, **{"federation.rounds": 1})
+        method = fed.ctx.method
+        folding, release = threading.Event(), threading.Event()
+
+        def slow_accumulator(*args, **kwargs):
+            acc = method.make_accumulator(*args, **kwargs)
+            fold = acc.fold
+
+            def held_fold(adapter, weight):
+                folding.set()
+                assert release.wait(10)
+                return fold(adapter, weight)
+
+            acc.fold = held_fold
+            return acc
+
+        fed.ctx.method = dataclasses.replace(method, make_accumulator=slow_accumulator)  # the registry seam
+        phases: list[str] = []
+        fed.ingest.on_phase = lambda name, seconds: phases.append(name) if seconds >= 0 else None
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        receipt = await fed.upload(client_id, header, _chunks(data))
+        assert receipt.sha256 == header.sha256 and fed.store.get_receipt(1, client_id) is not None
+        await _wait(folding.is_set)
+        assert phases == ["begin", "receive", "drain", "verify", "sync", "commit", "receipt_sync"]  # answered before the fold
+        await asyncio.sleep(0.3)  # every update is in and the grace is 0: only the fold holds the close
+        assert fed.store.get_round(1).phase is RoundPhase.TRAINING
+        release.set()
+        await _wait(lambda: fed.done)
+        record = fed.store.get_round(1)
+        assert record.phase is RoundPhase.DONE and record.metrics["updates"] == 1
+        assert phases[-1] == "fold"
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
+class _SlowSyncStore(MemoryStore):
+    """A store whose power-loss sync waits for the test (or fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncing, self.release = threading.Event(), threading.Event()
+        self.fail = False
+
+    def sync(self) -> None:
+        self.syncing.set()
+        assert self.release.wait(10)
+        if self.fail:
+            raise StorageError("state.sqlite3-wal: could not sync the coordinator's state to disk: EIO")
+        super().sync()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_receipt_is_answered_only_after_the_state_store_synced_it(tmp_path, fail):
+    async def scenario():
+        config = make_config(tmp_path / "data", **{
+            "federation.rounds": 1, "federation.min_clients": 1, "federation.clients_per_round": 1,
+            "federation.straggler_grace_seconds": 0.0,
+        })
+        store = _SlowSyncStore()
+        store.fail = fail
+        fed = Federation(config, store, BlobStore(tmp_path / "data" / "blobs"), manifest())
+        await fed.start()
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        call = asyncio.ensure_future(fed.upload(client_id, header, _chunks(data)))
+        await _wait(store.syncing.is_set)
+        await asyncio.sleep(0.2)
+        assert not call.done() and store.get_receipt(1, client_id) is not None  # committed, not yet answered
+        store.release.set()
+        if fail:
+            with pytest.raises(StorageError, match="could not sync"):
+                await call
+            # The row is there: the device's retry learns that its update counted.
+            with pytest.raises(DuplicateError):
+                await fed.upload(client_id, header, _chunks(data))
+        else:
+            assert (await call).sha256 == header.sha256
+        await _wait(lambda: fed.done)
+        assert fed.store.get_round(1).metrics["updates"] == 1
         await fed.stop()
 
     asyncio.run(scenario())

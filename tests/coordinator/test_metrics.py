@@ -92,6 +92,9 @@ def test_a_round_shows_up_in_the_metrics(start, clients, tiny_manifest):
     assert after['rankfed_rpcs_total{method="UploadUpdate",code="INVALID_ARGUMENT"}'] == 1
     assert after['rankfed_uploads_rejected_total{code="INVALID_ARGUMENT",reason="digest_mismatch"}'] == 1
     assert after["rankfed_upload_duration_seconds_count"] == 2
+    # Every accepted upload went through each phase once; the rejected one counts in none.
+    for phase in ("begin", "receive", "drain", "verify", "sync", "commit", "receipt_sync", "fold"):
+        assert after[f'rankfed_upload_phase_seconds_count{{phase="{phase}"}}'] == 2, phase
     assert after['rankfed_rpc_duration_seconds_count{method="DownloadAdapter"}'] == 2
     assert after["rankfed_bytes_received_total"] > 0
     assert after['rankfed_rounds_total{outcome="done"}'] == 1

@@ -495,8 +495,28 @@ class TestSqliteStore:
             conn = s._conn
             assert conn is not None
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: sync() where a promise is made
             assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+    def test_sync_fsyncs_the_wal_that_holds_the_commits(self, tmp_path: Path, monkeypatch) -> None:
+        import os
+
+        synced: list[str] = []
+        fsync = os.fsync
+
+        def spy(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            fsync(fd)
+
+        with SqliteStore(tmp_path / "s.db") as s:
+            s.set_meta("k", "v")
+            wal = tmp_path / "s.db-wal"
+            assert wal.stat().st_size > 0  # the commit is in the WAL (a crash keeps it), not yet synced
+            monkeypatch.setattr(os, "fsync", spy)
+            s.sync()
+        assert synced == [str(wal)]
+        with pytest.raises(StorageError, match="closed"):
+            s.sync()
 
     def test_newer_schema_is_refused_clearly(self, tmp_path: Path) -> None:
         path = tmp_path / "s.db"

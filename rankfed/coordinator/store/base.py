@@ -189,6 +189,13 @@ class StateStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def sync(self) -> None:
+        """Make every commit so far survive power loss (blocking; call it off the event loop
+        where that matters). Commits always survive a crash of the process; what answers a
+        device or an operator with a promise (a receipt, a ban) is synced before the answer.
+        A store that is durable at commit, or keeps nothing, has nothing to do."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release resources. Idempotent; any other call afterwards raises StorageError."""
 

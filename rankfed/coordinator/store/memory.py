@@ -125,6 +125,9 @@ class MemoryStore(StateStore):
             self._undo.append((table, key, table[key]))
             del table[key]
 
+    def sync(self) -> None:
+        self._check_open()  # nothing outlives the process anyway
+
     def close(self) -> None:
         self._closed = True
 
