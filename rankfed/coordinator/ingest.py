@@ -167,6 +167,7 @@ class Ingest:
         # once it is recorded; the fold goes on under the round's lock, which the round's
         # close takes first, and a crash before it ends refolds the update from its receipt.
         recorded: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        recorded.add_done_callback(_retrieved)  # a caller that went away never reads it
         accept = asyncio.ensure_future(self._accept(session, adapter, recorded, phase))
         accept.add_done_callback(lambda task: self._accepted(task, session))
         del adapter  # the task holds the last views of the mapped update: unmapped when it ends
@@ -498,6 +499,11 @@ class Ingest:
                     metrics=dict(header.metrics.eval), recorded_at=receipt.accepted_at,
                     adapter_sha256=receipt.sha256, reporter=client.device_name,
                 ))
+
+
+def _retrieved(future: asyncio.Future[Receipt]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Phases:
