@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -35,20 +35,26 @@ class Changes:
     """A version counter and an event that fires on every change: status streams and the
     round loop wait on it instead of polling the store.
 
-    GetTask long-polls wait on a second event that fires only when what a task can be
-    changed: the phase given to `track_phase` (done, open round, its phase). Waking every
-    held long-poll on every join, heartbeat and chunk was, with 10,000 devices polling,
-    most of the event loop's time (py-spy, bench/load_bench.py)."""
+    GetTask long-polls wait for their own device (`wait_task`), woken only when what a task
+    can be changed for it: the phase given to `track_phase` (done, open round, its phase)
+    changed and the device is in its audience (the open round's participants; everyone
+    once the federation is done). Waking every held long-poll on every join, heartbeat and
+    chunk was, with 10,000 devices polling, most of the event loop's time; waking all of
+    them on each of a round's three phase changes, to answer 9,000 of them "not you",
+    delayed every due long-poll by the length of that burst (bench/load_bench.py)."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
-        self._phase_event = asyncio.Event()
         self._phase: Callable[[], object] = tuple
+        self._audience: Callable[[], Collection[str] | None] = lambda: None
         self._last_phase: object = None
+        self._waiting: dict[str, list[asyncio.Event]] = {}  # long-polls by device
         self.version = 0
 
-    def track_phase(self, phase: Callable[[], object]) -> None:
-        self._phase = phase
+    def track_phase(self, phase: Callable[[], object],
+                    audience: Callable[[], Collection[str] | None] = lambda: None) -> None:
+        """`audience()`: the devices a change of `phase()` may give a task (None: all)."""
+        self._phase, self._audience = phase, audience
         self._last_phase = phase()
 
     def notify(self) -> None:
@@ -58,17 +64,27 @@ class Changes:
         phase = self._phase()
         if phase != self._last_phase:
             self._last_phase = phase
-            self._phase_event.set()
-            self._phase_event = asyncio.Event()
+            audience = self._audience()
+            woken = self._waiting.keys() if audience is None else [c for c in audience if c in self._waiting]
+            for client_id in list(woken):
+                for event in self._waiting.pop(client_id):
+                    event.set()
 
-    async def wait_phase(self, timeout: float) -> None:
-        """Until the tracked phase changes, or `timeout` seconds."""
-        event = self._phase_event
+    async def wait_task(self, client_id: str, timeout: float) -> None:
+        """Until a phase change this device is in the audience of, or `timeout` seconds."""
+        event = asyncio.Event()
+        self._waiting.setdefault(client_id, []).append(event)
         try:
             async with asyncio.timeout(max(timeout, 0.0)):
                 await event.wait()
         except TimeoutError:
             pass
+        finally:
+            events = self._waiting.get(client_id)
+            if events is not None and event in events:
+                events.remove(event)
+                if not events:
+                    del self._waiting[client_id]
 
     @property
     def event(self) -> asyncio.Event:
@@ -136,8 +152,11 @@ class FederationContext:
         self.changes = Changes()
         self.state = RoundState()
         # Read self.state at each change: a new run replaces the RoundState object.
-        self.changes.track_phase(lambda: (self.state.done, self.state.open.round if self.state.open else 0,
-                                          self.state.open.phase if self.state.open else None))
+        self.changes.track_phase(
+            lambda: (self.state.done, self.state.open.round if self.state.open else 0,
+                     self.state.open.phase if self.state.open else None),
+            audience=lambda: None if self.state.done else self.state.participants,
+        )
         self.method = get_method(config.federation.method)
         self.personalized = config.federation.mode == FederationMode.PERSONALIZED
         # Rules that average A and B as they are need every client at the same rank.

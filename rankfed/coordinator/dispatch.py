@@ -44,7 +44,7 @@ class TaskDispatcher:
                 remaining = deadline - ctx.clock()
                 if remaining <= 0:
                     return WaitTask(retry_after_s=0.0, reason=self._wait_reason())
-                await ctx.changes.wait_phase(remaining)  # a task changes only with the round's phase
+                await ctx.changes.wait_task(client_id, remaining)  # a task changes only with the round's phase
 
     def _task_for(self, client_id: str) -> Task | None:
         ctx, state = self._ctx, self._ctx.state
