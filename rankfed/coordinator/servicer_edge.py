@@ -69,7 +69,10 @@ class TimedStream:
             self._timer = self._loop.call_at(min(now + self._idle, self._until), self._watch)
         self._waiting_since = now
         try:
-            return await anext(self._it, None)
+            message = await anext(self._it, None)
+            if message is None:
+                self.close()  # the client sent everything: what the server does next is not its wait
+            return message
         except asyncio.CancelledError:
             if self._expired is not None and self._task is not None and self._task.uncancel() == 0:
                 raise self._expired from None  # our own watchdog, not the client going away
@@ -93,6 +96,11 @@ class TimedStream:
             )
             assert self._task is not None
             self._task.cancel()
+            return
+        if since is None and now >= self._until:
+            # Past the total limit between two messages: next() refuses on its own. A timer
+            # re-armed at `_until` would fire again at once, forever.
+            self._timer = None
             return
         due = (since if since is not None else now) + self._idle
         self._timer = self._loop.call_at(min(due, self._until), self._watch)

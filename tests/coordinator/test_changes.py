@@ -47,3 +47,4 @@ def test_a_poll_that_times_out_leaves_nothing_behind():
         assert not changes._waiting
 
     asyncio.run(scenario())
+
