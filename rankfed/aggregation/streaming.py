@@ -80,14 +80,6 @@ class _Base:
         """Number of folds so far (including weight-0 folds)."""
         return self._count
 
-    def _buffers(self) -> list[npt.NDArray[Any]]:
-        """The arrays the accumulator's state lives in."""
-        return list(self._dense.values())
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(x.nbytes for x in self._buffers()))
-
     def _check(self, adapter: Adapter, weight: float, max_rank: int | None) -> float:
         """Structural checks before any state changes, so a rejected fold leaves no trace.
         Values are not scanned for NaN/Inf here (the decoder did; result() checks)."""
@@ -132,21 +124,6 @@ class _Base:
         return adapter
 
 
-def _zeros_block(shapes: dict[str, tuple[int, ...]]) -> dict[str, F32Array]:
-    """Zeroed float32 arrays of these shapes, as views of one block. A round's sums are fresh
-    memory that the first fold writes whole; one block of 4 MiB or more gets transparent huge
-    pages (numpy advises them), where one allocation per module (each header touching a page
-    in every 2 MiB) took a fault per 4 KiB: the first fold of a 128 MiB update 115 -> 34 ms,
-    16 MiB 14 -> 9 ms on the benchmark VM (bench/transfer_bench.py's fold phase)."""
-    sizes = [math.prod(shape) for shape in shapes.values()]
-    block = np.zeros(sum(sizes), np.float32)
-    out, at = {}, 0
-    for (name, shape), size in zip(shapes.items(), sizes, strict=True):
-        out[name] = block[at : at + size].reshape(shape)
-        at += size
-    return out
-
-
 class ComponentAccumulator(_Base):
     """Streaming form of fedit, zero_pad, hetlora, rbla and replication (see rules.padding).
 
@@ -184,25 +161,25 @@ class ComponentAccumulator(_Base):
         self._top = rule == "replication" and fill == "top"
         self._previous = previous
         R = self._global_rank
-        self._a = _zeros_block({n: (R, d_in) for n, (_, d_in) in spec.modules.items()})
-        self._b = _zeros_block({n: (d_out, R) for n, (d_out, _) in spec.modules.items()})
+        self._a = {n: np.zeros((R, d_in), np.float32) for n, (_, d_in) in spec.modules.items()}
+        self._b = {n: np.zeros((d_out, R), np.float32) for n, (d_out, _) in spec.modules.items()}
         self._owner = {n: np.zeros(R) for n in spec.modules}  # float64 weight sums
         self._total = dict.fromkeys(spec.modules, 0.0)
         self._rank_seen: dict[str, int] = {}
         largest = max((R * max(d_out, d_in) for d_out, d_in in spec.modules.values()), default=0)
         self._scratch = np.empty(largest, np.float32)
         if self._top:
-            self._top_a = _zeros_block({n: a.shape for n, a in self._a.items()})
-            self._top_b = _zeros_block({n: b.shape for n, b in self._b.items()})
+            self._top_a = {n: np.zeros_like(a) for n, a in self._a.items()}
+            self._top_b = {n: np.zeros_like(b) for n, b in self._b.items()}
             self._top_rank = dict.fromkeys(spec.modules, 0)
             self._top_w = dict.fromkeys(spec.modules, 0.0)
 
-    def _buffers(self) -> list[npt.NDArray[Any]]:
-        arrays: list[npt.NDArray[Any]] = [*self._a.values(), *self._b.values(), *self._owner.values(),
-                                          *super()._buffers(), self._scratch]
+    @property
+    def nbytes(self) -> int:
+        arrays: list[npt.NDArray[np.floating[Any]]] = [*self._a.values(), *self._b.values(), *self._owner.values(), *self._dense.values(), self._scratch]
         if self._top:
             arrays += [*self._top_a.values(), *self._top_b.values()]
-        return arrays
+        return int(sum(x.nbytes for x in arrays))
 
     def _lora_weights(self, adapter: Adapter, weight: float) -> dict[str, float]:
         if self._rule != "hetlora":
@@ -313,8 +290,10 @@ class _StackAccumulator(_Base):
         self._as: dict[str, list[F32Array]] = {n: [] for n in spec.modules}
         self._weight = 0.0
 
-    def _buffers(self) -> list[npt.NDArray[Any]]:
-        return [x for blocks in (*self._bs.values(), *self._as.values()) for x in blocks] + super()._buffers()
+    @property
+    def nbytes(self) -> int:
+        stacks = sum(x.nbytes for blocks in (*self._bs.values(), *self._as.values()) for x in blocks)
+        return int(stacks + sum(x.nbytes for x in self._dense.values()))
 
     def stacked_rank(self, name: str) -> int:
         return sum(a.shape[0] for a in self._as[name])
@@ -382,8 +361,9 @@ class FlexLoraAccumulator(_StackAccumulator):
         self._sum: dict[str, F32Array] = {}
         self.compressions = 0
 
-    def _buffers(self) -> list[npt.NDArray[Any]]:
-        return super()._buffers() + list(self._sum.values())
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + int(sum(x.nbytes for x in self._sum.values()))
 
     def _after_fold(self, name: str) -> None:
         if name not in self._sum and self.stacked_rank(name) <= self._switch_at[name]:
