@@ -158,9 +158,11 @@ def report(out: Path) -> dict[str, Any]:
         hyp.update({
             "H4 validation allocation - homog r4 > 0": paired("zero_pad-validation", "homog-r4"),
             "H5 random: fedavg_updates - zero_pad > +1 (CI > 0)": paired("fedavg_updates-random", "zero_pad-random"),
+            "H6 anti-aligned: rbla - zero_pad <= 0": paired("rbla-anti", "zero_pad-anti"),  # amendment, stop 20
         })
         extra = {f"random: {r} - zero_pad": paired(f"{r}-random", "zero_pad-random") for r in RANDOM_RULES[1:]}
         extra.update({f"{r}: aligned - random": paired(f"{r}-aligned", f"{r}-random") for r in ALIGNED_RULES})
+        extra.update({f"{r}: anti-aligned - aligned": paired(f"{r}-anti", f"{r}-aligned") for r in ALIGNED_RULES})
         for title, p in {**hyp, **extra}.items():
             if p:
                 print(f"{title:52s} {p['mean']:+6.1f} ± {p['ci95']:4.1f} points  per seed "
