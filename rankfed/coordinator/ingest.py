@@ -459,10 +459,12 @@ class Ingest:
     @staticmethod
     def _answer(recorded: asyncio.Future[Receipt], receipt: Receipt, synced: asyncio.Future[None],
                 session: UploadSession, phase: _Phases) -> None:
-        """The receipt's sync ended: answer the upload (its receipt, or why it is not sure)."""
-        if recorded.done():  # the accept task failed meanwhile and answered
+        """The receipt's sync ended: answer the upload (its receipt, or why it is not sure).
+        Only this answers once the receipt is counted (`_accept` answers before it)."""
+        if synced.cancelled():  # the loop is stopping
+            recorded.cancel()
             return
-        error = synced.exception() if not synced.cancelled() else asyncio.CancelledError()
+        error = synced.exception()
         if error is not None:
             # The row exists, so a retry is answered ALREADY_EXISTS once the disk recovers.
             recorded.set_exception(error)

@@ -277,16 +277,16 @@ class SqliteStore(StateStore):
         descriptor asks)."""
         self._conn_or_raise()
         wal = self._path.with_name(self._path.name + "-wal")
+        # An open WAL-mode database always has its WAL; without one, sync the database itself.
+        path = wal if wal.exists() else self._path
         try:
-            fd = os.open(wal, os.O_RDONLY)
-        except FileNotFoundError:  # no WAL right now: everything is in the (synced) database file
-            return
-        try:
-            os.fsync(fd)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
-            raise StorageError(f"{wal}: could not sync the coordinator's state to disk: {e}") from e
-        finally:
-            os.close(fd)
+            raise StorageError(f"{path}: could not sync the coordinator's state to disk: {e}") from e
 
     def close(self) -> None:
         with self._lock:
