@@ -270,6 +270,7 @@ class Federation:
             kept = await asyncio.to_thread(self.ctx.store.snapshot, archive / STATE_FILE)
             await asyncio.to_thread(_archive_blobs, self.ctx.blobs.root, archive / BLOB_DIR if kept else None)
             self.ctx.store.reset_run()
+            await asyncio.to_thread(self.ctx.store.sync)  # an operator's answer survives a power cut
         self.ctx.reset_run()
         self.evaluations.reset()
         await self.start()
