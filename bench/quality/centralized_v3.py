@@ -45,13 +45,7 @@ def _prefix_cache(model: Any, dataset: Any, k: int | None, base_sha256: str, cac
 
     if k is None:
         return None
-    path = cache_dir / f"{cache_key(base_sha256, dataset, k)}.npz"
-    if path.is_file():
-        return PrefixCache.load(path)
-    cache = PrefixCache.build(model, dataset, k)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache.save(path)
-    return cache
+    return PrefixCache.load_or_build(model, dataset, k, cache_dir / f"{cache_key(base_sha256, dataset, k)}.npz")[0]
 
 
 def run_one(task: str, seed: int, lr: float, *, test: bool, cache_dir: Path) -> dict[str, Any]:

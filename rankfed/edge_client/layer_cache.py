@@ -156,6 +156,17 @@ class PrefixCache:
             k, lengths, rows = int(data["k"]), data["lengths"], torch.from_numpy(data["rows"])
         return cls(k, list(torch.split(rows, [int(n) for n in lengths])))
 
+    @classmethod
+    def load_or_build(cls, model: Any, dataset: TextDataset, k: int, path: Path | None) -> tuple[PrefixCache, bool]:
+        """The states kept at `path` if there, else built and kept there (None: not kept);
+        and whether they were loaded."""
+        if path is not None and path.is_file():
+            return cls.load(path), True
+        cache = cls.build(model, dataset, k)
+        if path is not None:
+            cache.save(path)
+        return cache, False
+
     def batch(self, indices: Sequence[int] | npt.NDArray[np.int64], seq_len: int) -> torch.Tensor:
         """(len(indices), seq_len, hidden): the examples' states, zero-padded on the right."""
         import torch

@@ -545,12 +545,7 @@ class EdgeRunner:
         start = time.perf_counter()
         where = self.config.prefix_cache_dir
         path = where / f"{cache_key(self.base_sha256, dataset, k)}.npz" if where is not None else None
-        cache = PrefixCache.load(path) if path is not None and path.is_file() else None
-        loaded = cache is not None
-        if cache is None:
-            cache = PrefixCache.build(model, dataset, k)
-            if path is not None:
-                cache.save(path)
+        cache, loaded = PrefixCache.load_or_build(model, dataset, k, path)
         self._emit("prefix_cache", {"split": split, "layer": k, "examples": len(cache), "bytes": cache.nbytes,
                                     "loaded": loaded, "seconds": round(time.perf_counter() - start, 3)})
         return cache

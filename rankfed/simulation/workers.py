@@ -242,10 +242,7 @@ class SimWorker:
                 key = cache_key(self.settings.base_sha256, dataset, k)
                 cache = self._eval_sets.get(key)
                 if cache is None:
-                    path = self._cache_dir / f"{key}.npz"
-                    cache = PrefixCache.load(path) if path.is_file() else PrefixCache.build(model, dataset, k)
-                    if not path.is_file():
-                        cache.save(path)
+                    cache, _ = PrefixCache.load_or_build(model, dataset, k, self._cache_dir / f"{key}.npz")
                     self._eval_sets[key] = cache
             out[label] = evaluate(model, dataset, batch_size=64, prefix_cache=cache)
             del model

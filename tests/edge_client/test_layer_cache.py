@@ -114,6 +114,18 @@ def test_saved_cache_loads_the_same_states_and_key_follows_the_data(setup, tmp_p
     assert key != cache_key("sha", fewer, LAYERS - 1)
 
 
+def test_load_or_build_keeps_the_states_once_and_loads_them_after(setup, tmp_path):
+    base, ds = setup
+    model = _model(base, LAYERS - 1)
+    path = tmp_path / "kept" / "c.npz"
+    built, loaded = PrefixCache.load_or_build(model, ds, LAYERS - 1, path)
+    assert not loaded and path.is_file()
+    again, loaded = PrefixCache.load_or_build(model, ds, LAYERS - 1, path)
+    assert loaded and all(torch.equal(a, b) for a, b in zip(built.states, again.states, strict=True))
+    unkept, loaded = PrefixCache.load_or_build(model, ds, LAYERS - 1, None)
+    assert not loaded and len(unkept) == len(built)
+
+
 def test_cached_evaluation_equals_uncached(setup):
     from rankfed.edge_client.train import evaluate
 
