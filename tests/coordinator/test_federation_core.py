@@ -199,6 +199,38 @@ def test_the_receipt_is_answered_only_after_the_state_store_synced_it(tmp_path, 
     asyncio.run(scenario())
 
 
+class _SyncCountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+
+    def sync(self) -> None:
+        self.syncs += 1
+        super().sync()
+
+
+def test_every_operator_action_that_changes_state_syncs_the_store_before_it_answers(tmp_path):
+    async def scenario():
+        config = make_config(tmp_path / "data", **{"federation.rounds": 2, "federation.min_clients": 1})
+        store = _SyncCountingStore()
+        fed = Federation(config, store, BlobStore(tmp_path / "data" / "blobs"), manifest())
+        await fed.start()
+        fed.join(JoinRequest(device_name="dev", capability=Capability(device_class=DeviceClass.CPU),
+                             base_model_sha256=fed.manifest.weights_sha256, num_examples=5))
+        for action in (lambda: fed.pause("op"), lambda: fed.resume("op"),
+                       lambda: fed.remove_device("op", "dev", ban=True), lambda: fed.allow_device("op", "dev"),
+                       lambda: fed.stop_federation("op")):
+            before = store.syncs
+            action()
+            assert store.syncs == before + 1
+        before = store.syncs
+        await fed.new_run("op")
+        assert store.syncs >= before + 1
+        await fed.stop()
+
+    asyncio.run(scenario())
+
+
 def test_failed_aggregation_fails_the_round_and_the_federation_goes_on(tmp_path):
     async def scenario():
         fed = await _federation(tmp_path)
