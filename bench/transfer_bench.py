@@ -173,7 +173,9 @@ def run(args: argparse.Namespace) -> dict:
                 # single-threaded numpy loop, so at least its CPU).
                 text, scrapes = wait_folded(coordinator, i + 1)
                 sums = B.metric_samples(text, PHASE_SUM)
-                phases = {k: v - phase_sums.get(k, 0.0) for k, v in sums.items()}
+                phases = {k: v - phase_sums.get(k, 0.0) for k, v in sums.items()}  # a phase's first upload: from 0
+                if set(phases) != set(PHASES):
+                    raise RuntimeError(f"the coordinator reported phases {sorted(phases)}, expected {sorted(PHASES)}")
                 phase_sums = sums
                 upload_probe = probe.mark()
                 if receipt.bytes_received != len(update):
@@ -247,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         result[f"upload_ratio_to_bare_{kind}"] = B.summary(
             [r["grpc_upload_mib_s"] / r[f"bare_{kind}_upload_mib_s"] for r in measured])
     result["grpc_upload_after_last_chunk_s"] = B.summary([r["grpc_upload_after_last_chunk_s"] for r in measured])
-    result["upload_phase_s"] = {phase: B.summary([r["upload_phase_s"].get(phase, 0.0) for r in measured])
+    result["upload_phase_s"] = {phase: B.summary([r["upload_phase_s"][phase] for r in measured])
                                 for phase in PHASES}
     result["grpc_upload_streaming_mib_s"] = B.summary(
         [r["upload_bytes"] / B.MiB / (r["grpc_upload_s"] - r["grpc_upload_after_last_chunk_s"]) for r in measured])
@@ -256,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
     result["coordinator_cpu_ms_per_mib_upload"] = B.summary(
         [1000 * r["coordinator_cpu_upload_s"] / (r["upload_bytes"] / B.MiB) for r in measured])
     result["coordinator_ms_per_mib_upload_with_fold"] = B.summary(
-        [1000 * (r["coordinator_cpu_upload_s"] + r["upload_phase_s"].get("fold", 0.0)) / (r["upload_bytes"] / B.MiB)
+        [1000 * (r["coordinator_cpu_upload_s"] + r["upload_phase_s"]["fold"]) / (r["upload_bytes"] / B.MiB)
          for r in measured])
     result["gap_before_train_s"] = B.summary([r["gap_before_train_s"] for r in reps[1:]] or [0.0])
     result["health_worst_latency_in_gap_s"] = B.summary([r["health_worst_latency_in_gap_s"] for r in reps[1:]] or [0.0])
