@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study import run_one  # noqa: E402  (a sibling script, not a package)
+from study import run_grid  # noqa: E402  (a sibling script, not a package)
 
 SEED = 100
 RANKS = ((2, "mobile"), (16, "cuda-large"))
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         cache = args.out.parent / "study-cache"
         with ThreadPoolExecutor(args.jobs) as pool:
-            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), grid()):
-                print(line, flush=True)
+            run_grid(pool, grid(), args.out, cache)
     report(args.out)
     return 0
 

@@ -18,7 +18,8 @@ import math
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,13 @@ def run_one(name: str, sets: list[str], out: Path, cache: Path, fleet: Path = FL
     shutil.rmtree(target / "coordinator", ignore_errors=True)
     shutil.rmtree(target / "prefix-cache", ignore_errors=True)
     return f"{name}: exit {proc.returncode} {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+
+
+def run_grid(pool: Executor, runs: Iterable[tuple[str, list[str]]], out: Path, cache: Path,
+             run: Callable[[str, list[str], Path, Path], str] = run_one) -> None:
+    """Each (name, --set strings) run on the pool, in order; its outcome printed as it ends."""
+    for line in pool.map(lambda r: run(r[0], r[1], out, cache), runs):
+        print(line, flush=True)
 
 
 def _t95(n: int) -> float:
@@ -294,14 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         cache = args.out.parent / "study-cache"
         with ThreadPoolExecutor(args.jobs) as pool:
-            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), tuning_grid()):
-                print(line, flush=True)
+            run_grid(pool, tuning_grid(), args.out, cache)
             lr = chosen_lr(args.out)
             print(f"learning rate chosen on validation: {lr}", flush=True)
             assert lr is not None
             # Seed-major order: every seed's runs finish before the next seed starts.
-            for line in pool.map(lambda r: run_one(r[0], r[1], args.out, cache), grid(lr)):
-                print(line, flush=True)
+            run_grid(pool, grid(lr), args.out, cache)
     report(args.out)
     return 0
 

@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.out.parent / "study-cache"
         with ThreadPoolExecutor(args.jobs) as pool:
             def go(runs: list[tuple[str, list[str]]]) -> None:
-                for line in pool.map(lambda r: run(r[0], r[1], args.out, cache), runs):
-                    print(line, flush=True)
+                study.run_grid(pool, runs, args.out, cache, run=run)
             if "tune" in stages:
                 go(tuning_grid())
             chosen = {task: tuned(args.out) for task in tasks}
