@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rankfed.protocol import Capability, ParticipantState, RoundPhase, TrainMetrics
+from rankfed.protocol import Capability, DeviceClass, ParticipantState, RoundPhase, TrainMetrics
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,15 @@ class ClientRecord:
     rounds_completed: int = 0
     deadlines_missed: int = 0  # consecutive; reset by an accepted update
     left: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLabel:
+    """How a status shows a participant's device: the two fields of its ClientRecord that
+    operators see, read without building (and JSON-decoding) the whole record."""
+
+    device_name: str
+    device_class: DeviceClass
 
 
 @dataclass(frozen=True)

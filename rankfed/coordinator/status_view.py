@@ -90,13 +90,16 @@ class StatusView:
         """A round with up to `participants` of its participants (the rest are counted)."""
         store = self._ctx.store
         parts = store.list_participants(record.round) if participants else []
+        # One read of every participant's device (not a get_client each): this runs on the
+        # event loop, and rounds have thousands of participants.
+        devices = store.participant_devices(record.round) if parts else {}
         shown = []
         for part in parts[:participants]:
-            client = store.get_client(part.client_id)
+            device = devices.get(part.client_id)
             shown.append(ParticipantStatus(
                 client_id=part.client_id,
-                device_name=client.device_name if client else "",
-                device_class=client.capability.device_class if client else None,
+                device_name=device.device_name if device else "",
+                device_class=device.device_class if device else None,
                 state=part.state, rank=part.rank, bytes_down=part.bytes_down, bytes_up=part.bytes_up,
                 num_examples=part.num_examples, metrics=part.metrics,
             ))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
+from rankfed.coordinator.models import ClientRecord, DeviceLabel, Participant, Receipt, RoundRecord, ScoreRecord
 from rankfed.coordinator.store import (
     SCHEMA_VERSION,
     MemoryStore,
@@ -268,6 +268,32 @@ class TestStateStoreContract:
         assert s.count_participants(1) == {ParticipantState.ASSIGNED: 1, ParticipantState.UPLOADED: 1}
         assert s.count_participants(7) == {}
 
+    def test_participant_devices(self, seeded: StateStore) -> None:
+        s = seeded
+        s.upsert_client(client("c2", "dev-2", joined=102.0, capability=Capability()))  # the default class
+        s.upsert_client(client("c4", "phone-ü", joined=104.0,
+                               capability=Capability(device_class=DeviceClass.MOBILE, cpu_cores=8)))
+        for n, cid in [(1, "c3"), (1, "c1"), (2, "c2"), (1, "c4"), (2, "c1")]:
+            s.put_participant(participant(n, cid))
+        s.put_participant(participant(1, "c3", state=ParticipantState.UPLOADED))  # replaced: keeps its place
+        got = s.participant_devices(1)
+        assert list(got) == ["c3", "c1", "c4"]  # list_participants' order; round 2's are not included
+        assert got == {
+            "c3": DeviceLabel("dev-3", DeviceClass.CUDA),
+            "c1": DeviceLabel("dev-1", DeviceClass.CUDA),
+            "c4": DeviceLabel("phone-ü", DeviceClass.MOBILE),
+        }
+        assert all(type(d.device_class) is DeviceClass for d in got.values())
+        assert s.participant_devices(2) == {"c2": DeviceLabel("dev-2", DeviceClass.CPU),
+                                            "c1": DeviceLabel("dev-1", DeviceClass.CUDA)}
+        for n in (1, 2):  # what get_client says, field for field
+            for cid, d in s.participant_devices(n).items():
+                rec = s.get_client(cid)
+                assert rec is not None and d == DeviceLabel(rec.device_name, rec.capability.device_class)
+        s.upsert_client(client("c1", "renamed", joined=101.0, capability=Capability(device_class=DeviceClass.MPS)))
+        assert s.participant_devices(1)["c1"] == DeviceLabel("renamed", DeviceClass.MPS)  # the client as now stored
+        assert s.participant_devices(7) == {}
+
     def test_participant_needs_round_and_client(self, seeded: StateStore) -> None:
         with pytest.raises(NotFoundError, match="round 9"):
             seeded.put_participant(participant(9, "c1"))
@@ -489,6 +515,27 @@ class TestSqliteStore:
             assert same(s.list_participants(2), mem.list_participants(2))
             assert same(s.list_receipts(2), mem.list_receipts(2))
         mem.close()
+
+    def test_participant_devices_reads_capabilities_as_get_client_does(self, tmp_path: Path) -> None:
+        # Capability JSON not as this version writes it (an older or newer RankFed): a missing
+        # device_class is the Capability default, unknown keys are ignored; and Python's NaN and
+        # Infinity, which SQLite's own JSON functions (3.40) refuse.
+        with SqliteStore(tmp_path / "s.db") as s:
+            s.put_round(round_(1))
+            for cid in ("old", "newer", "inf"):
+                s.upsert_client(client(cid, f"dev-{cid}"))
+                s.put_participant(participant(1, cid))
+            conn = s._conn
+            assert conn is not None
+            for cid, text in [("old", '{"cpu_cores":4}'), ("newer", '{"npu_tops":40,"device_class":"mobile"}'),
+                              ("inf", '{"device_class":"mps","compute_gflops":NaN,"upload_bytes_per_second":Infinity}')]:
+                conn.execute("UPDATE clients SET capability = ? WHERE client_id = ?", (text, cid))
+            assert s.participant_devices(1) == {"old": DeviceLabel("dev-old", DeviceClass.CPU),
+                                                "newer": DeviceLabel("dev-newer", DeviceClass.MOBILE),
+                                                "inf": DeviceLabel("dev-inf", DeviceClass.MPS)}
+            for cid, d in s.participant_devices(1).items():
+                rec = s.get_client(cid)
+                assert rec is not None and rec.capability.device_class == d.device_class
 
     def test_pragmas(self, tmp_path: Path) -> None:
         with SqliteStore(tmp_path / "s.db") as s:

@@ -34,6 +34,15 @@ def capability_from_json(text: str) -> Capability:
     return Capability(**data)
 
 
+_DEFAULT_DEVICE_CLASS = Capability().device_class
+
+
+def device_class_from_json(value: str | None) -> DeviceClass:
+    """A Capability's device_class read alone (SQLite's json_extract gives NULL where the key
+    is missing): decoded as capability_from_json does, the Capability default if absent."""
+    return _DEFAULT_DEVICE_CLASS if value is None else DeviceClass(value)
+
+
 def metrics_from_json(text: str) -> TrainMetrics:
     data = _known(TrainMetrics, json.loads(text))
     data["eval"] = {str(k): v for k, v in data.get("eval", {}).items()}

@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Self
 
 from rankfed.coordinator.errors import StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
+from rankfed.coordinator.models import ClientRecord, DeviceLabel, Participant, Receipt, RoundRecord, ScoreRecord
 from rankfed.protocol import ParticipantState
 
 SCHEMA_VERSION = 2
@@ -119,6 +119,13 @@ class StateStore(abc.ABC):
     def count_participants(self, round: int) -> dict[ParticipantState, int]:
         """How many participants of `round` are in each state (states with none left out):
         what the round loop polls, without building a record per participant."""
+
+    @abc.abstractmethod
+    def participant_devices(self, round: int) -> dict[str, DeviceLabel]:
+        """client id -> device name and class of each participant of `round`, in the order of
+        `list_participants`: what a status shows of each, in one read instead of a
+        `get_client` (a whole ClientRecord) per participant. A participant whose client is
+        not stored is left out."""
 
     # --- receipts ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rankfed.coordinator.errors import DuplicateError, NotFoundError, StorageError
-from rankfed.coordinator.models import ClientRecord, Participant, Receipt, RoundRecord, ScoreRecord
+from rankfed.coordinator.models import ClientRecord, DeviceLabel, Participant, Receipt, RoundRecord, ScoreRecord
 from rankfed.coordinator.store.base import (
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
@@ -231,6 +231,17 @@ class MemoryStore(StateStore):
         with self._lock:
             self._check_open()
             return dict(Counter(p.state for p in self._participants.get(round, {}).values()))
+
+    def participant_devices(self, round: int) -> dict[str, DeviceLabel]:
+        with self._lock:
+            self._check_open()
+            clients = self._clients
+            # Fresh labels of immutable fields: nothing to deep-copy.
+            return {
+                cid: DeviceLabel(c.device_name, c.capability.device_class)
+                for cid in self._participants.get(round, {})
+                if (c := clients.get(cid)) is not None
+            }
 
     # --- receipts ----------------------------------------------------------------------
 
