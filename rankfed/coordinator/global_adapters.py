@@ -93,6 +93,10 @@ class GlobalAdapters:
         if view is not None and hasattr(view, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             view.madvise(mmap.MADV_DONTNEED)
 
+    def drop_cached(self, round_no: int) -> None:
+        """Drop the page cache of a round's global adapter and its rank files (kept on disk)."""
+        self._blobs.drop_cached(_round_dir(round_no))
+
     def sha256(self, round_no: int) -> str:
         with self._blobs.open_reader(self.relpath(round_no)) as fh:
             return hashlib.file_digest(fh, "sha256").hexdigest()

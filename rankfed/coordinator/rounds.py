@@ -256,9 +256,11 @@ class RoundLoop:
             metrics = round_metrics(receipts, ctx.store.list_participants(record.round))
             if ctx.personalized:
                 metrics.update(personal_metrics(receipts))
+            replaced = state.global_round
             with heap.mapped_blocks():  # the result and a refold's accumulator leave no heap behind
                 record = await self._aggregate(record, receipts, metrics)
             await asyncio.to_thread(heap.trim)
+            await asyncio.to_thread(self._drop_cached, record.round, replaced if state.global_round != replaced else None)
             ctx.store.put_round(record)
             state.open, state.accumulator, state.participants = None, None, frozenset()
             state.fold_failures, state.norms = {}, {}
@@ -270,6 +272,15 @@ class RoundLoop:
             ctx.changes.notify()
         if self.on_round_closed is not None:
             self.on_round_closed(record)
+
+    def _drop_cached(self, round_no: int, replaced_global: int | None) -> None:
+        """Let the kernel reuse the page cache of what this close made cold: the round's
+        updates (read again only by a refold or a crash resume) and the global adapter it
+        replaced, with its rank files (BlobStore.drop_cached says why)."""
+        ctx = self._ctx
+        ctx.blobs.drop_cached(f"updates/{round_dir(round_no)}")
+        if replaced_global is not None:
+            ctx.globals.drop_cached(replaced_global)
 
     def _mark_late(self, round_no: int) -> None:
         """Participants still owing an update are LATE; everyone who did not upload missed a deadline."""

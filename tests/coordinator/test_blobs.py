@@ -288,3 +288,59 @@ def test_kill_9_right_after_commit_keeps_the_blob(tmp_path: Path) -> None:
     blobs = BlobStore(root)
     assert blobs.read_bytes(REL) == data
     assert blobs.sweep_temporaries() == 0
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore over a mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        vec = ctypes.create_string_buffer(pages)
+        try:
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+def _on_tmpfs(path: Path) -> bool:
+    best, fstype = "", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mount, kind = line.split()[:3]
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, fstype = mount, kind
+    return fstype in ("tmpfs", "ramfs")
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/mounts").exists(),
+                    reason="page-cache advice and mincore are Linux's")
+def test_drop_cached_drops_the_page_cache_of_the_blobs_under_a_prefix_only(blobs: BlobStore) -> None:
+    if _on_tmpfs(blobs.root.parent):
+        pytest.skip("tmpfs keeps its pages in memory: nothing to drop")
+    data = os.urandom(1 << 20)
+    cold = [update_relpath(1, "c1"), update_relpath(1, "c2")]
+    warm = update_relpath(2, "c1")
+    for relpath in (*cold, warm):
+        blobs.write_bytes(relpath, data)  # fsynced: clean pages, which the kernel may drop
+        assert blobs.read_bytes(relpath) == data
+    partial = blobs.open_writer(update_relpath(1, "c3"))
+    partial.write(b"still streaming")
+    assert blobs.drop_cached("updates/round-000001") == 2  # the committed blobs, not the partial one
+    assert [_resident_pages(blobs.path(r)) for r in cold] == [0, 0]
+    assert _resident_pages(blobs.path(warm)) > 0
+    assert all(blobs.read_bytes(r) == data for r in cold)  # on disk all along
+    assert blobs.drop_cached("updates/round-000009") == 0  # nothing there: nothing to do
+    partial.abort()

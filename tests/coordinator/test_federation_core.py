@@ -420,3 +420,30 @@ def test_retry_racing_the_end_of_the_first_stream_counts_once(tmp_path, seed):
         await fed.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_close_drops_the_page_cache_of_the_round_updates_and_of_the_global_it_replaced(tmp_path):
+    async def scenario():
+        fed = await _federation(tmp_path)
+        blobs = fed.ctx.blobs
+        dropped: list[tuple[str, list[str]]] = []
+        drop = blobs.drop_cached
+
+        def spy(prefix: str) -> int:
+            dropped.append((prefix, blobs.list_blobs(prefix)))
+            return drop(prefix)
+
+        blobs.drop_cached = spy  # type: ignore[method-assign]
+        client_id, task = await _joined_participant(fed)
+        header, data = _update(fed, task)
+        await fed.upload(client_id, header, _chunks(data))
+        await _wait(lambda: fed.store.get_round(1).phase is RoundPhase.DONE)
+        await _wait(lambda: len(dropped) == 2)
+        (updates, their_files), (replaced, its_files) = dropped
+        assert updates == "updates/round-000001" and their_files == [f"updates/round-000001/{client_id}.safetensors"]
+        assert replaced == "global/round-000000" and "global/round-000000/adapter_model.safetensors" in its_files
+        assert any("/rank-" in f for f in its_files)  # the rank files the round's devices downloaded
+        assert blobs.exists(their_files[0]) and all(blobs.exists(f) for f in its_files)  # cold, not gone
+        await fed.stop()
+
+    asyncio.run(scenario())

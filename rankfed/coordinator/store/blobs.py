@@ -390,6 +390,35 @@ class BlobStore:
                     found.append(Path(dirpath, name).relative_to(self._root).as_posix())
         return sorted(found)
 
+    def drop_cached(self, prefix: str) -> int:
+        """Advise the kernel to drop the page cache of the committed blobs under `prefix`
+        (their bytes stay on disk; a later read fetches them again); returns how many.
+
+        Why: every round writes blobs (updates, a global adapter, its rank files) that are
+        read back once or not at all after the round. Kept cached, each round's writes take
+        fresh pages; dropped, the next round's writes reuse these. On the benchmark VM fresh
+        pages cost ten times more to write into once ~1 GiB had been cached (0.25 -> 2.5
+        ms of system CPU per MiB, doubling an upload's coordinator CPU). Only pages that
+        are synced and unmapped are dropped; a blob still mapped keeps its pages. Advice
+        only: no error is raised, and it is a no-op where posix_fadvise does not exist."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return 0
+        dropped = 0
+        for relpath in self.list_blobs(prefix):
+            try:
+                fd = os.open(self.path(relpath), os.O_RDONLY)
+            except OSError:
+                continue  # removed meanwhile (retention) or unreadable: nothing to drop
+            try:
+                advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                dropped += 1
+            except OSError as e:
+                log.debug("could not drop the cache of %s: %s", relpath, e)
+            finally:
+                os.close(fd)
+        return dropped
+
     def sweep_temporaries(self) -> int:
         """Delete leftover `*.rankfed-partial` files; returns how many.
 
