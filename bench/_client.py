@@ -117,6 +117,22 @@ def random_update(adapter_mib: int, *, alpha: float, seed: int) -> bytes:
     return encode_adapter(Adapter(modules=modules, dense={}))
 
 
+COORDINATOR_SRC = "RANKFED_BENCH_COORDINATOR_SRC"
+
+
+def coordinator_launch() -> tuple[dict[str, str], str | None]:
+    """(environment, working directory) of a coordinator process. With
+    RANKFED_BENCH_COORDINATOR_SRC=DIR (a checkout, e.g. `git worktree add DIR <commit>`) the
+    coordinator runs that tree's rankfed while the bench, its clients and its baselines stay
+    this tree's: a before/after pair measured with one load generator."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    src = os.environ.get(COORDINATOR_SRC)
+    if not src:
+        return env, None
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
+    return env, src  # `python -m` puts the working directory first on sys.path
+
+
 class CoordinatorProcess:
     """`python -m rankfed coordinator serve` as a separate process, as in production."""
 
@@ -138,7 +154,7 @@ class CoordinatorProcess:
              "--data-dir", str(self.workdir / "data"), "--address", "127.0.0.1:0",
              "--port-file", str(self.port_file), "--log-format", "text", "--log-level", "warning",
              *(["--metrics-address", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else [])],
-            stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=log, env=coordinator_launch()[0], cwd=coordinator_launch()[1],
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -225,6 +241,32 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (from /proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_counters(pid: int) -> dict[str, float]:
+    """User and system CPU seconds, minor and major page faults (/proc/PID/stat) and the
+    voluntary and involuntary context switches of all its threads: which of them grows
+    tells a slow repetition's cause."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    counters = {"user_s": int(fields[11]) / tick, "system_s": int(fields[12]) / tick,
+                "minor_faults": float(fields[7]), "major_faults": float(fields[9]),
+                "voluntary_switches": 0.0, "involuntary_switches": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                counters["voluntary_switches"] += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                counters["involuntary_switches"] += int(line.split()[1])
+    return counters
+
+
+def counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in before}
 
 
 class RssSampler:
@@ -485,9 +527,17 @@ class _BareEdge(edge_pb2_grpc.EdgeServiceServicer):
 def bare_grpc_server_main(kind: str, port_queue, stop_event, max_receive: int = 4 * MiB) -> None:
     """A gRPC server process with the coordinator's message-size options whose UploadUpdate
     only counts bytes. kind: "aio" (grpc.aio, one event loop, as the coordinator) or
-    "threaded" (grpc.server with a thread pool)."""
+    "threaded" (grpc.server with a thread pool), with glibc's default heap, or with
+    "_kept_heap" appended: the heap settings the coordinator runs with."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
+
+    if kind.endswith("_kept_heap"):
+        from rankfed.coordinator import heap
+
+        heap.limit_arenas()
+        heap.keep_buffers()
+        kind = kind.removesuffix("_kept_heap")
 
     options = [("grpc.max_receive_message_length", max_receive), ("grpc.max_send_message_length", max_receive)]
     servicer = _BareEdge()
@@ -570,13 +620,14 @@ def machine_info() -> dict[str, object]:
         "grpcio": grpc.__version__,
         "numpy": np.__version__,
         "git_commit": _git_commit(),
+        "coordinator_commit": _git_commit(coordinator_launch()[1]),
     }
 
 
-def _git_commit() -> str:
+def _git_commit(where: str | Path | None = None) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+                              cwd=where or Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 

@@ -30,7 +30,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import signal
 import statistics
@@ -39,6 +38,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._client import coordinator_launch, machine_info  # noqa: E402
 
 MiB = 1 << 20
 D = 8192  # one [D, D] module at rank 16 in float32 is 1 MiB of A+B
@@ -340,7 +343,7 @@ def main() -> int:
             [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(config), "--data-dir",
              str(work / "data"), "--address", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "warning",
              "--metrics-address", f"127.0.0.1:{args.metrics_port}"],
-            stdout=log, stderr=log)
+            stdout=log, stderr=log, env=coordinator_launch()[0], cwd=coordinator_launch()[1])
         try:
             while not port_file.exists():
                 if coordinator.poll() is not None:
@@ -446,7 +449,7 @@ def main() -> int:
             "p99": 1e3 * server_quantiles(metrics_text, 0.99, "rankfed_get_task_overrun_seconds").get("all", float("nan")),
         },
         "errors": errors,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), **machine_info()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     print(f"\n{'rpc':<20} {'count':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _client as B  # noqa: E402
+from rankfed.coordinator import heap  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "rounds.json"
 ALPHA = 32.0  # constant_scaling 2.0 x rank 16 (see _client.write_config)
@@ -38,6 +39,7 @@ ALPHA = 32.0  # constant_scaling 2.0 x rank 16 (see _client.write_config)
 
 def client_main(index: int, address: str, raw_port: int, update_path: str, barrier, results) -> None:
     """One edge device: a separate process doing every round until the federation is done."""
+    heap.keep_buffers()  # as the coordinator: the generator's message buffers are reused
     try:
         update = Path(update_path).read_bytes()
         update_sha = B.sha256_hex(update)

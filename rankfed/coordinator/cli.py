@@ -61,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from rankfed.coordinator import heap
     from rankfed.coordinator.config import config_to_dict, load_config
     from rankfed.coordinator.errors import ConfigError
     from rankfed.coordinator.server import serve
@@ -99,7 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(json.dumps(config_to_dict(config), indent=2, default=str))
         return 0
     logs.configure(args.log_format, args.log_level)
-    limit_malloc_arenas()
+    heap.limit_arenas()
+    heap.keep_buffers()
     # Fewer cyclic-GC passes: every RPC allocates a few dozen short-lived objects, and the
     # default threshold (700) ran a collection every few chunks of an upload (py-spy: 13 %
     # of the event loop's busy time during a 128 MiB upload). Memory is bounded by refcounting;
@@ -134,21 +136,3 @@ def _export(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote round {result.round} ({result.chosen_by}) to {result.out_dir}, sha256 {result.sha256[:16]}…")
     return 0
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas before any thread starts. Upload and aggregation
-    threads otherwise each grow an arena of freed megabyte buffers: measured with 128 MiB
-    adapters, peak RSS 1540 MiB climbing every round, against 1022 MiB and flat with 2
-    arenas (docs/benchmarks.md). Same effect as MALLOC_ARENA_MAX=2; no-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass

@@ -13,8 +13,11 @@ Outside it the threshold stays high, so the ingest's per-chunk buffers are reuse
 heap (with glibc's trim threshold at twice the mmap threshold, as its dynamic mode sets
 it): a low threshold everywhere cost a page fault per 4 KiB of every received chunk,
 +1.6 to 3.4 ms of coordinator CPU per uploaded MiB on the benchmark VM (and the same in a
-bare grpcio server). `trim()` returns the heap's free pages after a close. Both are
-no-ops off glibc.
+bare grpcio server). `keep_buffers()` sets that high threshold at start-up, so the first
+round's chunks are reused too (glibc's dynamic mode trims the heap's top whenever more
+than twice the last freed block is free, so a stream of 1 MiB messages faulted its
+buffers in again and again). `limit_arenas()` caps the per-thread heaps. `trim()` returns
+the heap's free pages after a close. All are no-ops off glibc.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["mapped_blocks", "trim"]
+__all__ = ["keep_buffers", "limit_arenas", "mapped_blocks", "trim"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 LOW = 128 * 1024  # glibc's initial threshold
 HIGH = 32 * 1024 * 1024  # the highest its dynamic threshold reaches on 64-bit
 
@@ -59,6 +63,26 @@ def _set_threshold(value: int) -> None:
         # after every freed 1 MiB chunk and faulted in again for the next, 0.44 against
         # 0.025 CPU ms per 1 MiB buffer (downloads 0.9 -> 5.5 ms/MiB in transfer_bench).
         _lib.mallopt(_M_TRIM_THRESHOLD, 2 * HIGH)
+
+
+def limit_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas; call it before any thread starts. Upload and
+    aggregation threads otherwise each grow an arena of freed megabyte buffers: measured
+    with 128 MiB adapters, peak RSS 1540 MiB climbing every round, against 1022 MiB and
+    flat with 2 arenas (docs/benchmarks.md). Same effect as MALLOC_ARENA_MAX=2."""
+    if _lib is not None:
+        _lib.mallopt(_M_ARENA_MAX, arenas)
+
+
+def keep_buffers() -> None:
+    """The threshold outside `mapped_blocks()` from the start: blocks below 32 MiB come from
+    the heap, and up to 64 MiB of it stays free at its top, so a stream's message buffers
+    are reused, not mapped and faulted in per message. The same in a bare grpc.aio server
+    receiving 128 MiB in 1 MiB messages: 0.94 -> 0.47 server CPU ms per MiB, 1026 -> 1846
+    MiB/s (bench/transfer_bench.py, its "kept heap" rows)."""
+    with _lock:
+        if _depth == 0:
+            _set_threshold(HIGH)
 
 
 @contextmanager
