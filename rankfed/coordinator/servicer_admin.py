@@ -15,7 +15,7 @@ from rankfed.coordinator.errors import AuthError, PermissionDeniedError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.servicer_errors import ServicerContext, streaming, unary
-from rankfed.protocol import limits, serde
+from rankfed.protocol import FederationStatus, limits, serde
 from rankfed.tls import OPERATOR_OU, peer_identity, peer_is_loopback
 from rankfed.v1 import admin_pb2 as ProtoAdmin
 from rankfed.v1 import admin_pb2_grpc
@@ -26,6 +26,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._fed = federation
         self._token = admin_token
         self.metrics = metrics or CoordinatorMetrics()
+        # The status WatchRounds converted last, and its message: the streams woken by one
+        # change are sent the same status object (StatusView.watch), converted once here.
+        self._converted: tuple[FederationStatus, ProtoAdmin.FederationStatus] | None = None
 
     def _authorize(self, context: ServicerContext) -> str:
         """Who the operator is (for the log of operator actions); AuthError otherwise."""
@@ -46,7 +49,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> AsyncIterator[ProtoAdmin.FederationStatus]:
         self._authorize(context)
         async for view in self._fed.watch(request.history_limit):
-            yield serde.federation_status_to_proto(view)
+            yield self._watch_message(view)
+
+    def _watch_message(self, view: FederationStatus) -> ProtoAdmin.FederationStatus:
+        # One slot, matched by identity (it holds the view, so the id is not reused): streams
+        # of different history_limits alternate, each still converted correctly. The message
+        # is shared read-only; gRPC only serializes it.
+        converted = self._converted
+        if converted is None or converted[0] is not view:
+            converted = self._converted = (view, serde.federation_status_to_proto(view))
+        return converted[1]
 
     @unary
     async def ListClients(

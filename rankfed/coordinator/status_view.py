@@ -35,6 +35,10 @@ class StatusView:
     def __init__(self, ctx: FederationContext, registry: ClientRegistry) -> None:
         self._ctx = ctx
         self._registry = registry
+        # watch()'s statuses at one change version, by history_limit: every stream woken by
+        # the same change gets the same status, computed once (not once per open stream).
+        self._shared_version = -1
+        self._shared: dict[int, FederationStatus] = {}
 
     def status(self, history_limit: int = 0, *, page_size: int = 0, page_token: str = "") -> FederationStatus:
         """The current (or last) round and a page of finished rounds, newest page first: up
@@ -116,14 +120,31 @@ class StatusView:
         # Finished rounds record their participant count; an open one is counted.
         if "participants" in record.metrics:
             return int(record.metrics["participants"])
-        return len(self._ctx.store.list_participants(record.round))
+        return sum(self._ctx.store.count_participants(record.round).values())
+
+    def _shared_status(self, history_limit: int = 0) -> FederationStatus:
+        """`status(history_limit)` as of the latest change: computed at most once per change
+        version and history_limit, and the same object for every caller until the next
+        change. It is computed after that change's notify, so it shows the change (every
+        write a status shows notifies). Callers must not modify it: the dataclasses are
+        frozen, but RoundStatus.metrics and TrainMetrics.eval are plain dicts."""
+        version = self._ctx.changes.version
+        if version != self._shared_version:
+            self._shared_version, self._shared = version, {}
+        status = self._shared.get(history_limit)
+        if status is None:
+            status = self._shared[history_limit] = self.status(history_limit)
+        return status
 
     async def watch(self, history_limit: int = 0) -> AsyncGenerator[FederationStatus, None]:
-        """The status now, then again after every change (coalesced), until the federation is done."""
+        """The status now, then again after every change (coalesced), until the federation
+        is done. Streams woken by the same change share one status (`_shared_status`): with
+        thousands of participants a status is milliseconds of the event loop, and devices
+        change it many times a round."""
         changes = self._ctx.changes
         while True:
             version, event = changes.version, changes.event
-            yield self.status(history_limit)
+            yield self._shared_status(history_limit)
             if self._ctx.state.done:
                 return
             if version == changes.version:
