@@ -77,6 +77,16 @@ class _Routes:
         self.federation = federation
         self.admin_token = admin_token
         self.streams = 0
+        self._event: tuple[FederationStatus, bytes] | None = None  # the last view's `data:` line
+
+    def event(self, federation: Federation, view: FederationStatus) -> bytes:
+        """The `data:` line of a view, made once for every open dashboard it is sent to (the
+        streams woken by one change share one view, Federation.watch): each is a read of
+        every registered device, ~170 ms with 10,000 of them, on the event loop."""
+        made = self._event
+        if made is None or made[0] is not view:  # it holds the view: its id is not reused
+            made = self._event = (view, b"data: " + json.dumps(dashboard.snapshot(federation, view)).encode() + b"\n\n")
+        return made[1]
 
     def authorized(self, request: _Request) -> tuple[bool, str]:
         """(allowed, why not): the operator API's rule, for a plain-HTTP caller."""
@@ -202,7 +212,7 @@ async def _event_stream(routes: _Routes, federation: Federation, reader: asyncio
                     await writer.drain()
                     return
                 pending = None
-                writer.write(b"data: " + json.dumps(dashboard.snapshot(federation, view)).encode() + b"\n\n")
+                writer.write(routes.event(federation, view))
             await writer.drain()
     finally:
         routes.streams -= 1

@@ -155,3 +155,17 @@ def test_dashboard_shows_the_live_federation_in_chromium(tmp_path, capsys):
         for log in logs:
             log.close()
         server.stop()
+
+
+def test_dashboards_woken_by_one_change_share_one_event(monkeypatch):
+    """Each event reads every registered device: the open dashboards get one made per view."""
+    from rankfed.coordinator import dashboard, http
+    from rankfed.coordinator.metrics import CoordinatorMetrics
+
+    made = []
+    monkeypatch.setattr(dashboard, "snapshot", lambda federation, view: made.append(view) or {"n": len(made)})
+    routes = http._Routes(CoordinatorMetrics(), None, "")
+    view, other = object(), object()
+    first = routes.event(None, view)  # type: ignore[arg-type]
+    assert routes.event(None, view) is first and first == b'data: {"n": 1}\n\n' and made == [view]  # type: ignore[arg-type]
+    assert routes.event(None, other) == b'data: {"n": 2}\n\n' and made == [view, other]  # type: ignore[arg-type]
