@@ -31,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -329,6 +330,9 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=540.0, help="hard stop for the whole run")
     parser.add_argument("--metrics-port", type=int, default=19464, help="coordinator /metrics port (loopback)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "load.json")
+    parser.add_argument("--coordinator-log", type=Path,
+                        help="copy the coordinator's log here at the end (e.g. with PYTHONASYNCIODEBUG=1, "
+                             "which logs every event-loop step over 100 ms)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rankfed-load-") as tmp:
@@ -406,6 +410,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 coordinator.kill()
             log.close()
+            if args.coordinator_log:
+                shutil.copyfile(work / "coordinator.log", args.coordinator_log)
 
         latency: dict[str, list[float]] = {}
         errors: dict[str, int] = {}

@@ -31,6 +31,9 @@ OPEN_STATES = (
 )
 
 
+WAKE_BATCH = 50  # long-polls woken per turn of the event loop (Changes._wake)
+
+
 class Changes:
     """A version counter and an event that fires on every change: status streams and the
     round loop wait on it instead of polling the store.
@@ -66,9 +69,18 @@ class Changes:
             self._last_phase = phase
             audience = self._audience()
             woken = self._waiting.keys() if audience is None else [c for c in audience if c in self._waiting]
-            for client_id in list(woken):
-                for event in self._waiting.pop(client_id):
-                    event.set()
+            self._wake([event for client_id in list(woken) for event in self._waiting.pop(client_id)])
+
+    def _wake(self, events: list[asyncio.Event], start: int = 0) -> None:
+        """Set `events` WAKE_BATCH at a time, one batch per turn of the event loop: every
+        woken long-poll then answers in the same turn, and 1,000 of them at once (a round's
+        start; 10,000 when the federation ends) held every timer due meanwhile (other
+        long-polls' WAIT, heartbeats' answers) for the whole burst."""
+        end = start + WAKE_BATCH
+        for event in events[start:end]:
+            event.set()
+        if end < len(events):
+            asyncio.get_running_loop().call_soon(self._wake, events, end)
 
     async def wait_task(self, client_id: str, timeout: float) -> None:
         """Until a phase change this device is in the audience of, or `timeout` seconds."""
