@@ -153,6 +153,13 @@ class ServerConfig:
     upload_idle_timeout_seconds: float = _f(
         30.0, "An upload stream silent this long (no header, no chunk) is aborted.", gt=0
     )
+    loop_stall_seconds: float = _f(
+        0.25,
+        "Log a warning with the event loop's Python stack when the loop has not run for this "
+        "long (every device's answers wait meanwhile); 0: off. Its lag is always measured "
+        "(rankfed_event_loop_lag_seconds).",
+        ge=0,
+    )
     upload_total_timeout_seconds: float = _f(
         3600.0, "Longest an upload stream may last from its first message to its last.", gt=0
     )

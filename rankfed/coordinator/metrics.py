@@ -9,6 +9,7 @@ collectors are registered too.
     rankfed_rpcs_total{method,code}               RPCs by method and final status code
     rankfed_rpc_duration_seconds{method}          RPC latency (GetTask includes its long-poll)
     rankfed_get_task_overrun_seconds              GetTask WAIT answers: time past the long-poll's due moment
+    rankfed_event_loop_lag_seconds                how late a 50 ms sleep on the event loop woke
     rankfed_upload_duration_seconds               header to receipt of accepted uploads
     rankfed_uploads_rejected_total{code,reason}   rejected uploads by status and short reason
     rankfed_bytes_received_total / _sent_total    update bytes in, adapter bytes out
@@ -135,6 +136,11 @@ class CoordinatorMetrics:
         self.get_task_overrun = Histogram(
             "rankfed_get_task_overrun_seconds",
             "GetTask answered WAIT: how long after its long-poll was due (the coordinator's own delay).",
+            buckets=LATENCY_BUCKETS, registry=reg,
+        )
+        self.loop_lag = Histogram(
+            "rankfed_event_loop_lag_seconds",
+            "How much later than asked a 50 ms sleep on the event loop woke: what every RPC waited then.",
             buckets=LATENCY_BUCKETS, registry=reg,
         )
         self.upload_seconds = Histogram(

@@ -25,6 +25,7 @@ from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
 from rankfed.coordinator.hooks import add_round_closed
 from rankfed.coordinator.http import HttpListener, start_http_listener
+from rankfed.coordinator.loop_watch import LoopWatch
 from rankfed.coordinator.metrics import CoordinatorMetrics
 from rankfed.coordinator.retention import UpdateRetention, disk_usage
 from rankfed.coordinator.servicer_admin import AdminServicer
@@ -69,6 +70,7 @@ class Coordinator:
     health_port: int = 0
     _health_server: grpc.aio.Server | None = None
     _tracking: Tracking | None = None
+    _loop_watch: LoopWatch | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -80,6 +82,8 @@ class Coordinator:
             await self._http.close()
         if self._tracking is not None:
             await asyncio.to_thread(self._tracking.close)
+        if self._loop_watch is not None:
+            await self._loop_watch.stop()
         self._store.close()
 
 
@@ -165,6 +169,10 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         if tracking is not None:
             undo.callback(tracking.close)
         await server.start()
+        loop_watch = LoopWatch(stall_seconds=config.server.loop_stall_seconds or float("inf"),
+                               on_lag=metrics.loop_lag.observe)
+        loop_watch.start()
+        undo.push_async_callback(loop_watch.stop)
         undo.pop_all()  # everything started: from here on Coordinator.stop() owns it
     for name in ("", EDGE_SERVICE, ADMIN_SERVICE, EVALUATOR_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -177,7 +185,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     return Coordinator(
         server=server, federation=federation, health=health_servicer, port=port, _store=store,
         metrics=metrics, metrics_port=metrics_port, _http=http,
-        health_port=health_port, _health_server=health_server, _tracking=tracking,
+        health_port=health_port, _health_server=health_server, _tracking=tracking, _loop_watch=loop_watch,
     )
 
 
