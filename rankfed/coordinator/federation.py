@@ -149,6 +149,10 @@ class Federation:
     def done(self) -> bool:
         return self.ctx.state.done
 
+    def clients_online(self) -> int:
+        """Devices seen within the heartbeat timeout (those that left or were removed are not)."""
+        return self.registry.online_count()
+
     async def wait_done(self) -> None:
         while not self.done:
             await self.ctx.changes.wait(1.0)

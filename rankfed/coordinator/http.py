@@ -148,7 +148,10 @@ async def _handle(routes: _Routes, reader: asyncio.StreamReader, writer: asyncio
             _response(writer, "405 Method Not Allowed", b"only GET\n", text)
         elif path == "/metrics":
             try:
-                _response(writer, "200 OK", routes.metrics.render().encode(), CONTENT_TYPE, head=head)
+                # In a thread: the collectors read the store and walk the data directory
+                # (rankfed_storage_bytes), which the event loop must not wait for.
+                rendered = await asyncio.to_thread(routes.metrics.render)
+                _response(writer, "200 OK", rendered.encode(), CONTENT_TYPE, head=head)
             except Exception:  # noqa: BLE001 - a scrape must never take the coordinator down
                 log.exception("metrics rendering failed")
                 _response(writer, "500 Internal Server Error", b"see the coordinator log\n", text)

@@ -215,6 +215,13 @@ class TestStateStoreContract:
             store.upsert_client(client(cid, f"dev-{cid}", joined=t))
         assert [c.client_id for c in store.list_clients()] == ["y", "w", "z", "x"]
 
+    def test_count_clients(self, store: StateStore) -> None:
+        assert store.count_clients() == (0, 0)
+        for cid in ("a", "b", "c"):
+            store.upsert_client(client(cid, f"dev-{cid}"))
+        store.upsert_client(client("b", "dev-b", left=True))
+        assert store.count_clients() == (3, 1)
+
     def test_find_client_by_name(self, store: StateStore) -> None:
         store.upsert_client(client("old", "phone", joined=1.0))
         store.upsert_client(client("other", "laptop", joined=2.0))

@@ -85,6 +85,11 @@ class StateStore(abc.ABC):
     def list_clients(self) -> list[ClientRecord]:
         """All clients ordered by joined_at (ties: first inserted first)."""
 
+    @abc.abstractmethod
+    def count_clients(self) -> tuple[int, int]:
+        """(registered clients, those of them that left): what a metrics scrape needs,
+        without building a record per client."""
+
     # --- rounds ------------------------------------------------------------------------
 
     @abc.abstractmethod

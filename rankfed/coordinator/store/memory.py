@@ -178,6 +178,11 @@ class MemoryStore(StateStore):
             self._check_open()
             return _copy(self._ordered_clients())
 
+    def count_clients(self) -> tuple[int, int]:
+        with self._lock:
+            self._check_open()
+            return len(self._clients), sum(1 for c in self._clients.values() if c.left)
+
     def _ordered_clients(self) -> list[ClientRecord]:
         return sorted(self._clients.values(), key=lambda c: c.joined_at)  # stable sort
 
