@@ -77,16 +77,17 @@ class _Routes:
         self.federation = federation
         self.admin_token = admin_token
         self.streams = 0
-        self._event: tuple[FederationStatus, bytes] | None = None  # the last view's `data:` line
+        self._event: tuple[FederationStatus, asyncio.Future[bytes]] | None = None  # the last view's `data:` line
 
-    def event(self, federation: Federation, view: FederationStatus) -> bytes:
+    async def event(self, federation: Federation, view: FederationStatus) -> bytes:
         """The `data:` line of a view, made once for every open dashboard it is sent to (the
-        streams woken by one change share one view, Federation.watch): each is a read of
-        every registered device, ~170 ms with 10,000 of them, on the event loop."""
+        streams woken by one change share one view, Federation.watch), in a thread: each is
+        a read of every registered device, ~170 ms with 10,000 of them, which the event
+        loop must not wait for."""
         made = self._event
         if made is None or made[0] is not view:  # it holds the view: its id is not reused
-            made = self._event = (view, b"data: " + json.dumps(dashboard.snapshot(federation, view)).encode() + b"\n\n")
-        return made[1]
+            made = self._event = (view, asyncio.ensure_future(asyncio.to_thread(_event_line, federation, view)))
+        return await asyncio.shield(made[1])  # a dashboard that closes does not cancel the others' line
 
     def authorized(self, request: _Request) -> tuple[bool, str]:
         """(allowed, why not): the operator API's rule, for a plain-HTTP caller."""
@@ -100,6 +101,10 @@ class _Routes:
             return True, ""
         return False, ("server.admin_token is not set, so the dashboard answers only loopback callers; "
                        "set an admin token to open it from elsewhere\n")
+
+
+def _event_line(federation: Federation, view: FederationStatus) -> bytes:
+    return b"data: " + json.dumps(dashboard.snapshot(federation, view)).encode() + b"\n\n"
 
 
 def _is_loopback(peer: object) -> bool:
@@ -170,7 +175,8 @@ async def _handle(routes: _Routes, reader: asyncio.StreamReader, writer: asyncio
                 _response(writer, "200 OK", dashboard.static_file("index.html"), dashboard.STATIC_FILES["index.html"],
                           head=head)
             elif path == "/dashboard/state":
-                body = json.dumps(dashboard.snapshot(routes.federation, routes.federation.status())).encode()
+                fed = routes.federation
+                body = await asyncio.to_thread(lambda: json.dumps(dashboard.snapshot(fed, fed.status())).encode())
                 _response(writer, "200 OK", body, "application/json", head=head)
             else:
                 await _event_stream(routes, routes.federation, reader, writer)
@@ -215,7 +221,7 @@ async def _event_stream(routes: _Routes, federation: Federation, reader: asyncio
                     await writer.drain()
                     return
                 pending = None
-                writer.write(routes.event(federation, view))
+                writer.write(await routes.event(federation, view))
             await writer.drain()
     finally:
         routes.streams -= 1

@@ -8,6 +8,7 @@ printed."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -164,8 +165,13 @@ def test_dashboards_woken_by_one_change_share_one_event(monkeypatch):
 
     made = []
     monkeypatch.setattr(dashboard, "snapshot", lambda federation, view: made.append(view) or {"n": len(made)})
-    routes = http._Routes(CoordinatorMetrics(), None, "")
     view, other = object(), object()
-    first = routes.event(None, view)  # type: ignore[arg-type]
-    assert routes.event(None, view) is first and first == b'data: {"n": 1}\n\n' and made == [view]  # type: ignore[arg-type]
-    assert routes.event(None, other) == b'data: {"n": 2}\n\n' and made == [view, other]  # type: ignore[arg-type]
+
+    async def scenario():
+        routes = http._Routes(CoordinatorMetrics(), None, "")
+        # two dashboards woken by the same change, at once: one snapshot, made off the loop
+        first, again = await asyncio.gather(routes.event(None, view), routes.event(None, view))  # type: ignore[arg-type]
+        assert again is first and first == b'data: {"n": 1}\n\n' and made == [view]
+        assert await routes.event(None, other) == b'data: {"n": 2}\n\n' and made == [view, other]  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
