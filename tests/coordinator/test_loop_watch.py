@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -50,6 +51,21 @@ def test_an_idle_loop_reports_no_stall(caplog):
     with caplog.at_level(logging.WARNING, logger="rankfed.coordinator"):
         assert asyncio.run(scenario()).stalls == 0
     assert not [r for r in caplog.records if "stall" in r.getMessage()]
+
+
+def test_garbage_collections_are_timed_while_it_watches():
+    async def scenario() -> LoopWatch:
+        watch = LoopWatch(interval=0.01, stall_seconds=1.0)
+        watch.start()
+        junk = [[i] for i in range(200_000)]  # something for a full collection to walk
+        gc.collect()
+        del junk
+        await watch.stop()
+        return watch
+
+    watch = asyncio.run(scenario())
+    assert watch.gc_seconds > 0
+    assert watch._on_gc not in gc.callbacks  # stop() unhooks it
 
 
 def test_bad_settings_are_refused():

@@ -215,6 +215,13 @@ class TestStateStoreContract:
             store.upsert_client(client(cid, f"dev-{cid}", joined=t))
         assert [c.client_id for c in store.list_clients()] == ["y", "w", "z", "x"]
 
+    def test_client_names(self, store: StateStore) -> None:
+        assert store.client_names() == {}
+        store.upsert_client(client("a", "phone"))
+        store.upsert_client(client("b", "laptop", left=True))
+        store.upsert_client(client("a", "phone-renamed"))
+        assert store.client_names() == {"a": "phone-renamed", "b": "laptop"}
+
     def test_count_clients(self, store: StateStore) -> None:
         assert store.count_clients() == (0, 0)
         for cid in ("a", "b", "c"):

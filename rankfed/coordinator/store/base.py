@@ -86,6 +86,10 @@ class StateStore(abc.ABC):
         """All clients ordered by joined_at (ties: first inserted first)."""
 
     @abc.abstractmethod
+    def client_names(self) -> dict[str, str]:
+        """Every client's device name, by client id (one read: what sampling a round needs)."""
+
+    @abc.abstractmethod
     def count_clients(self) -> tuple[int, int]:
         """(registered clients, those of them that left): what a metrics scrape needs,
         without building a record per client."""

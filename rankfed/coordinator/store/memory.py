@@ -178,6 +178,11 @@ class MemoryStore(StateStore):
             self._check_open()
             return _copy(self._ordered_clients())
 
+    def client_names(self) -> dict[str, str]:
+        with self._lock:
+            self._check_open()
+            return {cid: c.device_name for cid, c in self._clients.items()}
+
     def count_clients(self) -> tuple[int, int]:
         with self._lock:
             self._check_open()

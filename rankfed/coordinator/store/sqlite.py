@@ -349,6 +349,9 @@ class SqliteStore(StateStore):
         rows = self._rows(f"SELECT {_CLIENT_COLS} FROM clients ORDER BY joined_at, seq")
         return [_client(r) for r in rows]
 
+    def client_names(self) -> dict[str, str]:
+        return dict(self._rows("SELECT client_id, device_name FROM clients"))
+
     def count_clients(self) -> tuple[int, int]:
         registered, left = self._rows("SELECT COUNT(*), COALESCE(SUM(has_left), 0) FROM clients")[0]
         return int(registered), int(left)
