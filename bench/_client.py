@@ -596,7 +596,19 @@ def fmt_range(s: dict[str, float], digits: int = 0) -> str:
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}..{s['max']:.{digits}f}]"
 
 
+_MACHINE_AT_START: dict[str, object] = {}
+
+
 def machine_info() -> dict[str, object]:
+    """The machine and the commits (the bench's, the coordinator's); the commits as they
+    were at the first call, so call it once at a bench's start: a commit made while a long
+    bench runs must not be recorded as the code it ran."""
+    if not _MACHINE_AT_START:
+        _MACHINE_AT_START.update(_machine_info())
+    return dict(_MACHINE_AT_START)
+
+
+def _machine_info() -> dict[str, object]:
     try:
         import psutil
 

@@ -349,6 +349,7 @@ def main() -> int:
                         help="copy the coordinator's log here at the end (e.g. with PYTHONASYNCIODEBUG=1, "
                              "which logs every event-loop step over 100 ms)")
     args = parser.parse_args()
+    machine_info()  # the commits as the run starts (the report is written at its end)
 
     with tempfile.TemporaryDirectory(prefix="rankfed-load-") as tmp:
         work = Path(tmp)

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-workdir", action="store_true", help="keep the default temp dir (logs, blobs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)
+    B.machine_info()  # the commits as the run starts (the report is written at its end)
 
     started_at, load_before = B.now_iso(), B.loadavg()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="rankfed-rounds-"))

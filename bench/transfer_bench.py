@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-workdir", action="store_true", help="keep the default temp dir (logs, blobs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = parser.parse_args(argv)
+    B.machine_info()  # the commits as the run starts (the report is written at its end)
     # The client here stands for a device's sender; with the coordinator's heap settings its
     # 1 MiB message buffers are reused, so the generator is not what limits the upload.
     heap.keep_buffers()
