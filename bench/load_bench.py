@@ -325,6 +325,12 @@ def server_count_above(metrics_text: str, name: str, bound: float) -> tuple[floa
     return total - within, total
 
 
+def _samples(metrics_text: str, name: str) -> dict[str, float]:
+    """{series (name and labels): value} of one metric family in Prometheus text."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics_text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -466,6 +472,11 @@ def main() -> int:
                  for rpc, v in sorted(latency.items())},
         "server_side_ms": {method: {"p50": 1e3 * p50, "p99": 1e3 * server_quantiles(metrics_text, 0.99)[method]}
                            for method, p50 in sorted(server_quantiles(metrics_text, 0.5).items())},
+        # prometheus_client's own gc collector: full (generation 2) collections walk every live
+        # object on the event loop's thread, and 10,000 held long-polls are many objects.
+        "coordinator_gc_collections": {
+            gen: sum(v for k, v in _samples(metrics_text, "python_gc_collections_total").items()
+                     if f'generation="{gen}"' in k) for gen in ("0", "1", "2")},
         "server_get_task_overrun_ms": {
             "p50": 1e3 * server_quantiles(metrics_text, 0.5, "rankfed_get_task_overrun_seconds").get("all", float("nan")),
             "p99": 1e3 * server_quantiles(metrics_text, 0.99, "rankfed_get_task_overrun_seconds").get("all", float("nan")),
@@ -490,6 +501,8 @@ def main() -> int:
     closed = f"closed {round_s:.1f} s after the barrier" if round_s is not None else "not closed"
     print(f"\nround: {result['round_updates']:.0f}/{args.uploaders} updates of {args.update_mib} MiB, {closed}; "
           f"{final.clients_online}/{args.devices} online at the end")
+    gcs = result["coordinator_gc_collections"]
+    print(f"coordinator garbage collections by generation 0/1/2: {gcs['0']:.0f}/{gcs['1']:.0f}/{gcs['2']:.0f}")
     print(f"coordinator: {result['coordinator_cpu_seconds']:.1f} CPU s over {result['coordinator_wall_seconds']:.1f} s "
           f"({result['coordinator_mean_cores']:.2f} cores), peak RSS {hwm:.0f} MiB; errors: {errors or 'none'}")
     print(f"generator: {len(workers_cpu)} processes, {result['generator_mean_cores']:.2f} cores in all, busiest process "
