@@ -160,6 +160,14 @@ class ServerConfig:
         "(rankfed_event_loop_lag_seconds).",
         ge=0,
     )
+    gc_full_collection_seconds: float = _f(
+        300.0,
+        "The daemon freezes its objects every second so that Python's automatic garbage "
+        "collections walk only the newest (held long-polls live 30 s; with 10,000 devices one "
+        "collection of them held the event loop 0.4 s), and runs one full collection this "
+        "often to free garbage cycles; 0: Python's own collection policy.",
+        ge=0,
+    )
     upload_total_timeout_seconds: float = _f(
         3600.0, "Longest an upload stream may last from its first message to its last.", gt=0
     )

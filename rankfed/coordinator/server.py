@@ -23,6 +23,7 @@ from rankfed.coordinator.bundled import manifest_path
 from rankfed.coordinator.config import CoordinatorConfig
 from rankfed.coordinator.errors import ConfigError
 from rankfed.coordinator.federation import Federation
+from rankfed.coordinator.gc_pacer import GcPacer
 from rankfed.coordinator.hooks import add_round_closed
 from rankfed.coordinator.http import HttpListener, start_http_listener
 from rankfed.coordinator.loop_watch import LoopWatch
@@ -271,6 +272,10 @@ async def serve(
     instead of answering health checks while no round can progress."""
     coordinator = await start_coordinator(config)
     gc.freeze()  # the manifest, global adapter and modules stay: no collection needs to scan them again
+    pacer: asyncio.Task[None] | None = None
+    if config.server.gc_full_collection_seconds:
+        pacer = asyncio.create_task(GcPacer(full_every=config.server.gc_full_collection_seconds).run(),
+                                    name="rankfed-gc-pacer")
     if port_file is not None:
         tmp = port_file.with_suffix(port_file.suffix + ".tmp")
         tmp.write_text(f"{coordinator.port}\n")
@@ -295,6 +300,8 @@ async def serve(
         log.error("round loop stopped: %r; exiting so a supervisor restarts the coordinator", fatal.result())
         status = 1
     log.info("coordinator stopping")
+    if pacer is not None:
+        pacer.cancel()
     await coordinator.stop()
     log.info("coordinator stopped")
     return status
