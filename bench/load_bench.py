@@ -62,13 +62,14 @@ def write_setup(work: Path, args: argparse.Namespace) -> Path:
         "modules": {f"model.layers.{i}.self_attn.q_proj": [D, D] for i in range(args.update_mib)}, "dense": {},
     }))
     config = work / "coordinator.toml"
+    server_settings = "".join(line + "\n" for line in args.server_setting)
     config.write_text(f"""
 [server]
 loopback_operators = true  # a local benchmark: its tools ask without a token
 max_chunk_bytes = {MiB}
 long_poll_seconds = {args.long_poll}
 upload_idle_timeout_seconds = 120.0
-[model]
+{server_settings}[model]
 manifest = "{manifest}"
 [lora]
 max_rank = {RANK}
@@ -351,6 +352,9 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=540.0, help="hard stop for the whole run")
     parser.add_argument("--metrics-port", type=int, default=19464, help="coordinator /metrics port (loopback)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "load.json")
+    parser.add_argument("--server-setting", action="append", default=[], metavar="KEY = VALUE",
+                        help="a line for the coordinator config's [server] table, e.g. "
+                             "'gc_full_collection_seconds = 0' (repeatable)")
     parser.add_argument("--coordinator-log", type=Path,
                         help="copy the coordinator's log here at the end (e.g. with PYTHONASYNCIODEBUG=1, "
                              "which logs every event-loop step over 100 ms)")
