@@ -332,8 +332,7 @@ class Ingest:
                 log.info("broken upload kept for a resume", extra={
                     "client_id": client_id, "round": round_no, "bytes": kept})
         finally:
-            if ctx.state.uploading.get(client_id) is session:
-                del ctx.state.uploading[client_id]
+            self._forget(session)
         return kept
 
     def _round_open(self, round_no: int) -> bool:
@@ -376,13 +375,18 @@ class Ingest:
             return
         session.abort()
         self.staging.forget(session.round, session.client_id)
-        if self._ctx.state.uploading.get(session.client_id) is session:
-            del self._ctx.state.uploading[session.client_id]
+        if self._forget(session):
             self._revert_uploading(session)
 
-    def _forget(self, session: UploadSession) -> None:
-        if self._ctx.state.uploading.get(session.client_id) is session:
-            del self._ctx.state.uploading[session.client_id]
+    def _forget(self, session: UploadSession) -> bool:
+        """Take a session out of the uploads in flight. The round loop waits for them before
+        it closes a round, so it is told: otherwise a round whose last update was still being
+        folded when the loop looked closed only at the loop's next 1 s timeout."""
+        if self._ctx.state.uploading.get(session.client_id) is not session:
+            return False
+        del self._ctx.state.uploading[session.client_id]
+        self._ctx.changes.notify()
+        return True
 
     def _revert_uploading(self, session: UploadSession) -> None:
         store = self._ctx.store

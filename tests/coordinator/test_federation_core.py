@@ -140,11 +140,23 @@ def test_the_receipt_does_not_wait_for_the_fold_but_the_round_close_does(tmp_pat
         assert phases == ["begin", "receive", "drain", "verify", "sync", "commit", "receipt_sync"]  # answered before the fold
         await asyncio.sleep(0.3)  # every update is in and the grace is 0: only the fold holds the close
         assert fed.store.get_round(1).phase is RoundPhase.TRAINING
+        # The round loop must hear that the last upload ended (not find it at its next 1 s
+        # timeout): a notify comes while the round is still open with no upload in flight.
+        woken: list[bool] = []
+        notify = fed.ctx.changes.notify
+
+        def spy() -> None:
+            state = fed.ctx.state
+            woken.append(not state.uploading and state.open is not None and state.open.phase is RoundPhase.TRAINING)
+            notify()
+
+        fed.ctx.changes.notify = spy  # type: ignore[method-assign]
         release.set()
         await _wait(lambda: fed.done)
         record = fed.store.get_round(1)
         assert record.phase is RoundPhase.DONE and record.metrics["updates"] == 1
         assert phases[-1] == "fold"
+        assert any(woken), "the end of the last upload did not wake the round loop"
         await fed.stop()
 
     asyncio.run(scenario())
