@@ -71,6 +71,9 @@ def write_config(path: Path, manifest: Path, *, rounds: int, clients: int, metho
     max_receive_message_bytes (clients use what Join advertises)."""
     chunking = "" if chunk_bytes is None else (
         f"max_chunk_bytes = {chunk_bytes}\nmax_receive_message_bytes = {max(4 * MiB, chunk_bytes + 128 * 1024)}\n")
+    # RANKFED_BENCH_SERVER_SETTINGS="key = value; key2 = value2": extra [server] lines, for an
+    # A/B of one setting at one commit (load_bench has --server-setting for the same).
+    chunking += "".join(line.strip() + "\n" for line in os.environ.get(SERVER_SETTINGS, "").split(";") if line.strip())
     path.write_text(f"""\
 [server]
 loopback_operators = true  # a local benchmark: its tools ask without a token
@@ -118,6 +121,7 @@ def random_update(adapter_mib: int, *, alpha: float, seed: int) -> bytes:
 
 
 COORDINATOR_SRC = "RANKFED_BENCH_COORDINATOR_SRC"
+SERVER_SETTINGS = "RANKFED_BENCH_SERVER_SETTINGS"
 
 
 def coordinator_launch() -> tuple[dict[str, str], str | None]:
