@@ -351,13 +351,16 @@ class EdgeRunner:
         self.base_sha256 = weights_sha256(self.config.model_dir)
         self._num_records = len(read_records(self.config.data_path))
         summary = RunSummary()
-        joined = self._join()
-        summary.client_id = joined.client_id
-        try:  # from Join on, an interrupt (SIGTERM while the model loads too) leaves the federation
+        try:  # once joined, an interrupt (SIGTERM while the model loads too) leaves the federation
+            joined = self._join()
+            summary.client_id = joined.client_id
             self._prepare(joined)
             return self._loop(summary)
         except KeyboardInterrupt:
-            self._leave("interrupted")
+            # Interrupted inside the Join call itself there is no session to leave yet (the
+            # coordinator drops the device once its heartbeats stop).
+            if self.join_result is not None:
+                self._leave("interrupted")
             raise
 
     def _loop(self, summary: RunSummary) -> RunSummary:

@@ -60,6 +60,12 @@ def test_edge_run_with_no_model_or_data_joins_and_leaves_on_sigterm(tmp_path: Pa
 
         (client,) = wait_for(joined, timeout=180, what="the device joined")
         assert client.num_examples > 50  # a demo shard
+        # The coordinator registers the device before the Join answer reaches it: terminate
+        # once the device itself reports the join (an interrupt mid-Join has nothing to leave).
+        assert proc.stdout is not None
+        events = iter(proc.stdout.readline, "")
+        assert any(json.loads(line).get("event") == "joined" for line in events if line.startswith("{")), \
+            "the edge exited without reporting its join"
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 143, stderr[-2000:]
