@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +72,7 @@ def write_config(path: Path, manifest: Path, *, rounds: int, clients: int, metho
     max_receive_message_bytes (clients use what Join advertises)."""
     chunking = "" if chunk_bytes is None else (
         f"max_chunk_bytes = {chunk_bytes}\nmax_receive_message_bytes = {max(4 * MiB, chunk_bytes + 128 * 1024)}\n")
-    # RANKFED_BENCH_SERVER_SETTINGS="key = value; key2 = value2": extra [server] lines, for an
-    # A/B of one setting at one commit (load_bench has --server-setting for the same).
-    chunking += "".join(line.strip() + "\n" for line in os.environ.get(SERVER_SETTINGS, "").split(";") if line.strip())
+    chunking += server_setting_lines()
     path.write_text(f"""\
 [server]
 loopback_operators = true  # a local benchmark: its tools ask without a token
@@ -124,6 +123,14 @@ COORDINATOR_SRC = "RANKFED_BENCH_COORDINATOR_SRC"
 SERVER_SETTINGS = "RANKFED_BENCH_SERVER_SETTINGS"
 
 
+def server_setting_lines(extra: Sequence[str] = ()) -> str:
+    """Extra lines for a bench coordinator's [server] table: those of
+    RANKFED_BENCH_SERVER_SETTINGS="key = value; key2 = value2", then `extra` (load_bench's
+    --server-setting): an A/B of one setting at one commit."""
+    lines = [*os.environ.get(SERVER_SETTINGS, "").split(";"), *extra]
+    return "".join(line.strip() + "\n" for line in lines if line.strip())
+
+
 def coordinator_launch() -> tuple[dict[str, str], str | None]:
     """(environment, working directory) of a coordinator process. With
     RANKFED_BENCH_COORDINATOR_SRC=DIR (a checkout, e.g. `git worktree add DIR <commit>`) the
@@ -153,12 +160,13 @@ class CoordinatorProcess:
     def start(self, timeout: float = 120.0) -> str:
         self.port_file.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
+        env, cwd = coordinator_launch()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(self.config),
              "--data-dir", str(self.workdir / "data"), "--address", "127.0.0.1:0",
              "--port-file", str(self.port_file), "--log-format", "text", "--log-level", "warning",
              *(["--metrics-address", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else [])],
-            stdout=log, stderr=log, env=coordinator_launch()[0], cwd=coordinator_launch()[1],
+            stdout=log, stderr=log, env=env, cwd=cwd,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -241,9 +249,14 @@ def _proc_status_kib(pid: int, field: str) -> int:
     return 0
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may hold spaces): field 0 is the state."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -251,7 +264,7 @@ def proc_counters(pid: int) -> dict[str, float]:
     """User and system CPU seconds, minor and major page faults (/proc/PID/stat) and the
     voluntary and involuntary context switches of all its threads: which of them grows
     tells a slow repetition's cause."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     tick = os.sysconf("SC_CLK_TCK")
     counters = {"user_s": int(fields[11]) / tick, "system_s": int(fields[12]) / tick,
                 "minor_faults": float(fields[7]), "major_faults": float(fields[9]),

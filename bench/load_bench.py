@@ -42,7 +42,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._client import coordinator_launch, machine_info  # noqa: E402
+from bench._client import (  # noqa: E402
+    coordinator_launch,
+    machine_info,
+    metric_samples,
+    server_setting_lines,
+)
 
 MiB = 1 << 20
 D = 8192  # one [D, D] module at rank 16 in float32 is 1 MiB of A+B
@@ -62,7 +67,7 @@ def write_setup(work: Path, args: argparse.Namespace) -> Path:
         "modules": {f"model.layers.{i}.self_attn.q_proj": [D, D] for i in range(args.update_mib)}, "dense": {},
     }))
     config = work / "coordinator.toml"
-    server_settings = "".join(line + "\n" for line in args.server_setting)
+    server_settings = server_setting_lines(args.server_setting)
     config.write_text(f"""
 [server]
 loopback_operators = true  # a local benchmark: its tools ask without a token
@@ -314,22 +319,9 @@ def server_quantiles(metrics_text: str, q: float, name: str = "rankfed_rpc_durat
 def server_count_above(metrics_text: str, name: str, bound: float) -> tuple[float, float]:
     """(observations above `bound`, all observations) of a label-less coordinator histogram;
     `bound` must be one of its bucket bounds. Exact, where a quantile is interpolated."""
-    within = total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(name + "_bucket{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            value = float(line.rsplit(" ", 1)[1])
-            if le == "+Inf":
-                total = value
-            elif float(le) == bound:
-                within = value
-    return total - within, total
-
-
-def _samples(metrics_text: str, name: str) -> dict[str, float]:
-    """{series (name and labels): value} of one metric family in Prometheus text."""
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in metrics_text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")}
+    cumulative = metric_samples(metrics_text, name + "_bucket")  # {le: observations up to it}
+    within = next(v for le, v in cumulative.items() if le != "+Inf" and float(le) == bound)
+    return cumulative["+Inf"] - within, cumulative["+Inf"]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -369,11 +361,12 @@ def main() -> int:
         config = write_setup(work, args)
         port_file = work / "port"
         log = open(work / "coordinator.log", "wb")
+        env, cwd = coordinator_launch()
         coordinator = subprocess.Popen(
             [sys.executable, "-m", "rankfed", "coordinator", "serve", "--config", str(config), "--data-dir",
              str(work / "data"), "--address", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "warning",
              "--metrics-address", f"127.0.0.1:{args.metrics_port}"],
-            stdout=log, stderr=log, env=coordinator_launch()[0], cwd=coordinator_launch()[1])
+            stdout=log, stderr=log, env=env, cwd=cwd)
         try:
             while not port_file.exists():
                 if coordinator.poll() is not None:
@@ -476,11 +469,10 @@ def main() -> int:
                  for rpc, v in sorted(latency.items())},
         "server_side_ms": {method: {"p50": 1e3 * p50, "p99": 1e3 * server_quantiles(metrics_text, 0.99)[method]}
                            for method, p50 in sorted(server_quantiles(metrics_text, 0.5).items())},
-        # prometheus_client's own gc collector: full (generation 2) collections walk every live
-        # object on the event loop's thread, and 10,000 held long-polls are many objects.
+        # prometheus_client's own gc collector: a collection of an older generation walks the
+        # objects of every younger one too, and 10,000 held long-polls are many objects.
         "coordinator_gc_collections": {
-            gen: sum(v for k, v in _samples(metrics_text, "python_gc_collections_total").items()
-                     if f'generation="{gen}"' in k) for gen in ("0", "1", "2")},
+            gen: metric_samples(metrics_text, "python_gc_collections_total").get(gen, 0.0) for gen in ("0", "1", "2")},
         "server_get_task_overrun_ms": {
             "p50": 1e3 * server_quantiles(metrics_text, 0.5, "rankfed_get_task_overrun_seconds").get("all", float("nan")),
             "p99": 1e3 * server_quantiles(metrics_text, 0.99, "rankfed_get_task_overrun_seconds").get("all", float("nan")),

@@ -166,9 +166,10 @@ def run(args: argparse.Namespace) -> dict:
                 if got != nbytes or B.sha256_hex(memoryview(buf)[:got]) != train.adapter_sha256:
                     raise RuntimeError(f"download of round {train.round} is corrupt ({got} of {nbytes} bytes)")
                 probe.mark()
-                cpu2, counters2 = B.cpu_seconds(coordinator.pid), B.proc_counters(coordinator.pid)
+                counters2 = B.proc_counters(coordinator.pid)
                 receipt, grpc_up, grpc_up_tail = client.upload(train.round, train.rank, update, update_sha)
-                cpu3, counters3 = B.cpu_seconds(coordinator.pid), B.proc_counters(coordinator.pid)
+                counters3 = B.proc_counters(coordinator.pid)
+                upload_counters = B.counters_delta(counters2, counters3)
                 last_receipt = time.perf_counter()
                 # The receipt comes before the fold, and the round's close (its aggregation)
                 # right after it, so CPU sampled later would count the close: the fold is
@@ -201,8 +202,8 @@ def run(args: argparse.Namespace) -> dict:
                     **{f"bare_{k}_upload_mib_s": len(update) / B.MiB / v for k, v in bare_up.items()},
                     **{f"bare_{k}_cpu_ms_per_mib": 1000 * v / (len(update) / B.MiB) for k, v in bare_cpu.items()},
                     "coordinator_cpu_download_s": cpu1 - cpu0,
-                    "coordinator_cpu_upload_s": cpu3 - cpu2,
-                    "coordinator_upload_counters": B.counters_delta(counters2, counters3),
+                    "coordinator_cpu_upload_s": upload_counters["user_s"] + upload_counters["system_s"],
+                    "coordinator_upload_counters": upload_counters,
                     "upload_phase_s": phases,
                     "metrics_scrapes_after_receipt": scrapes,
                     "coordinator_rss_peak_transfer_bytes": rss.mark(),
