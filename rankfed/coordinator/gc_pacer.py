@@ -38,15 +38,16 @@ class GcPacer:
         self.full_collections = 0
 
     async def run(self) -> None:
-        """Freeze every `freeze_every` s, collect everything every `full_every` s; forever."""
+        """Every `freeze_every` s freeze what is alive, or, every `full_every` s, collect
+        everything first (full_collection freezes what survives); forever."""
         last_full = self._clock()
-        gc.freeze()
         while True:
             await asyncio.sleep(self.freeze_every)
             if self._clock() - last_full >= self.full_every:
                 self.full_collection()
                 last_full = self._clock()
-            gc.freeze()
+            else:
+                gc.freeze()
 
     def full_collection(self) -> None:
         started = self._clock()

@@ -38,8 +38,9 @@ class LoopWatch:
     def __init__(self, *, interval: float = 0.05, stall_seconds: float = 0.25,
                  on_lag: Callable[[float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if interval <= 0 or stall_seconds <= 0:
-            raise ValueError("interval and stall_seconds must be > 0")
+        """stall_seconds 0: no stall is logged (and no thread watches); the lag is still measured."""
+        if interval <= 0 or stall_seconds < 0:
+            raise ValueError("interval must be > 0 and stall_seconds >= 0")
         self.interval, self.stall_seconds = interval, stall_seconds
         self._on_lag = on_lag
         self._clock = clock
@@ -57,9 +58,10 @@ class LoopWatch:
         self._loop_thread = threading.get_ident()
         self._beat = self._clock()
         self._task = asyncio.get_running_loop().create_task(self._beats(), name="rankfed-loop-watch")
-        self._thread = threading.Thread(target=self._watch, name="rankfed-loop-watch", daemon=True)
-        self._thread.start()
-        gc.callbacks.append(self._on_gc)
+        if self.stall_seconds:
+            self._thread = threading.Thread(target=self._watch, name="rankfed-loop-watch", daemon=True)
+            self._thread.start()
+            gc.callbacks.append(self._on_gc)
 
     async def stop(self) -> None:
         if self._on_gc in gc.callbacks:

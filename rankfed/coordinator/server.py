@@ -170,8 +170,7 @@ async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
         if tracking is not None:
             undo.callback(tracking.close)
         await server.start()
-        loop_watch = LoopWatch(stall_seconds=config.server.loop_stall_seconds or float("inf"),
-                               on_lag=metrics.loop_lag.observe)
+        loop_watch = LoopWatch(stall_seconds=config.server.loop_stall_seconds, on_lag=metrics.loop_lag.observe)
         loop_watch.start()
         undo.push_async_callback(loop_watch.stop)
         undo.pop_all()  # everything started: from here on Coordinator.stop() owns it

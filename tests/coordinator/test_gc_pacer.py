@@ -19,6 +19,7 @@ class _Node:
 
 @pytest.fixture(autouse=True)
 def _thawed():
+    gc.unfreeze()  # nothing frozen before: what the test sees frozen, the pacer froze
     yield
     gc.unfreeze()  # leave the test process as it was
 
@@ -31,6 +32,7 @@ def test_frozen_objects_are_skipped_until_the_full_collection_frees_their_cycles
         node = _Node()
         alive = weakref.ref(node)
         del node  # garbage now, but only as a cycle
+        assert gc.get_freeze_count() == 0
         await asyncio.sleep(0.05)  # a few beats: the cycle is frozen
         seen = [gc.get_freeze_count() > 0]
         gc.collect()  # what any automatic collection does: it skips the frozen cycle

@@ -68,6 +68,27 @@ def test_garbage_collections_are_timed_while_it_watches():
     assert watch._on_gc not in gc.callbacks  # stop() unhooks it
 
 
+def test_with_stall_logging_off_the_lag_is_still_measured_and_nothing_watches(caplog):
+    lags: list[float] = []
+
+    async def scenario() -> LoopWatch:
+        watch = LoopWatch(interval=0.01, stall_seconds=0, on_lag=lags.append)
+        watch.start()
+        await asyncio.sleep(0.05)
+        _hold_the_loop(0.3)
+        await asyncio.sleep(0.05)
+        assert watch._thread is None and watch._on_gc not in gc.callbacks
+        await watch.stop()
+        return watch
+
+    with caplog.at_level(logging.WARNING, logger="rankfed.coordinator"):
+        assert asyncio.run(scenario()).stalls == 0
+    assert not [r for r in caplog.records if "stall" in r.getMessage()]
+    assert max(lags) >= 0.2  # the beat after the held loop woke that late
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         LoopWatch(interval=0)
+    with pytest.raises(ValueError):
+        LoopWatch(stall_seconds=-1)
